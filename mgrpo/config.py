@@ -1,0 +1,340 @@
+"""Typed configuration: dataclasses with a documented field each, a YAML file, dotted CLI overrides.
+
+    cfg = load_config("configs/qwen3_4b.yaml", ["algorithm.group_size=16", "optim.lr=2e-6"])
+
+The defaults are the embedded default: a tiny Qwen3-architecture model on the built-in arithmetic task, sized
+to train on a laptop CPU in minutes. configs/qwen3_4b.yaml carries the paper's hyperparameters.
+Every value is checked in __post_init__, so a bad config fails before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """Hugging Face causal-LM directory (or hub name already in the local cache). None: the embedded tiny
+    Qwen3-architecture model, built and warm-started by the project itself (see `warm_start`)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend for training forwards: sdpa | eager | flash_attention_2."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (needed for Qwen3-4B at long responses)."""
+    use_chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (system instruction + problem as user message).
+    False: plain text prompt "<problem> <instruction>\\n", the format of the paper's base-model runs."""
+
+    def __post_init__(self):
+        _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+               f"model.attn_implementation={self.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of the embedded tiny model (ignored when model.path is set)."""
+    steps: int = 400
+    """Optimizer steps of supervised training on worked solutions."""
+    batch_size: int = 32
+    """Problems per supervised step."""
+    lr: float = 3e-3
+    """Peak learning rate of the supervised phase (cosine, 5% warmup)."""
+    cache_dir: str = "~/.cache/mgrpo"
+    """Where the warm-started base model is cached and reused (keyed by model, task and warm-start settings)."""
+
+    def __post_init__(self):
+        _check(self.steps >= 0, f"warm_start.steps={self.steps}: must be >= 0")
+        _check(self.batch_size >= 1, f"warm_start.batch_size={self.batch_size}: must be >= 1")
+        _check(self.lr > 0, f"warm_start.lr={self.lr}: must be > 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:arithmetic"
+    """Training prompts: "builtin:arithmetic", a local .jsonl/.json/.parquet file, or a `datasets` name."""
+    split: str = "train"
+    """Split to read when `source` is a `datasets` name."""
+    problem_field: str = "problem"
+    """Field holding the problem text."""
+    answer_field: str = "answer"
+    """Optional ground-truth answer field (monitoring only, never the reward)."""
+    solution_field: str = "solution"
+    """Optional worked solution; its last \\boxed{} is the ground truth when `answer_field` is absent."""
+    eval_source: Optional[str] = None
+    """Held-out prompts for accuracy before/after (same formats). None with the built-in task: its held-out set."""
+    num_eval: int = 64
+    """How many held-out problems to evaluate (greedy), at the start and the end of training."""
+    eval_every: int = 0
+    """Evaluate every this many steps as well (0: only before and after)."""
+    instruction: str = "Let's think step by step and output the final answer within \\boxed{}."
+    """Instruction given with every problem (the public code's system prompt for base models)."""
+
+    def __post_init__(self):
+        _check(bool(self.source), "data.source is empty: give builtin:arithmetic, a .jsonl/.parquet path or a dataset name")
+        _check(self.num_eval >= 0, f"data.num_eval={self.num_eval}: must be >= 0")
+        _check(self.eval_every >= 0, f"data.eval_every={self.eval_every}: must be >= 0")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"
+    """Rollout engine: auto (vLLM when installed and usable, else hf), vllm, or hf (transformers' generate)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs and entropies are computed at this temperature too."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 48
+    """Longest response, in tokens."""
+    gpu_memory_utilization: float = 0.35
+    """vLLM on a GPU: fraction of GPU memory the engine may take (weights + KV cache)."""
+    max_model_len: int = 0
+    """vLLM: longest prompt + response; 0 = longest prompt in the data + max_new_tokens."""
+    sleep_level: int = 1
+    """vLLM on a GPU: sleep level between rollouts (1 keeps weights in CPU memory, 2 drops them)."""
+
+    def __post_init__(self):
+        _check(self.engine in ("auto", "vllm", "hf"), f"rollout.engine={self.engine!r}: use auto, vllm or hf")
+        _check(self.temperature > 0, f"rollout.temperature={self.temperature}: must be > 0")
+        _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _check(0 < self.gpu_memory_utilization < 1,
+               f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1)")
+        _check(self.sleep_level in (1, 2), f"rollout.sleep_level={self.sleep_level}: use 1 or 2")
+        _check(self.max_model_len >= 0, f"rollout.max_model_len={self.max_model_len}: must be >= 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    mode: str = "mgrpo"
+    """mgrpo (policy + momentum rollouts, IQR filter, momentum anchor) or srt (the self-rewarding baseline:
+    no momentum model, no filter, N = 0)."""
+    prompts_per_step: int = 8
+    """Prompts per optimizer step."""
+    group_size: int = 8
+    """G: trajectories per prompt, policy and momentum together (G = M + N)."""
+    momentum_samples: Optional[int] = None
+    """N: trajectories per prompt from the momentum model. None: G // 4 for mgrpo, 0 for srt."""
+    momentum: float = 0.99
+    """m in theta_k <- m theta_k + (1 - m) theta_q, applied after every optimizer step."""
+    momentum_dtype: str = "fp32"
+    """Storage of the momentum model: fp32 (reference) or int8 (8-bit delta to the policy, fused kernel)."""
+    iqr_filter: Optional[bool] = None
+    """Prune low-entropy trajectories before the vote. None: on for mgrpo, off for srt."""
+    iqr_k: float = 0.75
+    """k in the IQR threshold T = Q1 - k (Q3 - Q1) over a prompt's G trajectory entropies."""
+    prune_from: str = "vote_and_loss"
+    """What a pruned trajectory loses: vote_and_loss (default) or loss (it still votes)."""
+    kl_coef: float = 0.005
+    """Coefficient of the k3 KL loss to the reference model (0 disables it and the reference forward)."""
+    kl_reference: str = "initial"
+    """KL reference: initial (frozen initial policy, a third copy) or momentum (the momentum model)."""
+    loss_agg: str = "token_mean"
+    """Policy-loss aggregation: token_mean over the batch, or seq_mean (mean of per-response token means)."""
+    clip_eps: float = 0.2
+    """PPO clip range; with one update per batch the ratio is 1 and clipping changes nothing."""
+    updates_per_batch: int = 1
+    """Optimizer passes over each rollout batch (>1 makes the PPO ratio and clipping matter)."""
+    adv_eps: float = 1e-6
+    """eps in A = (r - mean) / (std + eps)."""
+    logprob_impl: str = "auto"
+    """Token log-prob/entropy implementation: fused (Triton kernel, no [tokens, vocab] logits), torch (the
+    reference, materializes logits), or auto (fused on a GPU, torch on a CPU where Triton only interprets)."""
+    max_nonfinite_in_a_row: int = 3
+    """Stop the run after this many consecutive steps whose loss is not finite (each one is skipped)."""
+
+    def __post_init__(self):
+        _check(self.mode in ("mgrpo", "srt"), f"algorithm.mode={self.mode!r}: use mgrpo or srt")
+        _check(self.prompts_per_step >= 1, f"algorithm.prompts_per_step={self.prompts_per_step}: must be >= 1")
+        _check(self.group_size >= 2, f"algorithm.group_size={self.group_size}: G must be >= 2 (GRPO needs a group)")
+        if self.momentum_samples is None:
+            self.momentum_samples = 0 if self.mode == "srt" else self.group_size // 4
+        if self.iqr_filter is None:
+            self.iqr_filter = self.mode == "mgrpo"
+        n, g = self.momentum_samples, self.group_size
+        _check(0 <= n < g, f"algorithm.momentum_samples={n}: N must satisfy 0 <= N < G={g} "
+                           "(the policy needs at least one response per prompt)")
+        _check(g - n >= 2,
+               f"algorithm.momentum_samples={n}: M = G - N = {g - n} policy responses; GRPO needs M >= 2")
+        if self.mode == "srt":
+            _check(n == 0, f"algorithm.mode=srt has no momentum model: set algorithm.momentum_samples=0 (got {n})")
+            _check(not self.iqr_filter, "algorithm.mode=srt has no IQR filter: set algorithm.iqr_filter=false")
+            _check(self.kl_reference != "momentum", "algorithm.mode=srt has no momentum model: "
+                                                      "set algorithm.kl_reference=initial")
+        _check(0 <= self.momentum < 1, f"algorithm.momentum={self.momentum}: m must be in [0, 1)")
+        _check(self.momentum_dtype in ("fp32", "int8"), f"algorithm.momentum_dtype={self.momentum_dtype!r}: use fp32 or int8")
+        _check(self.iqr_k >= 0, f"algorithm.iqr_k={self.iqr_k}: k must be >= 0")
+        _check(self.prune_from in ("vote_and_loss", "loss"), f"algorithm.prune_from={self.prune_from!r}: use vote_and_loss or loss")
+        _check(self.kl_coef >= 0, f"algorithm.kl_coef={self.kl_coef}: must be >= 0")
+        _check(self.kl_reference in ("initial", "momentum"), f"algorithm.kl_reference={self.kl_reference!r}: use initial or momentum")
+        _check(self.loss_agg in ("token_mean", "seq_mean"), f"algorithm.loss_agg={self.loss_agg!r}: use token_mean or seq_mean")
+        _check(self.clip_eps > 0, f"algorithm.clip_eps={self.clip_eps}: must be > 0")
+        _check(self.updates_per_batch >= 1, f"algorithm.updates_per_batch={self.updates_per_batch}: must be >= 1")
+        _check(self.adv_eps > 0, f"algorithm.adv_eps={self.adv_eps}: must be > 0")
+        _check(self.logprob_impl in ("auto", "fused", "torch"),
+               f"algorithm.logprob_impl={self.logprob_impl!r}: use auto, fused or torch")
+        _check(self.max_nonfinite_in_a_row >= 1, "algorithm.max_nonfinite_in_a_row must be >= 1")
+
+    @property
+    def policy_samples(self) -> int:
+        """M: trajectories per prompt from the policy."""
+        return self.group_size - self.momentum_samples
+
+    @property
+    def uses_momentum(self) -> bool:
+        return self.mode == "mgrpo"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    """Peak AdamW learning rate (cosine decay to 0 after linear warmup)."""
+    warmup_steps: int = 2
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW eps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    micro_batch_tokens: int = 4096
+    """Token budget (prompt + response, padded) of one forward/backward micro-batch."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}: must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
+        _check(self.eps > 0, f"optim.eps={self.eps}: must be > 0")
+        _check(self.max_grad_norm >= 0, f"optim.max_grad_norm={self.max_grad_norm}: must be >= 0")
+        _check(self.micro_batch_tokens >= 1, f"optim.micro_batch_tokens={self.micro_batch_tokens}: must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 30
+    """Optimizer steps (rollout batches) of M-GRPO training."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints, final model."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted; the final model is always kept)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir."""
+    overwrite: bool = False
+    """Allow starting a fresh run in a run_dir that holds another run's checkpoints (they are deleted)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
+        _check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
+        _check(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: choose one")
+        if self.algorithm.kl_reference == "momentum":
+            _check(self.algorithm.uses_momentum, "kl_reference=momentum needs algorithm.mode=mgrpo")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading, overrides, saving
+
+def _from_dict(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _from_dict(sub, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, known[key].type, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that made a comparison fail
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _coerce(value: Any, annotation: str, name: str) -> Any:
+    """YAML 1.1 reads 1e-6 (no dot) as a string: turn numbers-as-text into the field's declared number type."""
+    base = str(annotation).replace("Optional[", "").rstrip("]")
+    if value is None or base not in ("float", "int", "bool"):
+        return value
+    if base == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> TrainConfig:
+    """Defaults <- YAML file (optional) <- dotted overrides like ``algorithm.group_size=16``."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. algorithm.group_size=16)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return _from_dict(TrainConfig, tree)
+
+
+def config_to_dict(cfg) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["optim"]["betas"] = list(out["optim"]["betas"])
+    return out
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

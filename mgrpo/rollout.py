@@ -1,0 +1,135 @@
+"""Rollout engines: sample responses for token-id prompts from weights pushed in from memory.
+
+    engine.push_weights(policy_named_tensors)      # never re-read from disk
+    policy = engine.generate(prompts, SamplingParams(n=M, ...))
+    engine.push_weights(momentum_named_tensors)
+    momentum = engine.generate(prompts, SamplingParams(n=N, ...))
+
+An engine holds one inference copy of the model; the trainer pushes the policy's and the momentum model's
+weights into it in turn. `push_weights` must receive every parameter: a push that leaves one at its old value
+is an error. Two implementations: HFGenerateEngine (transformers' generate, CPU and GPU) here, and
+VLLMEngine in vllm_engine.py.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Responses per prompt."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: Optional[int] = None
+    """Same seed, same prompts, same weights: same responses."""
+
+
+@dataclass
+class Completion:
+    token_ids: list
+    """Generated token ids, the final EOS included when generation stopped on it."""
+    text: str
+    """Decoded response without special tokens."""
+    logprobs: Optional[list] = None
+    """Log-prob of each sampled token under the sampling distribution (engines that report them)."""
+    finished: bool = True
+    """False when cut by max_new_tokens."""
+
+
+class WeightPushError(RuntimeError):
+    """A weight push did not cover the engine's parameters exactly."""
+
+
+class RolloutEngine(ABC):
+    weight_dtype: torch.dtype = torch.float32
+    """dtype of the engine's weights: what pushes should send."""
+
+    @abstractmethod
+    def push_weights(self, named_tensors: Iterable) -> None:
+        """Copy (hf_name, tensor) pairs into the engine's model, in place, from memory; all must be covered."""
+
+    @abstractmethod
+    def generate(self, prompts: list, params: SamplingParams) -> list:
+        """prompts: list of token-id lists -> list (per prompt) of `params.n` Completions."""
+
+    # Memory hand-off around rollouts (vLLM sleep mode); no-ops for engines that keep their memory.
+    def wake_up(self) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+
+def check_push_coverage(pushed: set, expected: set, engine: str) -> None:
+    missing, unknown = sorted(expected - pushed), sorted(pushed - expected)
+    if missing or unknown:
+        raise WeightPushError(
+            f"{engine}: weight push mismatch: {len(missing)} parameter(s) not pushed {missing[:5]}, "
+            f"{len(unknown)} unknown name(s) {unknown[:5]}. Every parameter must be pushed each time, "
+            "or rollouts silently use stale weights.")
+
+
+class HFGenerateEngine(RolloutEngine):
+    """Rollouts with transformers' `generate` from a private inference copy of the model (CPU or GPU)."""
+
+    def __init__(self, model, tokenizer, dtype: Optional[torch.dtype] = None):
+        import copy
+        self.model = copy.deepcopy(model).eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.weight_dtype = next(self.model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._params = dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def push_weights(self, named_tensors: Iterable) -> None:
+        pushed = set()
+        for name, tensor in named_tensors:
+            if name in self._params:
+                self._params[name].copy_(tensor)
+            pushed.add(name)
+        check_push_coverage(pushed, set(self._params), "HFGenerateEngine")
+
+    @torch.no_grad()
+    def generate(self, prompts: list, params: SamplingParams) -> list:
+        if params.n == 0 or not prompts:
+            return [[] for _ in prompts]
+        device = next(self.model.parameters()).device
+        repeated = [p for p in prompts for _ in range(params.n)]
+        width = max(len(p) for p in repeated)
+        # Left padding, so every row's next token is generated at the same position.
+        input_ids = torch.full((len(repeated), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(repeated):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            attention_mask[i, width - len(p):] = 1
+        greedy = params.temperature == 0
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=params.temperature,
+                                                            top_p=params.top_p, top_k=0)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_id,
+                                      pad_token_id=self.pad_token_id, **kwargs)
+        generated = out[:, width:].tolist()
+        completions = []
+        for row in generated:
+            if self.eos_token_id in row:
+                row, finished = row[:row.index(self.eos_token_id) + 1], True
+            else:
+                finished = False
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            completions.append(Completion(row, text, None, finished))
+        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]

@@ -1,0 +1,156 @@
+"""The embedded default: a tiny Qwen3-architecture model, a character tokenizer and a built-in arithmetic task.
+
+Everything is built here, nothing is downloaded. The model is saved as a normal Hugging Face directory
+(config.json, model.safetensors, tokenizer.json), so transformers and vLLM both load it. A short supervised
+warm start on worked solutions brings it to answering part of the held-out problems correctly; the result is
+cached under warm_start.cache_dir, keyed by everything that determines it, and reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import WarmStartConfig
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# Every printable ASCII character and the newline: any prompt or answer of the task can be encoded.
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+TINY_MODEL_CONFIG = dict(
+    vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=10000.0,
+    tie_word_embeddings=True, rms_norm_eps=1e-6, torch_dtype="float32",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+def build_tokenizer():
+    """A character-level PreTrainedTokenizerFast (tokenizers WordLevel model, one token per character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([EOS_TOKEN, PAD_TOKEN] + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD_TOKEN))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**TINY_MODEL_CONFIG, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in task: multi-step integer arithmetic with worked steps
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    """One problem with its worked solution: 'Compute 47 + 28 - 19.' -> '47 + 28 = 75. 75 - 19 = 56. \\boxed{56}'."""
+    num_ops = rng.choice((1, 2))
+    value = rng.randint(10, 99)
+    expression, steps = str(value), []
+    for _ in range(num_ops):
+        op, operand = rng.choice("+-"), rng.randint(10, 99)
+        new_value = value + operand if op == "+" else value - operand
+        steps.append(f"{value} {op} {operand} = {new_value}.")
+        expression += f" {op} {operand}"
+        value = new_value
+    return {"problem": f"Compute {expression}.", "solution": " ".join(steps) + f" \\boxed{{{value}}}",
+            "answer": str(value)}
+
+
+# Held-out problems come from their own stream of seeds, disjoint from the training stream.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def arithmetic_dataset(num: int, seed: int, held_out: bool = False) -> list:
+    rng = random.Random(seed + (EVAL_SEED_OFFSET if held_out else 0))
+    return [arithmetic_problem(rng) for _ in range(num)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Supervised warm start, cached
+
+def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
+    blob = json.dumps({"model": TINY_MODEL_CONFIG, "chars": CHARACTERS, "steps": cfg.steps, "bs": cfg.batch_size,
+                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warm_started_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=print) -> Path:
+    """Directory of the warm-started tiny model, trained and cached on first use."""
+    cache_root = Path(os.path.expanduser(cfg.cache_dir))
+    target = cache_root / f"tiny-qwen3-arith-{_cache_key(cfg, instruction, seed)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        log(f"[warm start] reusing cached base model {target}")
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    log(f"[warm start] training the tiny base model ({cfg.steps} supervised steps), cached at {target}")
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, seed)
+    supervised_warm_start(model, tokenizer, cfg, instruction, seed, log)
+    # Write to a temporary directory, then rename: a crash never leaves a half-written cache entry.
+    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: str, seed: int, log=print) -> None:
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .data import format_prompt
+
+    rng = random.Random(seed + 17)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 20), max(1, cfg.steps))
+    model.train()
+    for step in range(cfg.steps):
+        rows = [arithmetic_problem(rng) for _ in range(cfg.batch_size)]
+        prompts = [tokenizer.encode(format_prompt(r["problem"], instruction)) for r in rows]
+        answers = [tokenizer.encode(r["solution"]) + [tokenizer.eos_token_id] for r in rows]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            input_ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)   # loss on the solution only
+            attention_mask[i, :len(p) + len(a)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps - 1:
+            log(f"[warm start] step {step + 1}/{cfg.steps} loss {loss.item():.3f}")
+    model.eval()
+    if not math.isfinite(loss.item() if cfg.steps else 0.0):
+        raise RuntimeError("the supervised warm start diverged (non-finite loss): lower warm_start.lr")

@@ -1,0 +1,35 @@
+"""Install the M-GRPO trainer (package `mgrpo`) and its Triton kernels (package `mgrpo_kernels`).
+
+The kernels live in the top-level folder kernels/ but are installed under the name `mgrpo_kernels`:
+`kernels` is also the name of a PyPI distribution (the Hugging Face hub-kernels loader) that transformers
+and bitsandbytes import, and a module of ours by that name would shadow it.
+"""
+from setuptools import setup
+
+setup(
+    name="mgrpo",
+    version="0.1.0",
+    description="Memory-efficient single-node M-GRPO (momentum-anchored, label-free GRPO) with fused Triton kernels",
+    python_requires=">=3.10",
+    packages=["mgrpo", "mgrpo_kernels"],
+    package_dir={"mgrpo": "mgrpo", "mgrpo_kernels": "kernels"},
+    install_requires=[
+        # torch is pinned by the README's install line (the local CPU wheel, or the GPU build vLLM pins);
+        # a bare range here would let pip pull a multi-GB CUDA build on a CPU machine.
+        "torch>=2.6",
+        "triton>=3.2",
+        "transformers>=5.16.1,<5.20",
+        "tokenizers",
+        "safetensors",
+        "math-verify[antlr4_13_2]>=0.7",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "bench": ["liger-kernel"],
+        "data": ["datasets", "pyarrow"],
+    },
+    entry_points={"console_scripts": ["mgrpo=mgrpo.cli:main"]},
+)

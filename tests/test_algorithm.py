@@ -1,0 +1,135 @@
+"""The algorithm's pure functions against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from mgrpo import algorithm as alg
+
+
+# ---- IQR filter ------------------------------------------------------------------------------------------
+
+def test_iqr_threshold_hand_computed():
+    # sorted [1, 2, 3, 4, 10]: Q1 = 2, Q3 = 4 (linear interpolation), IQR = 2, T = 2 - 0.75 * 2 = 0.5
+    h = torch.tensor([3.0, 1.0, 10.0, 2.0, 4.0])
+    assert alg.iqr_threshold(h, 0.75) == pytest.approx(0.5)
+    keep, t = alg.iqr_keep_mask(h, 0.75)
+    assert keep.tolist() == [True] * 5 and t == pytest.approx(0.5)
+
+
+def test_iqr_prunes_low_entropy_outlier():
+    # sorted [0.1, 2, 2.2, 2.4, 2.6, 2.8, 3, 3.2]: Q1 = 2.15, Q3 = 2.85, T = 2.15 - 1.0 * 0.7 = 1.45
+    h = torch.tensor([2.0, 2.2, 0.1, 2.4, 2.6, 2.8, 3.0, 3.2])
+    keep, t = alg.iqr_keep_mask(h, 1.0)
+    assert t == pytest.approx(1.45)
+    assert keep.tolist() == [True, True, False, True, True, True, True, True]
+
+
+def test_iqr_k_zero_prunes_below_q1():
+    h = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])     # Q1 = 2
+    keep, t = alg.iqr_keep_mask(h, 0.0)
+    assert t == pytest.approx(2.0) and keep.tolist() == [False, True, True, True, True]
+
+
+def test_iqr_degenerate_cases():
+    keep, t = alg.iqr_keep_mask(torch.tensor([0.1, 5.0, 9.0]), 0.75)       # fewer than 4: keep all
+    assert t == float("-inf") and keep.all()
+    keep, t = alg.iqr_keep_mask(torch.full((6,), 1.25), 0.75)             # all equal: IQR 0, none pruned
+    assert t == pytest.approx(1.25) and keep.all()
+
+
+# ---- majority vote ---------------------------------------------------------------------------------------
+
+def test_vote_by_equivalence_and_ratio():
+    vote = alg.majority_vote(["0.5", "\\frac12", "3", None, "\\frac{1}{2}", "3"])
+    assert vote.pseudo_label == "0.5"              # first member of the winning cluster
+    assert vote.majority_ratio == pytest.approx(3 / 5)   # no-answer response abstains
+    assert vote.votes_cast == 5
+
+
+def test_vote_tie_goes_to_earliest_first_vote():
+    assert alg.majority_vote(["7", "8", "8", "7"]).pseudo_label == "7"
+    assert alg.majority_vote(["8", "7", "7", "8"]).pseudo_label == "8"
+
+
+def test_vote_respects_filter_and_all_abstain():
+    vote = alg.majority_vote(["1", "2", "2", "1", "1"], voting=[True, True, True, False, False])
+    assert vote.pseudo_label == "2" and vote.majority_ratio == pytest.approx(2 / 3)
+    empty = alg.majority_vote([None, None, "5"], voting=[True, True, False])
+    assert empty.pseudo_label is None and empty.majority_ratio == 0.0 and empty.votes_cast == 0
+
+
+# ---- rewards and advantages ------------------------------------------------------------------------------
+
+def test_binary_rewards():
+    r = alg.binary_rewards(["0.5", "\\frac{1}{2}", "1", None], "\\frac12")
+    assert r.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert alg.binary_rewards(["1", None], None).tolist() == [0.0, 0.0]
+
+
+def test_grpo_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])        # mean 0.5, unbiased std sqrt(1/3)
+    a = alg.grpo_advantages(r, eps=0.0)
+    expected = 0.5 / math.sqrt(1 / 3)
+    torch.testing.assert_close(a, torch.tensor([expected, -expected, -expected, expected]))
+
+
+def test_grpo_advantages_all_equal_and_invalid():
+    assert alg.grpo_advantages(torch.ones(4)).tolist() == [0.0] * 4
+    assert alg.grpo_advantages(torch.zeros(4)).tolist() == [0.0] * 4
+    a = alg.grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), valid=torch.tensor([True, True, False, True]), eps=0.0)
+    # valid rewards [1, 0, 0]: mean 1/3, std sqrt(1/3)
+    s = math.sqrt(1 / 3)
+    torch.testing.assert_close(a, torch.tensor([(2 / 3) / s, (-1 / 3) / s, 0.0, (-1 / 3) / s]))
+    assert alg.grpo_advantages(torch.tensor([1.0, 0.0]), valid=torch.tensor([True, False])).tolist() == [0.0, 0.0]
+
+
+# ---- losses ----------------------------------------------------------------------------------------------
+
+def test_policy_loss_ratio_one_is_advantage_weighted_loglik():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    loss = alg.policy_loss_per_token(logp, logp.detach(), adv, clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))    # ratios 1.5 and 0.5
+    pos = alg.policy_loss_per_token(logp, old, torch.tensor([1.0]), 0.2)
+    # A > 0: -min(r, clip(r)) -> ratio 1.5 clipped to 1.2; ratio 0.5 stays (pessimistic)
+    torch.testing.assert_close(pos, torch.tensor([[-1.2, -0.5]]))
+    neg = alg.policy_loss_per_token(logp, old, torch.tensor([-1.0]), 0.2)
+    # A < 0: max(r, clip(r)) -> 1.5 stays, 0.5 clipped to 0.8
+    torch.testing.assert_close(neg, torch.tensor([[1.5, 0.8]]))
+
+
+def test_kl_k3_hand_computed():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.0, -1.5])
+    d = ref - logp                                 # [0, 1, -1]
+    expected = torch.exp(d) - d - 1                # [0, e - 2, 1/e]
+    torch.testing.assert_close(alg.kl_k3(logp, ref), expected)
+    assert alg.kl_k3(torch.tensor([0.0]), torch.tensor([-100.0])).item() <= 10.0   # clamped
+
+
+def test_aggregate_token_and_sequence_mean():
+    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert alg.aggregate(x, mask, "token_mean").item() == pytest.approx(16 / 4)
+    assert alg.aggregate(x, mask, "seq_mean").item() == pytest.approx((2 + 10) / 2)
+    # micro-batches add up to the whole batch's mean when given the batch totals
+    parts = [alg.aggregate(x[i:i + 1], mask[i:i + 1], "token_mean", total_tokens=4) for i in range(2)]
+    assert sum(parts).item() == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        alg.aggregate(x, mask, "sum")
+
+
+def test_momentum_update_hand_computed():
+    k = [torch.tensor([1.0, 2.0]), torch.tensor([0.0])]
+    q = [torch.tensor([3.0, 0.0]), torch.tensor([10.0])]
+    alg.momentum_update_(k, q, 0.9)
+    torch.testing.assert_close(k[0], torch.tensor([1.2, 1.8]))
+    torch.testing.assert_close(k[1], torch.tensor([1.0]))

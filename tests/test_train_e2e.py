@@ -1,0 +1,92 @@
+"""End to end: a few steps of the embedded default, resume equivalence, run-directory safety, bad input."""
+import json
+
+import pytest
+import torch
+
+from mgrpo.checkpoint import RunDirError
+from mgrpo.config import load_config
+from mgrpo.trainer import TrainingError, train
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path, cache, *overrides, run="run"):
+    return load_config(None, [
+        f"warm_start.cache_dir={cache}", "warm_start.steps=30", "warm_start.batch_size=16",
+        f"run_dir={tmp_path / run}", "steps=4", "progress=false", "rollout.engine=hf",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "algorithm.momentum_samples=1",
+        "rollout.max_new_tokens=24", "data.num_eval=4", "optim.lr=1e-3", "optim.warmup_steps=1",
+        *overrides])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def test_embedded_default_few_steps(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, "steps=3", "save_every=1")
+    summary = train(cfg, log=lambda *a: None)
+    run = tmp_path / "run"
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward", "reward_std", "pseudo_label_accuracy", "majority_ratio", "frac_reward_zero_std",
+                "entropy", "entropy/q1", "entropy/median", "entropy/q3", "iqr/threshold", "iqr/pruned_frac",
+                "kl", "grad_norm", "lr", "completions/mean_length", "tokens_per_second", "step_time",
+                "peak_memory_gib"):
+        assert key in steps[0], key
+    assert 0.0 <= steps[-1]["majority_ratio"] <= 1.0 and steps[0]["entropy"] > 0
+    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    assert (run / "final" / "config.json").is_file() and (run / "config.yaml").is_file()
+    assert len(list((run / "checkpoints").iterdir())) == 2          # keep_checkpoints=2
+    # the momentum model moved towards the policy but is not the policy
+    policy = dict(summary["policy"].named_parameters())
+    name, k = next(summary["momentum"].named_weights(torch.float32))
+    assert not torch.equal(k, policy[name].detach())
+
+
+def test_resume_matches_straight_run(tmp_path, cache):
+    straight = train(tiny_config(tmp_path, cache, run="straight"), log=lambda *a: None)
+    train(tiny_config(tmp_path, cache, run="split"), log=lambda *a: None, stop_after_steps=2)
+    resumed = train(tiny_config(tmp_path, cache, "resume=true", run="split"), log=lambda *a: None)
+    for (name, a), (_, b) in zip(straight["policy"].named_parameters(), resumed["policy"].named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ka = dict(straight["momentum"].named_weights(torch.float32))
+    kb = dict(resumed["momentum"].named_weights(torch.float32))
+    for name in ka:
+        torch.testing.assert_close(ka[name], kb[name], rtol=0, atol=0, msg=name)
+
+
+def test_run_dir_is_never_overwritten(tmp_path, cache):
+    train(tiny_config(tmp_path, cache, "steps=1", "data.num_eval=0"), log=lambda *a: None)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match="overwrite=true"):
+        train(tiny_config(tmp_path, cache, "steps=1", "data.num_eval=0"), log=lambda *a: None)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    with pytest.raises(RunDirError, match="holds no checkpoint"):
+        train(tiny_config(tmp_path, cache, "resume=true", run="empty"), log=lambda *a: None)
+
+
+def test_srt_baseline_runs(tmp_path, cache):
+    cfg = tiny_config(tmp_path, cache, "algorithm.mode=srt", "steps=1", "data.num_eval=0")
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["momentum"] is None
+
+
+def test_bad_inputs_fail_before_training(tmp_path, cache):
+    with pytest.raises(Exception, match="does not exist"):
+        train(tiny_config(tmp_path, cache, f"data.source={tmp_path / 'nope.jsonl'}"), log=lambda *a: None)
+    with pytest.raises(TrainingError, match="does not load"):
+        train(tiny_config(tmp_path, cache, f"model.path={tmp_path}", run="r2"), log=lambda *a: None)
+
+
+def test_nonfinite_loss_skips_then_stops(tmp_path, cache, monkeypatch):
+    import mgrpo.algorithm as alg
+    monkeypatch.setattr(alg, "kl_k3", lambda logp, ref: logp * float("nan"))
+    with pytest.raises(TrainingError, match="not finite in 2 steps in a row"):
+        train(tiny_config(tmp_path, cache, "algorithm.max_nonfinite_in_a_row=2", "data.num_eval=0"),
+              log=lambda *a: None)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in records] == [1]
