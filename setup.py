@@ -27,7 +27,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "pyarrow"],
         "bench": ["liger-kernel"],
         "data": ["datasets", "pyarrow"],
     },

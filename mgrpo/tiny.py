@@ -67,12 +67,12 @@ def build_tiny_model(tokenizer, seed: int = 0):
 # Built-in task: multi-step integer arithmetic with worked steps
 
 def arithmetic_problem(rng: random.Random) -> dict:
-    """One problem with its worked solution: 'Compute 47 + 28 - 19.' -> '47 + 28 = 75. 75 - 19 = 56. \\boxed{56}'."""
+    """One problem with its worked solution: 'Compute 47 + 8 - 9.' -> '47 + 8 = 55. 55 - 9 = 46. \\boxed{46}'."""
     num_ops = rng.choice((1, 2))
     value = rng.randint(10, 99)
     expression, steps = str(value), []
     for _ in range(num_ops):
-        op, operand = rng.choice("+-"), rng.randint(10, 99)
+        op, operand = rng.choice("+-"), rng.randint(2, 9)
         new_value = value + operand if op == "+" else value - operand
         steps.append(f"{value} {op} {operand} = {new_value}.")
         expression += f" {op} {operand}"
@@ -95,7 +95,7 @@ def arithmetic_dataset(num: int, seed: int, held_out: bool = False) -> list:
 
 def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
     blob = json.dumps({"model": TINY_MODEL_CONFIG, "chars": CHARACTERS, "steps": cfg.steps, "bs": cfg.batch_size,
-                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 1}, sort_keys=True)
+                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -131,6 +131,7 @@ def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: s
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, cfg.steps // 20), max(1, cfg.steps))
     model.train()
+    loss = torch.zeros(())
     for step in range(cfg.steps):
         rows = [arithmetic_problem(rng) for _ in range(cfg.batch_size)]
         prompts = [tokenizer.encode(format_prompt(r["problem"], instruction)) for r in rows]
@@ -152,5 +153,5 @@ def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: s
         if step % max(1, cfg.steps // 5) == 0 or step == cfg.steps - 1:
             log(f"[warm start] step {step + 1}/{cfg.steps} loss {loss.item():.3f}")
     model.eval()
-    if not math.isfinite(loss.item() if cfg.steps else 0.0):
+    if not math.isfinite(loss.item()):
         raise RuntimeError("the supervised warm start diverged (non-finite loss): lower warm_start.lr")

