@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm start of the embedded tiny model (ignored when model.path is set)."""
-    steps: int = 800
+    steps: int = 600
     """Optimizer steps of supervised training on worked solutions."""
     batch_size: int = 32
     """Problems per supervised step."""

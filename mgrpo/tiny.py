@@ -67,12 +67,16 @@ def build_tiny_model(tokenizer, seed: int = 0):
 # Built-in task: multi-step integer arithmetic with worked steps
 
 def arithmetic_problem(rng: random.Random) -> dict:
-    """One problem with its worked solution: 'Compute 47 + 8 - 9.' -> '47 + 8 = 55. 55 - 9 = 46. \\boxed{46}'."""
-    num_ops = rng.choice((1, 2))
-    value = rng.randint(10, 99)
+    """One problem with its worked solution: 'Compute 7 + 8 - 9.' -> '7 + 8 = 15. 15 - 9 = 6. \\boxed{6}'.
+
+    Single-digit operands over two or three steps: a table small enough for a tiny model to learn in minutes,
+    while the multi-step worked format still leaves room for errors that the vote can correct.
+    """
+    num_ops = rng.choice((2, 3))
+    value = rng.randint(1, 9)
     expression, steps = str(value), []
     for _ in range(num_ops):
-        op, operand = rng.choice("+-"), rng.randint(2, 9)
+        op, operand = rng.choice("+-"), rng.randint(1, 9)
         new_value = value + operand if op == "+" else value - operand
         steps.append(f"{value} {op} {operand} = {new_value}.")
         expression += f" {op} {operand}"
@@ -95,7 +99,7 @@ def arithmetic_dataset(num: int, seed: int, held_out: bool = False) -> list:
 
 def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
     blob = json.dumps({"model": TINY_MODEL_CONFIG, "chars": CHARACTERS, "steps": cfg.steps, "bs": cfg.batch_size,
-                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 2}, sort_keys=True)
+                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 3}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
