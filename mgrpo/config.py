@@ -47,7 +47,7 @@ class ModelConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm start of the embedded tiny model (ignored when model.path is set)."""
-    steps: int = 600
+    steps: int = 425
     """Optimizer steps of supervised training on worked solutions."""
     batch_size: int = 32
     """Problems per supervised step."""
@@ -97,8 +97,8 @@ class RolloutConfig:
     """Sampling temperature; log-probs and entropies are computed at this temperature too."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_new_tokens: int = 48
-    """Longest response, in tokens."""
+    max_new_tokens: int = 64
+    """Longest response, in tokens (the built-in task's worked solutions take up to about 56)."""
     gpu_memory_utilization: float = 0.35
     """vLLM on a GPU: fraction of GPU memory the engine may take (weights + KV cache)."""
     max_model_len: int = 0
@@ -238,8 +238,8 @@ class TrainConfig:
     """Optimizer steps (rollout batches) of M-GRPO training."""
     seed: int = 0
     """Seed of data order, sampling and initialisation."""
-    run_dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, checkpoints, final model."""
+    run_dir: Optional[str] = None
+    """Run directory: resolved config, metrics.jsonl, checkpoints, final model. None: runs/<timestamp>."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -173,6 +173,9 @@ class VLLMEngine(RolloutEngine):
                                       skip_special_tokens=True)
         with torch.random.fork_rng(devices=[]):
             if params.seed is not None and not self.on_gpu:
+                # Same seed, same draws only if the scheduler batches the same way: prefix-cache hits from an
+                # earlier call would change that, so start from an empty cache (we reset after pushes anyway).
+                self.llm.reset_prefix_cache()
                 torch.manual_seed(params.seed)
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
                                         use_tqdm=False)

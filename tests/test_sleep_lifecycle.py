@@ -78,7 +78,7 @@ class _Request:
 def make_engine(level):
     llm = StrictSleepLLM()
     engine = VLLMEngine("unused", NAMES, dtype=torch.float32, sleep_level=level, llm=llm)
-    engine.sleep_mode, engine._awake = True, True
+    engine.on_gpu = engine.sleep_mode = engine._awake = True   # the GPU code path, whatever this machine is
     return engine, llm
 
 

@@ -16,7 +16,7 @@ def tiny_config(tmp_path, cache, *overrides, run="run"):
         f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16",
         f"run_dir={tmp_path / run}", "steps=4", "progress=false", "rollout.engine=hf",
         "algorithm.prompts_per_step=2", "algorithm.group_size=4",
-        "rollout.max_new_tokens=24", "data.num_eval=4", "optim.lr=1e-3", "optim.warmup_steps=1",
+        "rollout.max_new_tokens=64", "data.num_eval=4", "optim.lr=1e-3", "optim.warmup_steps=1",
         *overrides])
 
 
