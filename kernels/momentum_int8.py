@@ -17,7 +17,8 @@ program handles BLOCKS_PER_PROGRAM quantization blocks of one tensor, so a block
 program. Tensors are grouped by parameter dtype (one launch per dtype). The table is rebuilt every step
 because gradients are new tensors after zero_grad(set_to_none=True); it is a few KB.
 
-Plain local tensors in and out: the same code runs on FSDP2's local shards.
+Plain local tensors in and out: under FSDP2 the optimizer runs on each rank's local shards (the
+quantization blocks are blocks of the shard), with no communication.
 """
 from __future__ import annotations
 
@@ -211,6 +212,11 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor parameter or gradient (a view of its storage), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class FusedAdamWInt8Momentum(torch.optim.Optimizer):
     """AdamW whose step also updates an 8-bit momentum model (EMA of the parameters), in one fused kernel.
 
@@ -231,10 +237,11 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
     def _init_state(self, p):
         state = self.state[p]
         if "codes" not in state:
+            local = _local(p.detach())
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["codes"], state["scales"] = new_delta_state(p)
+            state["exp_avg"] = torch.zeros_like(local, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(local, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["codes"], state["scales"] = new_delta_state(local)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -252,7 +259,8 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
             step = int(states[0]["step"].item())
             beta1, beta2 = group["betas"]
             launch_fused_step(
-                [p.data for p in params], [p.grad for p in params], [s["exp_avg"] for s in states],
+                [_local(p.detach()) for p in params], [None if p.grad is None else _local(p.grad) for p in params],
+                [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["codes"] for s in states], [s["scales"] for s in states],
                 step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"],
@@ -270,11 +278,11 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
             state["step"] = state["step"].clone()
 
     def momentum_weights(self, dtype: torch.dtype):
-        """theta_k for each parameter in order, one tensor at a time."""
+        """theta_k for each parameter in order, one (local) tensor at a time."""
         for group in self.param_groups:
             for p in group["params"]:
                 s = self.state[p]
-                yield momentum_weight(p, s["codes"], s["scales"], dtype)
+                yield momentum_weight(_local(p.detach()), s["codes"], s["scales"], dtype)
 
     def momentum_state_bytes(self) -> int:
         return sum(s["codes"].numel() + 4 * s["scales"].numel() for s in self.state.values())

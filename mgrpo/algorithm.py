@@ -55,28 +55,38 @@ class Vote:
     """Responses that voted: kept by the filter and with an extractable answer."""
 
 
-def majority_vote(answers: Sequence[Optional[str]], voting: Optional[Sequence[bool]] = None) -> Vote:
-    """Majority vote over equivalent answers. answers [G] (None = no answer, abstains); voting [G] mask.
+def majority_vote(answers: Sequence[Optional[str]], voting: Optional[Sequence[bool]] = None,
+                  clusters: Optional[Sequence[Optional[int]]] = None) -> Vote:
+    """Majority vote over equivalent answers. answers [G] (None = no answer, abstains); voting [G] mask;
+    clusters [G]: cluster ids from `group_equivalent_answers(answers)` when the caller already has them.
 
     Tie rule (deterministic): among clusters with the most votes, the one whose first vote comes earliest in
     pool order wins. The pool lists the policy's responses before the momentum model's, so ties favour the
     answer the policy produced first.
     """
     voting = [True] * len(answers) if voting is None else list(voting)
-    ballots = [a if v else None for a, v in zip(answers, voting)]
-    cluster_ids = group_equivalent_answers(ballots)
+    clusters = group_equivalent_answers(list(answers)) if clusters is None else clusters
     counts: dict = {}
-    first_seen: dict = {}
-    for position, cluster in enumerate(cluster_ids):
-        if cluster is None:
+    first_vote: dict = {}
+    for position, (cluster, votes) in enumerate(zip(clusters, voting)):
+        if cluster is None or not votes:
             continue
         counts[cluster] = counts.get(cluster, 0) + 1
-        first_seen.setdefault(cluster, position)
+        first_vote.setdefault(cluster, position)
     votes_cast = sum(counts.values())
     if votes_cast == 0:
         return Vote(None, 0.0, 0)
-    winner = min(counts, key=lambda c: (-counts[c], first_seen[c]))
-    return Vote(ballots[first_seen[winner]], counts[winner] / votes_cast, votes_cast)
+    winner = min(counts, key=lambda c: (-counts[c], first_vote[c]))
+    return Vote(answers[first_vote[winner]], counts[winner] / votes_cast, votes_cast)
+
+
+def _majority_cluster(clusters: Sequence[Optional[int]]) -> Optional[int]:
+    """The cluster id with the most members (earliest first member on ties); None when all abstain."""
+    counts: dict = {}
+    for position, cluster in enumerate(clusters):
+        if cluster is not None:
+            counts.setdefault(cluster, [0, position])[0] += 1
+    return min(counts, key=lambda c: (-counts[c][0], counts[c][1])) if counts else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,6 +110,61 @@ def grpo_advantages(rewards: torch.Tensor, valid: Optional[torch.Tensor] = None,
         return advantages
     advantages[valid] = (r - r.mean()) / (r.std() + eps)
     return advantages
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One prompt's group, end to end: filter -> vote -> rewards -> advantages
+
+@dataclass
+class GroupScore:
+    """What one prompt's G trajectories give the update and the metrics."""
+    advantages: torch.Tensor
+    """[M] GRPO advantages of the policy's responses (0 for pruned ones)."""
+    in_loss: torch.Tensor
+    """[M] bool: the policy's responses that enter the loss (not pruned)."""
+    rewards: torch.Tensor
+    """[M] binary rewards against the pseudo-label."""
+    vote: Vote
+    """The pseudo-label and its majority ratio."""
+    threshold: float
+    """IQR entropy threshold T (-inf when the filter is off or the group is too small)."""
+    pruned: int
+    """Trajectories of the G pruned by the filter."""
+    unanimous: bool
+    """Every one of the G responses has an answer and all are equivalent (a sign of collapse when common)."""
+    momentum_agrees: Optional[bool]
+    """The policy's and the momentum model's own majority answers are equivalent (None without momentum
+    samples, or when either side cast no vote)."""
+
+
+def score_group(answers: Sequence[Optional[str]], entropies: torch.Tensor, num_policy: int, *, iqr_filter: bool,
+                iqr_k: float, prune_from: str = "vote_and_loss", adv_eps: float = 1e-6) -> GroupScore:
+    """Score one prompt's pool: answers [G] (policy's M first, then the momentum model's N; None = no answer),
+    entropies [G] (mean token entropy of each trajectory under the current policy).
+
+    1. IQR filter over all G entropies (prune_from=vote_and_loss: a pruned trajectory neither votes nor trains;
+       prune_from=loss: it still votes);
+    2. majority vote of the remaining pool -> pseudo-label;
+    3. binary rewards of the policy's M responses against it; GRPO advantages over the kept ones.
+    """
+    G, M = len(answers), num_policy
+    keep, threshold = torch.ones(G, dtype=torch.bool), float("-inf")
+    if iqr_filter:
+        keep, threshold = iqr_keep_mask(entropies, iqr_k)                                  # [G]
+    voting = keep if prune_from == "vote_and_loss" else torch.ones(G, dtype=torch.bool)
+    clusters = group_equivalent_answers(list(answers))                                      # [G] ids, once
+    vote = majority_vote(answers, voting.tolist(), clusters)
+    rewards = binary_rewards(answers[:M], vote.pseudo_label)                                # [M]
+    in_loss = keep[:M].clone()                                                              # [M]
+    advantages = grpo_advantages(rewards, in_loss, adv_eps)                                 # [M]
+
+    unanimous = G > 0 and clusters[0] is not None and all(c == clusters[0] for c in clusters)
+    momentum_agrees = None
+    if M < G:
+        policy_majority, momentum_majority = _majority_cluster(clusters[:M]), _majority_cluster(clusters[M:])
+        if policy_majority is not None and momentum_majority is not None:
+            momentum_agrees = policy_majority == momentum_majority
+    return GroupScore(advantages, in_loss, rewards, vote, threshold, int((~keep).sum()), unanimous, momentum_agrees)
 
 
 # ---------------------------------------------------------------------------------------------------------

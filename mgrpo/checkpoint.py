@@ -1,52 +1,79 @@
-"""Run directories and checkpoints: policy, momentum model, optimizer, scheduler, RNG states, data position, step.
+"""Run directories and checkpoints (torch.distributed.checkpoint: sharded, one file set per checkpoint).
 
 Layout of a run directory:
-    config.yaml            the resolved config
-    metrics.jsonl          one line per step
-    checkpoints/step_000004/{policy/ (save_pretrained), trainer_state.pt}
-    final/                 the trained policy (save_pretrained + tokenizer)
+    config.yaml                      the resolved config
+    metrics.jsonl                    one line per step
+    checkpoints/step_000004/         a resumable checkpoint: DCP files + checkpoint.json (written last)
+    snapshots/step_000050/           policy-only Hugging Face exports every `snapshot_every` steps (kept)
+    final/                           the trained policy as a Hugging Face directory (safetensors + tokenizer)
 
-A run directory holding another run's checkpoints or metrics is never overwritten unless overwrite=true.
-Checkpoints are written to a temporary directory and renamed into place, so a crash never leaves a torn one.
+What a checkpoint holds is assembled by the trainer (`checkpoint_state`): the policy and the KL reference
+(sharded under FSDP2), the optimizer (with the int8 momentum's codes and scales), the momentum model, the
+scheduler, each rank's RNG states, the data position and the step. Resuming needs the same world size.
+
+A run directory holding another run is never overwritten unless overwrite=true. A checkpoint is written to a
+temporary directory and renamed into place once complete, so a crash never leaves a torn one.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .distributed import Dist
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+META_FILE = "checkpoint.json"
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; the message says how to proceed."""
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional[Dist] = None) -> Optional[Path]:
     """Check the run directory before anything expensive; return the checkpoint to resume from (or None)."""
+    dist = dist or Dist()
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)
-    holds_a_run = latest is not None or (run_dir / "metrics.jsonl").exists() or (run_dir / "final").exists()
+    holds_a_run = latest is not None or any((run_dir / name).exists() for name in
+                                            ("metrics.jsonl", "final", "checkpoints", "snapshots"))
     if resume:
         if latest is None:
-            raise RunDirError(f"resume=true but {run_dir} holds no checkpoint (checkpoints/step_*): "
+            old = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "trainer_state.pt").is_file()]
+            hint = (" (its checkpoints were written by an older mgrpo, before sharded checkpoints, and cannot be "
+                    "resumed by this one)" if old else "")
+            raise RunDirError(f"resume=true but {run_dir} holds no checkpoint (checkpoints/step_*/{META_FILE}){hint}: "
                               "start a fresh run without resume=true")
         return latest
     if holds_a_run:
         if not overwrite:
             raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
                               "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
-        for name in ("checkpoints", "final", "tensorboard"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "metrics.png", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            for name in ("checkpoints", "snapshots", "final", "tensorboard"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "metrics.png", "config.yaml"):
+                (run_dir / name).unlink(missing_ok=True)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     return None
+
+
+def checkpoint_dirs(run_dir: Path, folder: str = "checkpoints", marker: str = META_FILE) -> list:
+    """Complete step directories under run_dir/folder, oldest first."""
+    root = Path(run_dir) / folder
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / marker).is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -54,16 +81,16 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def checkpoint_dirs(run_dir: Path) -> list:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
-             (p / "trainer_state.pt").is_file()]
-    return [p for _, p in sorted(found)]
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META_FILE).read_text())
 
 
 def rng_state() -> dict:
+    """This process's random, numpy, torch (and CUDA) generator states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -78,35 +105,59 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int, dist: Dist) -> Path:
+    """Write `state` (a DCP state dict: tensors, DTensors, objects) as checkpoints/step_N; a collective."""
+    import torch.distributed.checkpoint as dcp
+
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "policy")
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    if target.exists():  # the same step saved again (a resumed run re-reaching it): replace atomically-ish
-        shutil.rmtree(target)
-    tmp.rename(target)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old)
+    target, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    with warnings.catch_warnings():   # "torch.distributed ... uninitialized": one process is what we mean
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=str(tmp))
+    dist.barrier()
+    if dist.is_main:
+        (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "world_size": dist.world_size}, indent=1))
+        if target.exists():   # the same step saved again (a resumed run re-reaching it)
+            shutil.rmtree(target)
+        tmp.rename(target)
+        if keep:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old)
+    dist.barrier()
     return target
 
 
-def load_checkpoint(path: Path, policy) -> dict:
-    from safetensors.torch import load_file
+def check_world_size(path: Path, dist: Dist) -> dict:
+    """A checkpoint resumes only on the world size that wrote it; returns its checkpoint.json."""
+    meta = read_meta(path)
+    if meta["world_size"] != dist.world_size:
+        raise RunDirError(f"checkpoint {path} was written by {meta['world_size']} rank(s) and this run has "
+                          f"{dist.world_size}: resume with the same torchrun --nproc_per_node (the momentum "
+                          "model's 8-bit blocks and the optimizer state are per-rank shards, not resharded)")
+    return meta
 
-    files = sorted((Path(path) / "policy").glob("*.safetensors"))
-    if not files:
-        raise RunDirError(f"checkpoint {path} has no policy weights (policy/*.safetensors)")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    # Tied embeddings are saved once; anything else missing means the checkpoint is of another model.
-    missing = [k for k in missing if not (k == "lm_head.weight" and policy.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RunDirError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+
+def load_checkpoint(path: Path, state: dict, dist: Dist) -> dict:
+    """Load a checkpoint into `state` in place (same keys and layout as saved); returns its checkpoint.json."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = check_world_size(path, dist)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
+    return meta
+
+
+def load_policy_weights(path: Path, model) -> None:
+    """The policy's weights from a checkpoint into an unsharded Hugging Face model (for evaluation)."""
+    import torch.distributed.checkpoint as dcp
+
+    # model.state_dict() shares storage with the parameters: DCP loads in place (and reshards if needed).
+    state = {"policy": {f"causal_lm.{name}": t for name, t in model.state_dict().items()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))

@@ -227,6 +227,41 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: `mgrpo eval`'s defaults and the trainer's validation (data.eval_every)."""
+    k: int = 8
+    """Samples per problem for avg@k and maj@k (the harness around the paper: 4 for MATH500, 64 for AIME)."""
+    n: int = 0
+    """Samples drawn per problem (n >= k); pass@k uses all n. 0: n = k."""
+    pass_k: list = field(default_factory=list)
+    """k values for pass@k (each <= n); empty: none."""
+    temperature: float = 0.6
+    """Sampling temperature of the k samples (the harness's 0.6)."""
+    top_p: float = 0.95
+    """Nucleus threshold of the k samples (the harness's 0.95)."""
+    max_new_tokens: int = 0
+    """Longest response; 0: rollout.max_new_tokens."""
+    greedy: bool = True
+    """Also decode one greedy response per problem (eval/greedy)."""
+    seed: int = 0
+    """Seed of the samples."""
+
+    def __post_init__(self):
+        self.pass_k = [int(v) for v in (self.pass_k or [])]
+        _check(self.k >= 1, f"eval.k={self.k}: avg@k and maj@k need k >= 1")
+        _check(self.n == 0 or self.n >= self.k, f"eval.n={self.n} < eval.k={self.k}: draw n >= k samples (or n=0: n = k)")
+        _check(all(1 <= v <= self.num_samples for v in self.pass_k),
+               f"eval.pass_k={self.pass_k}: each must be in [1, n={self.num_samples}]")
+        _check(self.temperature > 0, f"eval.temperature={self.temperature}: must be > 0 (greedy is eval.greedy)")
+        _check(0 < self.top_p <= 1, f"eval.top_p={self.top_p}: must be in (0, 1]")
+        _check(self.max_new_tokens >= 0, f"eval.max_new_tokens={self.max_new_tokens}: must be >= 0")
+
+    @property
+    def num_samples(self) -> int:
+        return self.n or self.k
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -234,6 +269,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = 30
     """Optimizer steps (rollout batches) of M-GRPO training."""
     seed: int = 0
@@ -243,7 +279,11 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (older ones are deleted; the final model is always kept)."""
+    """How many resumable checkpoints to keep, newest first (0: all). Older ones are deleted; snapshots and
+    the final model are always kept."""
+    snapshot_every: int = 0
+    """Export the policy as a Hugging Face directory (snapshots/step_N, weights only, in the base model's
+    dtype) every this many steps and keep it: what `mgrpo eval RUN --all-checkpoints` sweeps (0: none)."""
     resume: bool = False
     """Continue from the newest checkpoint in run_dir."""
     overwrite: bool = False
@@ -252,11 +292,17 @@ class TrainConfig:
     """auto (cuda when available, else cpu), cpu or cuda."""
     progress: bool = True
     """Show a progress bar."""
+    log_every: int = 1
+    """Print a metrics line every this many steps (0: none; metrics.jsonl has every step regardless)."""
+    verbose: bool = False
+    """Show the rollout engine's own log lines (vLLM's INFO messages)."""
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
         _check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
-        _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        _check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints}: must be >= 0 (0 keeps all)")
+        _check(self.snapshot_every >= 0, f"snapshot_every={self.snapshot_every}: must be >= 0")
+        _check(self.log_every >= 0, f"log_every={self.log_every}: must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
         _check(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: choose one")
         if self.algorithm.kl_reference == "momentum":

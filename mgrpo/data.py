@@ -106,10 +106,14 @@ class PromptStream:
     def __len__(self) -> int:
         return 0 if self.builtin else len(self.problems)
 
+    def peek(self, index: int) -> Problem:
+        """Problem `index` of the stream (without moving it)."""
+        return self._get(index)
+
     def _get(self, index: int) -> Problem:
         if self.builtin:
-            from .tiny import arithmetic_problem
-            row = arithmetic_problem(random.Random(f"{self.seed}-{index}"))
+            from .tiny import training_problem
+            row = training_problem(random.Random(f"{self.seed}-{index}"))
             return Problem(row["problem"], row["answer"])
         epoch, offset = divmod(index, len(self.problems))
         if epoch != self._order_epoch:
@@ -124,17 +128,33 @@ class PromptStream:
         return batch
 
 
-def eval_problems(cfg: DataConfig, seed: int) -> list:
-    """Held-out problems for accuracy before/after training (empty when there are none with answers)."""
+def eval_problems(cfg: DataConfig) -> list:
+    """Held-out problems for validation during and around training (empty when there are none)."""
     if cfg.num_eval == 0:
         return []
-    if cfg.eval_source is None:
-        if cfg.source != BUILTIN_ARITHMETIC:
-            return []
-        from .tiny import arithmetic_dataset
-        return [Problem(r["problem"], r["answer"]) for r in arithmetic_dataset(cfg.num_eval, seed, held_out=True)]
-    problems = [p for p in load_problems(cfg.eval_source, cfg) if p.answer is not None]
-    if not problems:
-        raise DataError(f"data.eval_source={cfg.eval_source} has no answers to grade against "
-                        f"(fields {cfg.answer_field!r} or {cfg.solution_field!r})")
-    return problems[:cfg.num_eval]
+    source = cfg.eval_source or (BUILTIN_ARITHMETIC if cfg.source == BUILTIN_ARITHMETIC else None)
+    return [] if source is None else benchmark_problems(source, cfg, cfg.num_eval)
+
+
+def benchmark_problems(source: str, cfg: DataConfig, limit: int = 0) -> list:
+    """Problems with answers to grade against: the built-in task's held-out set (`limit` of them, 256 when
+    0), or a file/dataset whose every row must have an answer (its field or its solution's last \\boxed{})."""
+    if source == BUILTIN_ARITHMETIC:
+        from .tiny import held_out_dataset
+        return [Problem(r["problem"], r["answer"]) for r in held_out_dataset(limit or 256)]
+    problems = load_problems(source, cfg)
+    missing = [i for i, p in enumerate(problems) if p.answer is None]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} of {len(problems)} rows have no answer to grade against "
+                        f"(first: row {missing[0]}); rows need {cfg.answer_field!r}, or {cfg.solution_field!r} "
+                        "with a \\boxed{} answer (set the field names to match the file)")
+    return problems[:limit] if limit else problems
+
+
+def encode_prompt(tokenizer, problem: str, instruction: str, use_chat_template: bool) -> list:
+    """Token ids of the prompt: the chat template (system instruction, problem as the user message) when
+    asked for and the tokenizer has one, else the plain text prompt."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": problem}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return tokenizer.encode(format_prompt(problem, instruction), add_special_tokens=False)

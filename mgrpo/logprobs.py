@@ -1,4 +1,4 @@
-"""Token log-probs and entropies of sequences under a causal LM: the one function the trainer uses for both.
+"""Token log-probs and entropies of sequences under a causal LM: the one module the trainer uses for both.
 
 The model's backbone gives hidden states; the lm_head is applied inside `logprob_entropy`, which with
 impl="fused" is the Triton kernel that never forms the [tokens, vocab] logits (mgrpo_kernels) and with
@@ -21,21 +21,40 @@ def resolve_logprob_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def backbone_and_head(model):
-    """(decoder without lm_head, lm_head weight [V, H]); the weight is the embedding itself when tied."""
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings().weight
+class TokenScorer(torch.nn.Module):
+    """A causal LM whose forward returns token log-probs and entropies instead of logits.
 
-
-def sequence_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                  target_mask: torch.Tensor, temperature: float, impl: str) -> tuple:
-    """input_ids, attention_mask, target_mask [B, L] -> logprob [B, L], entropy [B, L] (fp32).
-
-    Entry t is for predicting token t from tokens < t, at the sampling temperature; 0 where target_mask is
-    False (and always at t = 0).
+    It exists for FSDP2: the root FSDP module unshards its own parameters (the embedding, which is the tied
+    lm_head, and the final norm) only inside its forward. So the whole computation, backbone and head, runs
+    in this module's forward, and this module is the root that `fully_shard` wraps last: inside, the kernel
+    reads the full head weight, and the head's gradient flows back through FSDP's hooks to the sharded
+    parameter. Calling the inner backbone and reading `get_output_embeddings().weight` from outside a root
+    forward would see a shard. Single-process training uses the same module unsharded.
     """
-    backbone, head_weight = backbone_and_head(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # [B, L, H]
-    logprob, entropy = logprob_entropy(hidden[:, :-1], head_weight, input_ids[:, 1:], temperature,
-                                       mask=target_mask[:, 1:].bool(), impl=impl)          # [B, L-1]
-    pad = logprob.new_zeros(input_ids.shape[0], 1)
-    return torch.cat([pad, logprob], dim=1), torch.cat([pad, entropy], dim=1)
+
+    def __init__(self, causal_lm: torch.nn.Module):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    @property
+    def decoder_layers(self):
+        return getattr(self.causal_lm, self.causal_lm.base_model_prefix).layers
+
+    def hf_named_parameters(self):
+        """(Hugging Face name, parameter): the names the engines, exports and momentum model use."""
+        return self.causal_lm.named_parameters()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                temperature: float, impl: str) -> tuple:
+        """input_ids, attention_mask, target_mask [B, L] -> logprob [B, L], entropy [B, L] (fp32).
+
+        Entry t is for predicting token t from tokens < t, at the sampling temperature; 0 where target_mask
+        is False (and always at t = 0).
+        """
+        backbone = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+        head_weight = self.causal_lm.get_output_embeddings().weight                           # [V, H], full here
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # [B, L, H]
+        logprob, entropy = logprob_entropy(hidden[:, :-1], head_weight, input_ids[:, 1:], temperature,
+                                           mask=target_mask[:, 1:].bool(), impl=impl)      # [B, L-1]
+        pad = logprob.new_zeros(input_ids.shape[0], 1)
+        return torch.cat([pad, logprob], dim=1), torch.cat([pad, entropy], dim=1)

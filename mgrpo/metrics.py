@@ -1,16 +1,31 @@
-"""Per-step metrics: a JSONL line per step (plus TensorBoard when installed), and PNG curves from a run."""
+"""Per-step metrics: a JSONL line per step (plus TensorBoard when installed), the collapse monitor, the
+terminal line, memory readings, and PNG curves from a run."""
 from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to <run_dir>/metrics.jsonl; mirrors scalars to TensorBoard if present."""
+    """Appends one JSON object per step to <run_dir>/metrics.jsonl; mirrors scalars to TensorBoard if present.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    resume_step: a resumed run first drops the lines of steps after its checkpoint (a run killed after
+    checkpointing step 4 may have logged step 5, which the resumed run logs again).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -34,6 +49,86 @@ class MetricsLogger:
             self.writer.close()
 
 
+def format_metrics_line(step: int, total: int, r: dict) -> str:
+    def f(key, fmt=".3f"):
+        value = r.get(key)
+        return "-" if value is None else format(value, fmt)
+    return (f"step {step}/{total} reward {f('reward')} pl_acc {f('pseudo_label_accuracy')} maj {f('majority_ratio')} "
+            f"zero_std {f('frac_reward_zero_std', '.2f')} ent {f('entropy')} pruned {f('iqr/pruned_frac', '.2f')} "
+            f"kl {f('kl', '.4f')} gnorm {f('grad_norm', '.3f')} len {f('completions/mean_length', '.1f')} "
+            f"tok/s {f('tokens_per_second', '.0f')} {f('step_time', '.1f')}s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collapse monitor
+
+class CollapseMonitor:
+    """Signs that self-rewarding training is collapsing, before held-out accuracy shows it, and one warning
+    line per sign when it crosses its threshold (see README, "Collapse monitor", for how these were set):
+
+    collapse/entropy_ratio        mean trajectory entropy / its value at the first step: the policy turning
+                                  confidently deterministic (entropy collapse, the paper's figure 1)
+    collapse/unanimous_frac       groups whose G responses all give one answer: the vote stops carrying
+                                  information (every advantage is 0) and one answer rules
+    collapse/momentum_agreement   groups where the policy's majority answer is the momentum model's (M-GRPO
+                                  only): the policy drifting away from its own slow average
+    """
+    THRESHOLDS = {
+        "collapse/entropy_ratio": ("below", 0.5),
+        "collapse/unanimous_frac": ("above", 0.9),
+        "collapse/momentum_agreement": ("below", 0.5),
+    }
+
+    def __init__(self, log=print, start_entropy: Optional[float] = None, warned: Optional[list] = None):
+        self.log, self.start_entropy, self.warned = log, start_entropy, set(warned or [])
+
+    @classmethod
+    def from_state(cls, state: Optional[dict], log=print) -> "CollapseMonitor":
+        return cls(log, **(state or {}))
+
+    def state(self) -> dict:
+        return {"start_entropy": self.start_entropy, "warned": sorted(self.warned)}
+
+    def observe(self, step: int, record: dict) -> dict:
+        """The step's collapse/entropy_ratio; warns (once per sign) when a sign crosses its threshold."""
+        if self.start_entropy is None and record.get("entropy"):
+            self.start_entropy = record["entropy"]
+        out = {"collapse/entropy_ratio": record["entropy"] / self.start_entropy if self.start_entropy else None}
+        for key, (side, limit) in self.THRESHOLDS.items():
+            value = out.get(key, record.get(key))
+            if value is None or key in self.warned:
+                continue
+            if (value < limit) if side == "below" else (value > limit):
+                self.warned.add(key)
+                self.log(f"[warning] step {step}: {key} = {value:.2f} is {side} {limit}: a sign of collapse "
+                         "(the policy settling on answers the vote cannot correct). Watch eval/*; consider a lower "
+                         "optim.lr, M-GRPO instead of SRT, or a checkpoint from before this step.")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory, or the peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux -> GiB
+
+
+def process_memory_gib(device: torch.device) -> float:
+    """Memory in use now: the device's used memory on CUDA (what a vLLM engine takes shows here), else this
+    process's resident set (Linux /proc; 0 where unavailable)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (total - free) / 2**30
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**30
+
+
 def read_metrics(path: Path) -> list:
     path = Path(path)
     if path.is_dir():
@@ -44,7 +139,8 @@ def read_metrics(path: Path) -> list:
 
 
 DEFAULT_PLOT_KEYS = ("reward", "pseudo_label_accuracy", "majority_ratio", "frac_reward_zero_std", "entropy",
-                     "iqr/pruned_frac", "kl", "grad_norm", "completions/mean_length", "eval/accuracy")
+                     "iqr/pruned_frac", "kl", "grad_norm", "completions/mean_length", "collapse/unanimous_frac",
+                     "collapse/momentum_agreement", "eval/greedy", "eval/avg@k", "eval/maj@k")
 
 
 def plot_metrics(run_dir: Path, out: Path = None, keys=DEFAULT_PLOT_KEYS) -> Path:

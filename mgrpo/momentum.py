@@ -2,7 +2,7 @@
 
     optimizer = momentum.make_optimizer(policy_params, optim_cfg)   # the optimizer the trainer steps
     optimizer.step(); momentum.update()                              # theta_k <- m theta_k + (1 - m) theta_q
-    engine.push_weights(momentum.named_weights(dtype))              # streamed, tensor by tensor
+    engine.push_weights(momentum.named_weights(dtype))              # streamed (gathered) tensor by tensor
 
 Two storages, selected by algorithm.momentum_dtype:
 - fp32: a full-precision copy updated by torch._foreach_lerp_ (the reference; 4 bytes per parameter).
@@ -18,6 +18,7 @@ import torch
 
 from .algorithm import momentum_update_
 from .config import OptimConfig
+from .distributed import full_tensor, like_param, local_tensor, tensor_bytes
 
 
 def make_adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -27,10 +28,16 @@ def make_adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 class MomentumModel(ABC):
-    def __init__(self, policy: torch.nn.Module, m: float):
+    """theta_k for `named_params` ((Hugging Face name, parameter) pairs; FSDP2 DTensors or plain tensors).
+
+    Under FSDP2 everything lives on this rank's local shards and updates without communication; only
+    `named_weights` gathers, one full tensor at a time, to feed the engines.
+    """
+
+    def __init__(self, named_params: list, m: float):
         self.m = m
-        self.names = [name for name, _ in policy.named_parameters()]
-        self.policy_params = [p for _, p in policy.named_parameters()]
+        self.names = [name for name, _ in named_params]
+        self.policy_params = [p for _, p in named_params]
 
     def make_optimizer(self, params, cfg: OptimConfig) -> torch.optim.Optimizer:
         """The optimizer of the policy; a storage that fuses its update into the optimizer returns its own."""
@@ -41,8 +48,14 @@ class MomentumModel(ABC):
         """theta_k <- m theta_k + (1 - m) theta_q; called after every optimizer step."""
 
     @abstractmethod
+    def local_weights(self, dtype: torch.dtype) -> Iterator:
+        """theta_k's local shards (whole tensors on one process) in `dtype`, one at a time, in names' order."""
+
     def named_weights(self, dtype: torch.dtype) -> Iterator:
-        """(name, tensor) of theta_k in `dtype`, one tensor at a time (never a second full model in memory)."""
+        """(name, full tensor) of theta_k in `dtype`, one tensor at a time (never a second full model in
+        memory); under FSDP2 a collective per tensor, cast before the gather."""
+        for name, p, local in zip(self.names, self.policy_params, self.local_weights(dtype)):
+            yield name, full_tensor(like_param(local, p))
 
     @abstractmethod
     def state_dict(self) -> dict: ...
@@ -51,41 +64,49 @@ class MomentumModel(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
     @abstractmethod
-    def bytes_per_parameter(self) -> float: ...
+    def state_bytes(self) -> int:
+        """Bytes of momentum state this rank holds."""
+
+    def bytes_per_parameter(self) -> float:
+        return self.state_bytes() / max(sum(local_tensor(p).numel() for p in self.policy_params), 1)
 
 
 class FP32Momentum(MomentumModel):
-    """theta_k as an fp32 copy of every parameter; the reference the 8-bit storage is measured against."""
+    """theta_k as an fp32 copy of every (local shard of every) parameter; the reference the 8-bit storage is
+    measured against."""
 
-    def __init__(self, policy: torch.nn.Module, m: float):
-        super().__init__(policy, m)
-        self.weights = [p.detach().float().clone() for p in self.policy_params]
+    def __init__(self, named_params: list, m: float):
+        super().__init__(named_params, m)
+        self.weights = [local_tensor(p.detach()).float().clone() for p in self.policy_params]
 
     def update(self) -> None:
-        momentum_update_(self.weights, self.policy_params, self.m)
+        momentum_update_(self.weights, [local_tensor(p.detach()) for p in self.policy_params], self.m)
 
-    def named_weights(self, dtype: torch.dtype) -> Iterator:
-        for name, w in zip(self.names, self.weights):
-            yield name, w.to(dtype)
+    def local_weights(self, dtype: torch.dtype) -> Iterator:
+        for w in self.weights:
+            yield w.to(dtype)
 
     def state_dict(self) -> dict:
-        return {"kind": "fp32", "weights": dict(zip(self.names, self.weights))}
+        # laid out like the parameters (DTensors under FSDP2), so the checkpoint is sharded like them
+        return {"kind": "fp32", "weights": {n: like_param(w, p) for n, w, p in zip(self.names, self.weights,
+                                                                                 self.policy_params)}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "fp32":
             raise ValueError(f"checkpoint holds a {state.get('kind')} momentum model; this run uses fp32 "
                              "(set algorithm.momentum_dtype to match the checkpoint)")
         for name, w in zip(self.names, self.weights):
-            w.copy_(state["weights"][name])
+            w.copy_(local_tensor(state["weights"][name]))
 
-    def bytes_per_parameter(self) -> float:
-        return 4.0
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.weights)
 
 
-def make_momentum(kind: str, policy: torch.nn.Module, m: float) -> MomentumModel:
+def make_momentum(kind: str, named_params: list, m: float) -> MomentumModel:
+    """named_params: the policy's (Hugging Face name, parameter) pairs."""
     if kind == "fp32":
-        return FP32Momentum(policy, m)
+        return FP32Momentum(named_params, m)
     if kind == "int8":
         from .momentum_int8 import Int8DeltaMomentum
-        return Int8DeltaMomentum(policy, m)
+        return Int8DeltaMomentum(named_params, m)
     raise ValueError(f"algorithm.momentum_dtype={kind!r}: use fp32 or int8")

@@ -17,8 +17,8 @@ from .momentum import MomentumModel
 
 
 class Int8DeltaMomentum(MomentumModel):
-    def __init__(self, policy: torch.nn.Module, m: float, seed: int = 0):
-        super().__init__(policy, m)
+    def __init__(self, named_params: list, m: float, seed: int = 0):
+        super().__init__(named_params, m)
         self.seed = seed
         self.optimizer = None
 
@@ -32,8 +32,8 @@ class Int8DeltaMomentum(MomentumModel):
     def update(self) -> None:
         """Done inside the optimizer's fused step."""
 
-    def named_weights(self, dtype: torch.dtype) -> Iterator:
-        return zip(self.names, self.optimizer.momentum_weights(dtype))
+    def local_weights(self, dtype: torch.dtype) -> Iterator:
+        return self.optimizer.momentum_weights(dtype)
 
     def state_dict(self) -> dict:
         return {"kind": "int8", "note": "codes and scales are checkpointed with the optimizer state"}
@@ -43,6 +43,5 @@ class Int8DeltaMomentum(MomentumModel):
             raise ValueError(f"checkpoint holds a {state.get('kind')} momentum model; this run uses int8 "
                              "(set algorithm.momentum_dtype to match the checkpoint)")
 
-    def bytes_per_parameter(self) -> float:
-        n = sum(p.numel() for p in self.policy_params)
-        return self.optimizer.momentum_state_bytes() / max(n, 1)
+    def state_bytes(self) -> int:
+        return self.optimizer.momentum_state_bytes()

