@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import append_rows, environment  # noqa: E402
 
 from mgrpo.config import TrainConfig  # noqa: E402
-from mgrpo.data import PromptStream  # noqa: E402
+from mgrpo.data import PromptStream, encode_prompt  # noqa: E402
+from mgrpo.distributed import Dist  # noqa: E402
 from mgrpo.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
-from mgrpo.trainer import encode_prompt, load_model_and_tokenizer  # noqa: E402
+from mgrpo.trainer import load_model_and_tokenizer  # noqa: E402
 from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
 
 
@@ -38,11 +39,11 @@ def throughput(engine, prompts, params, rounds=3):
 
 def main():
     cfg = TrainConfig()
-    model, tokenizer, path = load_model_and_tokenizer(cfg)
+    model, tokenizer, path, _ = load_model_and_tokenizer(cfg, Dist())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     problems = PromptStream(cfg.data, seed=0).next_batch(cfg.algorithm.prompts_per_step)
-    prompts = [encode_prompt(tokenizer, p.problem, cfg) for p in problems]
+    prompts = [encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template) for p in problems]
     params = SamplingParams(n=cfg.algorithm.group_size, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens)
     hf = HFGenerateEngine(model.to(device), tokenizer, dtype=dtype)

@@ -181,7 +181,9 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
         rows, program_tensor, program_block = [], [], []
         for t, i in enumerate(members):
             p, g = params[i], grads[i]
-            if g is not None and (g.dtype != p.dtype or g.shape != p.shape or not g.is_contiguous()):
+            if g is not None and g.shape != p.shape:
+                raise ValueError(f"gradient {i} has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
+            if g is not None and (g.dtype != p.dtype or not g.is_contiguous()):
                 g = g.to(p.dtype).contiguous()
                 grads[i] = g
             if not p.is_contiguous():

@@ -38,9 +38,20 @@ class RunDirError(RuntimeError):
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional[Dist] = None) -> Optional[Path]:
-    """Check the run directory before anything expensive; return the checkpoint to resume from (or None)."""
+    """Check the run directory before anything expensive; return the checkpoint to resume from (or None).
+    Rank 0 decides (and deletes, with overwrite=true) and tells the others, so no rank scans a directory
+    another one is changing."""
     dist = dist or Dist()
-    run_dir = Path(run_dir)
+    outcome = _prepare_run_dir(Path(run_dir), resume, overwrite) if dist.is_main else None
+    outcome = dist.broadcast_object(outcome)
+    dist.barrier()
+    if isinstance(outcome, RunDirError):
+        raise outcome
+    return outcome
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool):
+    """The checkpoint to resume from, None, or the RunDirError to raise on every rank."""
     latest = latest_checkpoint(run_dir)
     holds_a_run = latest is not None or any((run_dir / name).exists() for name in
                                             ("metrics.jsonl", "final", "checkpoints", "snapshots"))
@@ -49,21 +60,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional
             old = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "trainer_state.pt").is_file()]
             hint = (" (its checkpoints were written by an older mgrpo, before sharded checkpoints, and cannot be "
                     "resumed by this one)" if old else "")
-            raise RunDirError(f"resume=true but {run_dir} holds no checkpoint (checkpoints/step_*/{META_FILE}){hint}: "
-                              "start a fresh run without resume=true")
+            return RunDirError(f"resume=true but {run_dir} holds no checkpoint (checkpoints/step_*/{META_FILE}){hint}: "
+                               "start a fresh run without resume=true")
         return latest
     if holds_a_run:
         if not overwrite:
-            raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
-                              "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
-        if dist.is_main:
-            for name in ("checkpoints", "snapshots", "final", "tensorboard"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "metrics.png", "config.yaml"):
-                (run_dir / name).unlink(missing_ok=True)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+            return RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
+                               "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
+        for name in ("checkpoints", "snapshots", "final", "tensorboard"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "metrics.png", "config.yaml", "base_model.txt"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -131,25 +139,34 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int
     return target
 
 
-def check_world_size(path: Path, dist: Dist) -> dict:
-    """A checkpoint resumes only on the world size that wrote it; returns its checkpoint.json."""
+def check_resumable(path: Path, dist: Dist, settings: dict) -> dict:
+    """A checkpoint resumes only on the world size that wrote it and with the settings that decide what it
+    holds (`settings`: name -> value, as saved in its checkpoint.json); returns that checkpoint.json."""
     meta = read_meta(path)
     if meta["world_size"] != dist.world_size:
         raise RunDirError(f"checkpoint {path} was written by {meta['world_size']} rank(s) and this run has "
                           f"{dist.world_size}: resume with the same torchrun --nproc_per_node (the momentum "
                           "model's 8-bit blocks and the optimizer state are per-rank shards, not resharded)")
+    saved = meta.get("settings", {})
+    changed = [f"{k}={saved[k]} (now {v})" for k, v in settings.items() if k in saved and saved[k] != v]
+    if changed:
+        raise RunDirError(f"checkpoint {path} was written with {', '.join(changed)}: resume with the settings "
+                          "it was written with, or start a new run")
     return meta
 
 
 def load_checkpoint(path: Path, state: dict, dist: Dist) -> dict:
-    """Load a checkpoint into `state` in place (same keys and layout as saved); returns its checkpoint.json."""
+    """Load a checkpoint into `state` in place (same keys and layout as saved; check_resumable first)."""
     import torch.distributed.checkpoint as dcp
 
-    meta = check_world_size(path, dist)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=str(path))
-    return meta
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (RuntimeError, KeyError, ValueError) as e:   # DCP's CheckpointException is a RuntimeError
+            raise RunDirError(f"checkpoint {path} does not match this run (a different model or settings?): "
+                              f"{str(e)[:400]}") from e
+    return read_meta(path)
 
 
 def load_policy_weights(path: Path, model) -> None:

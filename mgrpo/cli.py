@@ -1,4 +1,12 @@
-"""Command line: `mgrpo train [--config FILE] [key.sub=value ...]` and `mgrpo plot RUN_DIR`."""
+"""Command line:
+
+    mgrpo train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default)
+    mgrpo eval MODEL_OR_RUN [--data [PRESET=]SOURCE ...] [--all-checkpoints] ...
+    mgrpo compare [--preset short|default|long] [--seeds N] ...   SRT vs M-GRPO vs M-GRPO without IQR
+    mgrpo plot RUN_DIR
+
+Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +20,12 @@ def main(argv=None) -> int:
     train_p = sub.add_parser("train", help="train (no arguments: the embedded tiny default on the built-in task)")
     train_p.add_argument("--config", help="YAML config (e.g. configs/qwen3_4b.yaml)")
     train_p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.group_size=16 steps=100")
+    eval_p = sub.add_parser("eval", help="greedy / avg@k / maj@k / pass@k of a model or a run's checkpoints")
+    from .eval_command import add_arguments as add_eval_arguments
+    add_eval_arguments(eval_p)
+    compare_p = sub.add_parser("compare", help="SRT vs M-GRPO vs M-GRPO without the IQR filter, over seeds")
+    from .compare import add_arguments as add_compare_arguments
+    add_compare_arguments(compare_p)
     plot_p = sub.add_parser("plot", help="turn a run's metrics.jsonl into PNG curves")
     plot_p.add_argument("run_dir")
     plot_p.add_argument("--out", help="PNG path (default: <run_dir>/metrics.png)")
@@ -29,16 +43,29 @@ def main(argv=None) -> int:
     # vLLM's CPU build runs in-process only with multiprocessing off (otherwise it spawns an engine process).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from .checkpoint import RunDirError
-    from .config import ConfigError, load_config
+    from .compare import CompareError
+    from .config import ConfigError
     from .data import DataError
-    from .trainer import TrainingError, train
+    from .evaluation import EvalError
+    from .rollout import EngineError
+    from .trainer import TrainingError
+    from .vllm_engine import EngineBuildError
     try:
+        if args.command == "eval":
+            from .eval_command import main as eval_main
+            return eval_main(args)
+        if args.command == "compare":
+            from .compare import main as compare_main
+            return compare_main(args)
+        from .config import load_config
+        from .trainer import train
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg)
-    except (ConfigError, DataError, RunDirError, TrainingError) as e:
-        print(f"mgrpo train: error: {e}", file=sys.stderr)
+        train(cfg)
+    except (ConfigError, DataError, RunDirError, TrainingError, EvalError, EngineError, EngineBuildError,
+            CompareError) as e:
+        print(f"mgrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0 if summary else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -72,15 +72,9 @@ class Dist:
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def shard(self, items: list, what: str = "items") -> list:
-        """This rank's contiguous share of a list the world size divides."""
-        if len(items) % self.world_size:
-            raise ValueError(f"{len(items)} {what} do not split over {self.world_size} ranks")
-        share = len(items) // self.world_size
-        return items[self.rank * share:(self.rank + 1) * share]
-
     def split_evenly(self, items: list) -> list:
-        """This rank's share of a list of any length (the first ranks take one more when it does not divide)."""
+        """This rank's share of a list of any length, strided (the first ranks take one more when it does not
+        divide)."""
         return items[self.rank::self.world_size]
 
 

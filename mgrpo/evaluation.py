@@ -23,7 +23,7 @@ from .answers import answers_equivalent, extract_boxed_answer
 from .config import EvalConfig
 from .data import Problem
 from .distributed import Dist
-from .rollout import RolloutEngine, SamplingParams
+from .rollout import RolloutEngine, SamplingParams, sampling_seed
 
 
 class EvalError(ValueError):
@@ -116,23 +116,26 @@ def evaluate(engine: RolloutEngine, problems: Sequence[Problem], encode: Callabl
     missing = [i for i, p in enumerate(problems) if p.answer is None]
     if missing:
         raise EvalError(f"problem {missing[0]} has no answer to grade against ({len(missing)} such problems)")
+    # Every rank takes the same number of problems (the last ranks repeat their first one, results dropped):
+    # vLLM's data-parallel engines under torchrun step together, so every rank must make the same calls.
     indices = dist.split_evenly(list(range(len(problems))))
-    mine = [problems[i] for i in indices]
-    prompts = [encode(p.problem) for p in mine]
-    results = [ProblemResult(i, p.problem, p.answer) for i, p in zip(indices, mine)]
+    share = -(-len(problems) // dist.world_size)
+    padded = indices + [indices[0] if indices else 0] * (share - len(indices))
+    prompts = [encode(problems[i].problem) for i in padded]
+    results = [ProblemResult(i, problems[i].problem, problems[i].answer) for i in padded]
     # Batches bound the transformers engine's memory (prompts x n rows at once); vLLM schedules its own.
-    batch = max(1, 512 // max(settings.num_samples, 1))
+    batch = max(1, 512 // settings.num_samples)
     for start in range(0, len(prompts), batch):
         chunk, chunk_results = prompts[start:start + batch], results[start:start + batch]
         if settings.greedy:
             outputs = engine.generate(chunk, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
             for r, (completion,) in zip(chunk_results, outputs):
                 r.greedy = grade(completion.text, len(completion.token_ids), r.answer)
-        if settings.num_samples:
-            params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
-                                    max_new_tokens=max_new_tokens, seed=settings.seed * 1_000_003 + start + dist.rank)
-            for r, group in zip(chunk_results, engine.generate(chunk, params)):
-                r.samples = [grade(c.text, len(c.token_ids), r.answer) for c in group]
+        params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=max_new_tokens, seed=sampling_seed(settings.seed, start, dist.rank))
+        for r, group in zip(chunk_results, engine.generate(chunk, params)):
+            r.samples = [grade(c.text, len(c.token_ids), r.answer) for c in group]
+    results = results[:len(indices)]
     gathered = sorted((r for part in dist.all_gather_object(results) for r in part), key=lambda r: r.index)
     return summarize(gathered, settings.k, settings.pass_k), gathered
 

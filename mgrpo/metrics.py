@@ -21,8 +21,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in _parsed_lines(self.path) if record["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -64,7 +63,8 @@ def format_metrics_line(step: int, total: int, r: dict) -> str:
 
 class CollapseMonitor:
     """Signs that self-rewarding training is collapsing, before held-out accuracy shows it, and one warning
-    line per sign when it crosses its threshold (see README, "Collapse monitor", for how these were set):
+    line per sign when its mean over the last `window` steps crosses the threshold (a single step's value is
+    a handful of groups: too noisy to warn on). See README, "Collapse monitor", for how these were set.
 
     collapse/entropy_ratio        mean trajectory entropy / its value at the first step: the policy turning
                                   confidently deterministic (entropy collapse, the paper's figure 1)
@@ -75,34 +75,45 @@ class CollapseMonitor:
     """
     THRESHOLDS = {
         "collapse/entropy_ratio": ("below", 0.5),
-        "collapse/unanimous_frac": ("above", 0.9),
+        "collapse/unanimous_frac": ("above", 0.6),
         "collapse/momentum_agreement": ("below", 0.5),
     }
 
-    def __init__(self, log=print, start_entropy: Optional[float] = None, warned: Optional[list] = None):
+    def __init__(self, log=print, start_entropy: Optional[float] = None, warned: Optional[list] = None,
+                 recent: Optional[dict] = None, window: int = 10):
         self.log, self.start_entropy, self.warned = log, start_entropy, set(warned or [])
+        self.recent = {k: list(v) for k, v in (recent or {}).items()}
+        self.window = window
 
     @classmethod
     def from_state(cls, state: Optional[dict], log=print) -> "CollapseMonitor":
         return cls(log, **(state or {}))
 
     def state(self) -> dict:
-        return {"start_entropy": self.start_entropy, "warned": sorted(self.warned)}
+        return {"start_entropy": self.start_entropy, "warned": sorted(self.warned), "recent": self.recent,
+                "window": self.window}
 
     def observe(self, step: int, record: dict) -> dict:
-        """The step's collapse/entropy_ratio; warns (once per sign) when a sign crosses its threshold."""
+        """The step's collapse/entropy_ratio; warns (once per sign) when a sign's trailing mean crosses its
+        threshold, after at least `window` steps."""
         if self.start_entropy is None and record.get("entropy"):
             self.start_entropy = record["entropy"]
         out = {"collapse/entropy_ratio": record["entropy"] / self.start_entropy if self.start_entropy else None}
         for key, (side, limit) in self.THRESHOLDS.items():
             value = out.get(key, record.get(key))
-            if value is None or key in self.warned:
+            if value is None:
                 continue
-            if (value < limit) if side == "below" else (value > limit):
+            recent = self.recent.setdefault(key, [])
+            recent.append(value)
+            del recent[:-self.window]
+            mean = sum(recent) / len(recent)
+            if key in self.warned or len(recent) < self.window:
+                continue
+            if (mean < limit) if side == "below" else (mean > limit):
                 self.warned.add(key)
-                self.log(f"[warning] step {step}: {key} = {value:.2f} is {side} {limit}: a sign of collapse "
-                         "(the policy settling on answers the vote cannot correct). Watch eval/*; consider a lower "
-                         "optim.lr, M-GRPO instead of SRT, or a checkpoint from before this step.")
+                self.log(f"[warning] step {step}: {key} = {mean:.2f} over the last {self.window} steps, {side} "
+                         f"{limit}: a sign of collapse. Watch eval/*; consider a lower optim.lr, M-GRPO instead "
+                         "of SRT, or a checkpoint from before this step.")
         return out
 
 
@@ -129,13 +140,34 @@ def process_memory_gib(device: torch.device) -> float:
     return pages * resource.getpagesize() / 2**30
 
 
+def _parsed_lines(path: Path) -> list:
+    """(line, record) of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def read_metrics(path: Path) -> list:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics at {path}: give a run directory written by `mgrpo train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parsed_lines(path)]
+
+
+def write_csv(path: Path, rows: list) -> None:
+    """Rows (dicts) as CSV, with the union of their keys as columns in first-seen order."""
+    import csv
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 DEFAULT_PLOT_KEYS = ("reward", "pseudo_label_accuracy", "majority_ratio", "frac_reward_zero_std", "entropy",

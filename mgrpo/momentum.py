@@ -102,11 +102,12 @@ class FP32Momentum(MomentumModel):
         return tensor_bytes(self.weights)
 
 
-def make_momentum(kind: str, named_params: list, m: float) -> MomentumModel:
-    """named_params: the policy's (Hugging Face name, parameter) pairs."""
+def make_momentum(kind: str, named_params: list, m: float, seed: int = 0) -> MomentumModel:
+    """named_params: the policy's (Hugging Face name, parameter) pairs; seed: of the int8 storage's stochastic
+    rounding (per rank, so the shards of one tensor round independently)."""
     if kind == "fp32":
         return FP32Momentum(named_params, m)
     if kind == "int8":
         from .momentum_int8 import Int8DeltaMomentum
-        return Int8DeltaMomentum(named_params, m)
+        return Int8DeltaMomentum(named_params, m, seed=seed)
     raise ValueError(f"algorithm.momentum_dtype={kind!r}: use fp32 or int8")

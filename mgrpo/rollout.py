@@ -28,7 +28,19 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: Optional[int] = None
-    """Same seed, same prompts, same weights: same responses."""
+    """Same seed, same prompts, same weights: same responses. Engines that seed each request (vLLM on GPUs)
+    give prompt i of a call the seed `seed + i * PROMPT_SEED_STRIDE`, and vLLM gives that request's j-th sample
+    `+ j`; so two calls on the same prompts draw disjoint streams when the second's seed is offset by the
+    first's n (see `sampling_seed`)."""
+
+
+PROMPT_SEED_STRIDE = 1 << 16
+
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """The first seed of a block of 2^32 for (run seed, step, rank): calls within a step offset it by less
+    than PROMPT_SEED_STRIDE (the policy by 0, the momentum model by M), so no two streams overlap."""
+    return (((seed * 1_000_003 + step) * 257 + rank) % (1 << 30)) << 32
 
 
 @dataclass
@@ -135,13 +147,14 @@ class HFGenerateEngine(RolloutEngine):
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
 
-def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_prompt_len: int, dist=None,
+def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_sequence_len: int, dist=None,
                 verbose: bool = False) -> RolloutEngine:
     """The rollout engine: vLLM when asked for or (auto) installed, else transformers' generate.
 
     Build it before sharding the policy (the transformers engine copies the full model) and before seeding
     the trainer (vLLM reseeds the process's generators; we restore them). Under torchrun every rank builds
     its own (a collective for vLLM: external launcher, one engine per rank, seeds differing per rank).
+    max_sequence_len: the longest prompt plus the longest response the engine must hold (vLLM's KV budget).
     """
     from .checkpoint import rng_state, set_rng_state
     from .distributed import Dist
@@ -154,7 +167,8 @@ def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_p
             saved = rng_state()
             try:
                 names = [name for name, _ in model.named_parameters()]
-                return vllm_engine.VLLMEngine.from_config(rollout_cfg, seed, model_path, dist, max_prompt_len, names)
+                return vllm_engine.VLLMEngine.from_config(rollout_cfg, seed, model_path, dist, max_sequence_len,
+                                                          names, verbose)
             finally:
                 set_rng_state(saved)
         if want == "vllm":
@@ -162,6 +176,21 @@ def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_p
                               "(see README), or set rollout.engine=hf")
     dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
     return HFGenerateEngine(model, tokenizer, dtype=dtype, device=dist.device)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless verbose, keep third-party chatter (transformers' loading bars, deprecation warnings raised
+    inside vLLM and torch) off the terminal, which then shows the project's own lines and progress bar."""
+    if verbose:
+        return
+    import warnings
+
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for module in ("vllm", "torch", "transformers"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 class EngineError(RuntimeError):

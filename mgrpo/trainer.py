@@ -26,6 +26,7 @@ import copy
 import io
 import math
 import pickle
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 
 from . import algorithm as alg
 from .answers import answers_equivalent, extract_boxed_answer
-from .checkpoint import (check_world_size, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
+from .checkpoint import (check_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig, save_config
 from .data import PromptStream, encode_prompt, eval_problems
@@ -47,7 +48,7 @@ from .evaluation import evaluate, figures_line
 from .logprobs import TokenScorer, resolve_logprob_impl
 from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib, process_memory_gib
 from .momentum import MomentumModel, make_adamw, make_momentum
-from .rollout import RolloutEngine, SamplingParams, make_engine
+from .rollout import RolloutEngine, SamplingParams, make_engine, quiet_libraries, sampling_seed
 
 
 class TrainingError(RuntimeError):
@@ -89,45 +90,72 @@ class Run:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.dist.device.type == "cuda" else nullcontext()
 
 
-def load_model_and_tokenizer(cfg: TrainConfig, dist: Dist, log=print):
-    """Policy in fp32 (master weights) and its tokenizer; the embedded default is built and warm-started
-    (by rank 0; the other ranks wait for its cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
+    """model.path, or the embedded default's warm-started model (built by rank 0; the others wait for it)."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from .tiny import warm_started_model_dir
+    if dist.is_main:
+        warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
+    dist.barrier()
+    return str(warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None))
 
-    path = cfg.model.path
-    if path is None:
-        from .tiny import warm_started_model_dir
-        if dist.is_main:
-            path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
-        dist.barrier()
-        path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+
+def load_tokenizer_and_config(path: str):
+    """The tokenizer and the model config (cheap: no weights), or a TrainingError naming model.path."""
+    from transformers import AutoConfig, AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation=cfg.model.attn_implementation)
+        tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - surface any loading failure with the setting to fix
         raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, str(path), stored_dtype(path)
+    return tokenizer, config
 
 
-def stored_dtype(path) -> torch.dtype:
+def load_policy(path: str, cfg: TrainConfig):
+    """The policy in fp32 (the master weights)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    attn_implementation=cfg.model.attn_implementation)
+    except Exception as e:  # noqa: BLE001
+        raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, dist: Dist, log=print):
+    """(policy in fp32, tokenizer, path, the dtype its files declare) in one call."""
+    quiet_libraries(cfg.verbose)
+    path = resolve_model_path(cfg, dist, log)
+    tokenizer, config = load_tokenizer_and_config(path)
+    return load_policy(path, cfg), tokenizer, path, stored_dtype(config)
+
+
+def stored_dtype(config) -> torch.dtype:
     """The dtype the model's own files declare (bf16 for Qwen3-4B-Base): exports are written in it."""
-    from transformers import AutoConfig
-    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+    dtype = getattr(config, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def check_lengths(cfg: TrainConfig, model, prompt_lengths: list) -> None:
-    """A response budget the model cannot hold is a config error, not a crash deep inside generation."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(prompt_lengths, default=0)
+def longest_sequence(cfg: TrainConfig, tokenizer, stream: PromptStream, held_out: list, config=None) -> int:
+    """The longest prompt plus the longest response budget (rollout or validation) the engine must hold.
+    With a model `config`, a budget it cannot hold is a config error, not a crash deep inside generation."""
+    problems = held_out + (stream.problems if stream.problems is not None else [stream.peek(i) for i in range(64)])
+    longest = max((len(encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template))
+                   for p in problems), default=0)
+    limit = getattr(config, "max_position_embeddings", None)
     for key, new_tokens in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
                             ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
         if limit is not None and longest + new_tokens > limit:
             raise TrainingError(f"{key}={new_tokens} plus the longest prompt ({longest} tokens) exceeds what the model "
                                 f"can hold (max_position_embeddings={limit}): set {key} <= {limit - longest}")
+    return longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[RolloutEngine] = None) -> Run:
@@ -138,21 +166,21 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
         raise TrainingError(str(e)) from e
     stream = PromptStream(cfg.data, cfg.seed)             # reads and validates the data before any model work
     held_out = eval_problems(cfg.data)
-    model, tokenizer, model_path, export_dtype = load_model_and_tokenizer(cfg, dist, log)
-    sample = held_out[:64] + [stream.peek(i) for i in range(64)]
-    prompt_lengths = [len(encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template))
-                      for p in sample]
-    check_lengths(cfg, model, prompt_lengths)
+    quiet_libraries(cfg.verbose)
+    model_path = resolve_model_path(cfg, dist, log)
+    tokenizer, config = load_tokenizer_and_config(model_path)
+    max_sequence_len = longest_sequence(cfg, tokenizer, stream, held_out, config)   # checked before the weights load
+    model, export_dtype = load_policy(model_path, cfg), stored_dtype(config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # The engine and the reference copy come from the full model, before it is sharded.
     memory_before_engine = process_memory_gib(dist.device)
     if engine is None:
-        engine = make_engine(cfg.rollout, cfg.seed, model, tokenizer, model_path, max(prompt_lengths, default=512),
-                             dist, verbose=cfg.verbose)
+        engine = make_engine(cfg.rollout, cfg.seed, model, tokenizer, model_path, max_sequence_len, dist,
+                             verbose=cfg.verbose)
     engine_gib = process_memory_gib(dist.device) - memory_before_engine
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     reference = None
     if algo.kl_coef > 0:   # frozen KL reference: the initial policy (bf16 on GPUs), or refreshed from theta_k
         reference_dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
@@ -169,7 +197,8 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
             reference.to(dist.device)
 
     named = list(policy.hf_named_parameters())
-    momentum = make_momentum(algo.momentum_dtype, named, algo.momentum) if algo.uses_momentum else None
+    momentum = (make_momentum(algo.momentum_dtype, named, algo.momentum, seed=cfg.seed * 1_000_003 + dist.rank)
+                if algo.uses_momentum else None)
     params = [p for _, p in named]
     if not all(p.requires_grad for p in params):
         raise TrainingError("every policy parameter must be trainable (frozen parameters are not supported)")
@@ -249,6 +278,11 @@ def score_sequences(model: TokenScorer, sequences: tuple, run: Run) -> tuple:
         if idx is not None:
             logps[idx.start:idx.stop, :ids.shape[1]] = lp.float().cpu()
             ents[idx.start:idx.stop, :ids.shape[1]] = ent.float().cpu()
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root's parameters (embedding = lm_head, final norm) unsharded after a forward, for
+        # the backward that usually follows; after no-grad forwards nothing follows: free them, and let the
+        # reference's local shards be written (kl_reference=momentum) rather than a stale full copy.
+        model.reshard()
     return logps, ents
 
 
@@ -274,13 +308,14 @@ def rollout(run: Run, problems: list, step: int) -> RolloutBatch:
     prompts = [run.encode(p.problem) for p in problems]
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                     max_new_tokens=cfg.rollout.max_new_tokens)
-    seed = cfg.seed * 7919 + 2 * step + 1_000_003 * run.dist.rank        # differs per step, role and rank
+    seed = sampling_seed(cfg.seed, step, run.dist.rank)       # the momentum model's streams start M further
     engine.wake_up()
     engine.push_weights(policy_weights(run))
     groups = engine.generate(prompts, SamplingParams(n=algo.policy_samples, seed=seed, **sampling))
     if algo.momentum_samples:
         engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
-        momentum_groups = engine.generate(prompts, SamplingParams(n=algo.momentum_samples, seed=seed + 1, **sampling))
+        momentum_groups = engine.generate(prompts, SamplingParams(n=algo.momentum_samples,
+                                                                  seed=seed + algo.policy_samples, **sampling))
         groups = [g + k for g, k in zip(groups, momentum_groups)]
     engine.sleep()
     return RolloutBatch(problems, prompts, groups, time.perf_counter() - t0)
@@ -480,6 +515,14 @@ def eval_metrics(figures: dict, k: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 
+def resume_settings(cfg: TrainConfig) -> dict:
+    """The settings that decide what a checkpoint holds: resuming with others is refused, clearly."""
+    algo = cfg.algorithm
+    return {"algorithm.mode": algo.mode, "algorithm.momentum_dtype": algo.momentum_dtype,
+            "algorithm.kl_coef > 0": algo.kl_coef > 0, "algorithm.kl_reference": algo.kl_reference,
+            "model.path": cfg.model.path}
+
+
 def _blob(obj) -> io.BytesIO:
     return io.BytesIO(pickle.dumps(obj))
 
@@ -512,7 +555,7 @@ def restore(run: Run, path: Path) -> dict:
 
     state = checkpoint_state(run, {})
     load_checkpoint(path, state, run.dist)
-    set_model_state_dict(run.policy, state["policy"])
+    set_model_state_dict(run.policy, state["policy"])   # in place already; this also resets FSDP2's views
     mine = state["rank"][f"rank{run.dist.rank}"]
     if "optimizer" in mine:
         run.optimizer.load_state_dict(mine["optimizer"])
@@ -542,6 +585,9 @@ def export_policy(run: Run, target: Path) -> None:
         tmp = target.parent / f".tmp_{target.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         run.policy.causal_lm.save_pretrained(tmp, state_dict=weights)
+        config = copy.deepcopy(run.policy.causal_lm.config)     # it says fp32 (the master weights): say the truth
+        config.dtype = run.export_dtype
+        config.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -568,7 +614,7 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     run_dir = Path(cfg.run_dir or dist.broadcast_object(f"runs/{datetime.now():%Y%m%d-%H%M%S}"))
     resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist)
     if resume_from is not None:
-        check_world_size(resume_from, dist)          # before loading any model
+        check_resumable(resume_from, dist, resume_settings(cfg))          # before loading any model
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     run = setup(cfg, dist, run_dir, log, engine)
@@ -631,15 +677,18 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:
             trainer = {"step": step + 1, "data_position": run.stream.position, "nonfinite_in_a_row": nonfinite_in_a_row,
                        "before": before, "monitor": monitor.state()}
-            save_checkpoint(run_dir, step + 1, checkpoint_state(run, trainer), {"base_model": run.base_model},
-                            cfg.keep_checkpoints, dist)
+            save_checkpoint(run_dir, step + 1, checkpoint_state(run, trainer),
+                            {"base_model": run.base_model, "settings": resume_settings(cfg)}, cfg.keep_checkpoints, dist)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             export_policy(run, run_dir / "snapshots" / f"step_{step + 1:06d}")
     if progress is not None:
         progress.close()
 
     summary = {"run_dir": str(run_dir), "steps_done": end_step, "before": before}
-    if end_step == cfg.steps:
+    if start_step == cfg.steps and (run_dir / "final").is_dir():
+        log(f"[resume] the run had already finished at step {cfg.steps}: nothing to do (final model in "
+            f"{run_dir / 'final'})")
+    elif end_step == cfg.steps:
         summary["after"] = after = validate(run)
         if after is not None and dist.is_main:
             run.metrics.log(end_step, eval_metrics(after, cfg.eval.k))

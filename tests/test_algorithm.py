@@ -133,3 +133,47 @@ def test_momentum_update_hand_computed():
     alg.momentum_update_(k, q, 0.9)
     torch.testing.assert_close(k[0], torch.tensor([1.2, 1.8]))
     torch.testing.assert_close(k[1], torch.tensor([1.0]))
+
+
+# ---- one prompt's group, end to end ---------------------------------------------------------------------
+
+def test_score_group_hand_computed():
+    # G = 8: the policy's M = 6 first, then the momentum model's N = 2.
+    answers = ["4", "4", "5", None, "4", "5", "5", "5"]
+    # trajectory 2 ("5", entropy 0.1) is a low-entropy outlier: sorted [0.1, 1, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]
+    # Q1 = 1.075, Q3 = 1.425, T = 1.075 - 0.75 * 0.35 = 0.8125 -> only trajectory 2 is pruned
+    entropies = torch.tensor([1.0, 1.1, 0.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+    g = alg.score_group(answers, entropies, 6, iqr_filter=True, iqr_k=0.75)
+    assert g.threshold == pytest.approx(0.8125) and g.pruned == 1
+    # the vote without trajectory 2: "4" x3 vs "5" x3 (policy 5, momentum 6, 7); tie -> "4" (first vote at 0)
+    assert g.vote.pseudo_label == "4" and g.vote.votes_cast == 6 and g.vote.majority_ratio == pytest.approx(0.5)
+    assert g.rewards.tolist() == [1, 1, 0, 0, 1, 0]
+    assert g.in_loss.tolist() == [True, True, False, True, True, True]
+    # advantages over the 5 kept policy responses: r = [1, 1, 0, 1, 0], mean 0.6, unbiased std sqrt(0.3)
+    std = math.sqrt(0.3)
+    expected = [0.4 / std, 0.4 / std, 0.0, -0.6 / std, 0.4 / std, -0.6 / std]
+    assert g.advantages.tolist() == pytest.approx(expected, rel=1e-5)
+    # policy majority "4" (3 of 5 answers) vs momentum majority "5": they disagree
+    assert g.momentum_agrees is False and g.unanimous is False
+
+
+def test_score_group_prune_from_loss_only_still_votes():
+    answers = ["4", "5", "5", "4", "4", "5", "5", "5"]
+    entropies = torch.tensor([1.0, 1.1, 0.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+    both = alg.score_group(answers, entropies, 6, iqr_filter=True, iqr_k=0.75)
+    loss_only = alg.score_group(answers, entropies, 6, iqr_filter=True, iqr_k=0.75, prune_from="loss")
+    assert both.vote.votes_cast == 7 and loss_only.vote.votes_cast == 8
+    assert both.in_loss.tolist() == loss_only.in_loss.tolist() == [True, True, False, True, True, True]
+    assert loss_only.vote.pseudo_label == "5" and loss_only.vote.majority_ratio == pytest.approx(5 / 8)
+
+
+def test_score_group_unanimous_srt_and_degenerate():
+    same = alg.score_group(["7", "7.0", "7", "7"], torch.ones(4), 4, iqr_filter=False, iqr_k=0.75)
+    assert same.unanimous and same.momentum_agrees is None and same.threshold == float("-inf")
+    assert same.advantages.tolist() == [0, 0, 0, 0] and same.rewards.tolist() == [1, 1, 1, 1]
+    abstain = alg.score_group(["7", None, "7", "7"], torch.ones(4), 4, iqr_filter=False, iqr_k=0.75)
+    assert not abstain.unanimous                                   # a response without an answer breaks it
+    nobody = alg.score_group([None] * 6, torch.ones(6), 4, iqr_filter=True, iqr_k=0.75)
+    assert nobody.vote.pseudo_label is None and nobody.rewards.sum() == 0 and nobody.momentum_agrees is None
+    agree = alg.score_group(["3", "3", "2", "3", "3", "2"], torch.ones(6), 4, iqr_filter=False, iqr_k=0.75)
+    assert agree.momentum_agrees is True                           # policy majority 3, momentum tie 3/2 -> 3

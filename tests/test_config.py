@@ -31,7 +31,7 @@ def test_paper_config_loads():
 
 @pytest.mark.parametrize("override,fragment", [
     ("algorithm.group_size=1", "G must be >= 2"),
-    ("algorithm.momentum_samples=8", "N must satisfy"),
+    ("algorithm.momentum_samples=16", "N must satisfy"),
     ("algorithm.momentum=1.0", "m must be in [0, 1)"),
     ("algorithm.momentum=-0.1", "m must be in [0, 1)"),
     ("algorithm.iqr_k=-1", "k must be >= 0"),
@@ -58,3 +58,40 @@ def test_override_syntax_error():
         load_config(None, ["algorithm.group_size"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_yaml_that_does_not_parse_or_is_not_a_mapping(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("algorithm:\n  group_size: [16\noptim: {}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML \(line \d+, column \d+\)"):
+        load_config(str(broken))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- algorithm\n- optim\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections.*holds a list"):
+        load_config(str(listing))
+    section = tmp_path / "section.yaml"
+    section.write_text("algorithm: 16\n")
+    with pytest.raises(ConfigError, match="algorithm.: expected a mapping, got int"):
+        load_config(str(section))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert load_config(str(empty)) == load_config()
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    from mgrpo.cli import main
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mgrpo train: error: config file") and "Traceback" not in err
+
+
+def test_eval_settings():
+    cfg = load_config(None, ["eval.k=4", "eval.n=16", "eval.pass_k=[1,4,16]"])
+    assert cfg.eval.num_samples == 16 and cfg.eval.pass_k == [1, 4, 16]
+    assert load_config(None, ["eval.k=4"]).eval.num_samples == 4
+    for override, fragment in (("eval.k=0", "k >= 1"), ("eval.n=2", "n >= k"), ("eval.pass_k=[9]", "pass_k"),
+                               ("eval.top_p=0", "top_p")):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(None, [override])

@@ -58,3 +58,32 @@ def test_stream_is_reproducible_and_resumable(tmp_path):
     x = builtin.next_batch(3)
     builtin.position = 1
     assert builtin.next_batch(2) == x[1:]
+
+
+def test_builtin_task_routes_and_held_out_split():
+    import random
+    import re
+
+    from mgrpo.data import eval_problems
+    from mgrpo.tiny import arithmetic_problem, held_out_dataset, is_held_out
+    rng = random.Random(0)
+    orders = set()
+    for _ in range(400):
+        row = arithmetic_problem(rng)
+        terms = [int(t.replace(" ", "")) for t in re.findall(r"[+-]? ?\d+", row["problem"].replace("Compute ", ""))]
+        assert sum(terms) == int(row["answer"]) and row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
+        steps = re.findall(r"(-?\d+) ([+-]) (\d+) = (-?\d+)\.", row["solution"])
+        assert len(steps) == len(terms) - 1
+        for a, op, b, c in steps:                       # every worked step is right
+            assert int(a) + (int(b) if op == "+" else -int(b)) == int(c)
+        orders.add((row["problem"], row["solution"]))
+    # the same problem appears with different routes (orders) to its answer
+    by_problem = {}
+    for problem, solution in orders:
+        by_problem.setdefault(problem, set()).add(solution)
+    assert len(by_problem) < len(orders)
+    held = held_out_dataset(256)
+    assert len({r["problem"] for r in held}) == 256 and all(is_held_out(r["problem"]) for r in held)
+    assert [p.problem for p in eval_problems(DataConfig(num_eval=256))] == [r["problem"] for r in held]
+    stream = PromptStream(DataConfig(), seed=5)
+    assert not any(is_held_out(p.problem) for p in stream.next_batch(500))   # never trained on

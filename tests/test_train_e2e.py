@@ -20,9 +20,9 @@ def tiny_config(tmp_path, cache, *overrides, run="run"):
         *overrides])
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("model-cache")
+@pytest.fixture
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def test_embedded_default_few_steps(tmp_path, cache):
@@ -47,10 +47,12 @@ def test_embedded_default_few_steps(tmp_path, cache):
     assert not torch.equal(k, policy[name].detach())
 
 
-def test_resume_matches_straight_run(tmp_path, cache):
-    straight = train(tiny_config(tmp_path, cache, run="straight"), log=lambda *a: None)
-    train(tiny_config(tmp_path, cache, run="split"), log=lambda *a: None, stop_after_steps=2)
-    resumed = train(tiny_config(tmp_path, cache, "resume=true", run="split"), log=lambda *a: None)
+@pytest.mark.parametrize("momentum_dtype", ["fp32", "int8"])
+def test_resume_matches_straight_run(tmp_path, cache, momentum_dtype):
+    dtype = f"algorithm.momentum_dtype={momentum_dtype}"
+    straight = train(tiny_config(tmp_path, cache, dtype, run="straight"), log=lambda *a: None)
+    train(tiny_config(tmp_path, cache, dtype, run="split"), log=lambda *a: None, stop_after_steps=2)
+    resumed = train(tiny_config(tmp_path, cache, dtype, "resume=true", run="split"), log=lambda *a: None)
     for (name, a), (_, b) in zip(straight["run"].policy.hf_named_parameters(),
                                  resumed["run"].policy.hf_named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -125,3 +127,39 @@ def test_embedded_default_on_real_vllm(tmp_path, cache):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
     assert summary["accuracy_after"] is not None
+
+
+def test_response_budget_longer_than_the_model_is_refused_early(tmp_path, cache):
+    with pytest.raises(TrainingError, match=r"rollout.max_new_tokens=600 plus the longest prompt .* set "
+                                            r"rollout.max_new_tokens <= \d+"):
+        train(tiny_config(tmp_path, cache, "rollout.max_new_tokens=600"), log=lambda *a: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_after_a_crash_keeps_each_step_once(tmp_path, cache):
+    """A run killed after logging step 3 but whose newest checkpoint is step 2 resumes at 2 and logs 3 once."""
+    import shutil
+    train(tiny_config(tmp_path, cache, "steps=5", "save_every=2", "keep_checkpoints=0", "data.num_eval=0"),
+          log=lambda *a: None, stop_after_steps=3)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000003")     # as if killed before that checkpoint
+    train(tiny_config(tmp_path, cache, "steps=5", "save_every=2", "resume=true", "data.num_eval=0"),
+          log=lambda *a: None)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_first_run_output_is_the_projects_own(tmp_path, cache):
+    """The terminal shows our lines and the progress bar; vLLM's INFO lines only with verbose=true."""
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={cache}", "warm_start.steps=150",
+            "warm_start.batch_size=16", f"run_dir={tmp_path / 'run'}", "steps=2", "rollout.engine=vllm",
+            "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=48",
+            "data.num_eval=8", "eval.k=2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if " INFO " in line], "vLLM INFO lines leaked into the default output"
+    assert len(lines) < 40, "\n".join(lines)
+    assert any(line.startswith("[eval] held-out") for line in lines) and any("[done]" in line for line in lines)

@@ -1,0 +1,205 @@
+"""`mgrpo compare`: SRT, M-GRPO and M-GRPO without the IQR filter from the same base, over seeds.
+
+    mgrpo compare                        # preset "default": the embedded default's 30 steps, 3 seeds
+    mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
+    mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
+    mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
+
+Every run is an ordinary `mgrpo train` run (its own run directory under --out, with metrics.jsonl,
+checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
+own evaluation. One rollout engine is built once and shared by the runs (weights are pushed from memory
+each step, so nothing carries over). Finished runs are skipped when the command is run again on the same
+--out, so an interrupted comparison continues where it stopped.
+
+Output in --out: compare.csv (every run's every logged step), compare_summary.csv (per method and step:
+mean, std, min and max over seeds), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
+majority ratio and entropy versus step; one line per method, the band is min-max over seeds).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+from .config import load_config
+from .metrics import write_csv
+
+# name -> overrides of the method (applied after the preset, before the user's)
+METHODS = {
+    "srt": ["algorithm.mode=srt"],
+    "mgrpo": ["algorithm.mode=mgrpo"],
+    "mgrpo_no_iqr": ["algorithm.mode=mgrpo", "algorithm.iqr_filter=false"],
+}
+
+# name -> (seeds, train overrides). "default" is the embedded default as `mgrpo train` runs it.
+PRESETS = {
+    "short": (2, ["steps=3", "data.num_eval=16", "data.eval_every=2", "eval.k=2", "algorithm.prompts_per_step=2",
+                  "algorithm.group_size=4", "rollout.max_new_tokens=48"]),
+    "default": (3, ["data.eval_every=10"]),
+    "long": (3, ["steps=300", "data.eval_every=30", "save_every=30"]),
+}
+
+PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),
+               ("reward", "training reward"), ("pseudo_label_accuracy", "pseudo-label accuracy"),
+               ("majority_ratio", "majority ratio"), ("entropy", "entropy"))
+
+
+class CompareError(ValueError):
+    pass
+
+
+def run_overrides(preset: str, method: str, seed: int, out: Path, user: list) -> list:
+    return [*PRESETS[preset][1], *METHODS[method], f"seed={seed}", f"run_dir={out / f'{method}_seed{seed}'}",
+            "progress=false", "log_every=0", *user]
+
+
+def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=print) -> list:
+    """Train every (method, seed) not finished yet; returns their run directories."""
+    from .checkpoint import latest_checkpoint
+    from .data import PromptStream, eval_problems
+    from .distributed import init_distributed
+    from .rollout import make_engine
+    from .trainer import load_model_and_tokenizer, longest_sequence, train
+
+    configs = [(m, s, load_config(None, run_overrides(preset, m, s, out, user))) for m in methods for s in range(seeds)]
+    base = configs[0][2]
+    for _, _, cfg in configs:   # every run must start from the same base model and data
+        if (cfg.model.path, cfg.data.source, cfg.warm_start) != (base.model.path, base.data.source, base.warm_start):
+            raise CompareError("the runs of a comparison must share model.path, data.source and warm_start")
+    todo = [(m, s, cfg) for m, s, cfg in configs if not (Path(cfg.run_dir) / "final" / "config.json").is_file()]
+    engine = None
+    for i, (method, seed, cfg) in enumerate(todo):
+        if engine is None:   # built as train() would build it, once for every run
+            dist = init_distributed(base.device)
+            model, tokenizer, path, _ = load_model_and_tokenizer(base, dist, log)
+            longest = longest_sequence(base, tokenizer, PromptStream(base.data, base.seed), eval_problems(base.data))
+            engine = make_engine(base.rollout, base.seed, model, tokenizer, path, longest, dist, verbose=base.verbose)
+            del model
+        cfg.resume = latest_checkpoint(Path(cfg.run_dir)) is not None
+        cfg.overwrite = not cfg.resume
+        log(f"[compare] {i + 1}/{len(todo)}: {method} seed {seed} -> {cfg.run_dir}"
+            + (" (resuming)" if cfg.resume else ""))
+        summary = train(cfg, log=lambda *a, **k: None, engine=engine)
+        before, after = summary["before"] or {}, summary.get("after") or {}
+        del summary                # the run's models and optimizer: freed before the next run starts
+        log(f"[compare]   held-out greedy {before.get('greedy', float('nan')):.1%} -> "
+            f"{after.get('greedy', float('nan')):.1%}, maj@k {before.get(f'maj@{cfg.eval.k}', float('nan')):.1%} -> "
+            f"{after.get(f'maj@{cfg.eval.k}', float('nan')):.1%}")
+    return [Path(cfg.run_dir) for _, _, cfg in configs]
+
+
+def collect(out: Path, methods: list, seeds: int) -> list:
+    """One row per (method, seed, step) with every metric logged at that step (eval lines merged in)."""
+    from .metrics import read_metrics
+    rows = []
+    for method in methods:
+        for seed in range(seeds):
+            by_step: dict = {}
+            for record in read_metrics(out / f"{method}_seed{seed}"):
+                by_step.setdefault(record["step"], {}).update(record)
+            rows += [{"method": method, "seed": seed, **r} for _, r in sorted(by_step.items())]
+    return rows
+
+
+def summarize(rows: list, keys=tuple(k for k, _ in PLOT_PANELS)) -> list:
+    """Per method and step: mean, std, min, max over the seeds that logged each key there (`seeds` counts
+    the runs with a line at that step)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        steps = sorted({r["step"] for r in rows if r["method"] == method})
+        for step in steps:
+            at = [r for r in rows if r["method"] == method and r["step"] == step]
+            row = {"method": method, "step": step, "seeds": len(at)}
+            for key in keys:
+                values = [r[key] for r in at if r.get(key) is not None]
+                if values:
+                    row.update({f"{key}/mean": statistics.fmean(values),
+                                f"{key}/std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                f"{key}/min": min(values), f"{key}/max": max(values)})
+            out.append(row)
+    return out
+
+
+def plot(summary: list, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
+        for method in dict.fromkeys(r["method"] for r in summary):
+            pts = [r for r in summary if r["method"] == method and f"{key}/mean" in r]
+            if not pts:
+                continue
+            steps = [r["step"] for r in pts]
+            scale = 100 if key.startswith("eval/") else 1
+            mean = [scale * r[f"{key}/mean"] for r in pts]
+            line, = ax.plot(steps, mean, marker="o" if key.startswith("eval/") else None, markersize=3,
+                            label=f"{method} (n={pts[-1]['seeds']})")
+            ax.fill_between(steps, [scale * r[f"{key}/min"] for r in pts], [scale * r[f"{key}/max"] for r in pts],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(label + (" (%)" if key.startswith("eval/") else ""), fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def final_table(summary: list) -> str:
+    """Held-out accuracy at the first and last evaluated step per method: mean +- std over seeds."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in summary):
+        evals = [r for r in summary if r["method"] == method and "eval/greedy/mean" in r]
+        if not evals:
+            continue
+        first, last = evals[0], evals[-1]
+        cells = []
+        for key in ("eval/greedy", "eval/maj@k"):
+            if f"{key}/mean" in last:
+                cells.append(f"{key.split('/')[1]} {100 * first[f'{key}/mean']:.1f} -> "
+                             f"{100 * last[f'{key}/mean']:.1f} +- {100 * last[f'{key}/std']:.1f}")
+        lines.append(f"{method:14s} step {first['step']} -> {last['step']}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    seeds = args.seeds or PRESETS[args.preset][0]
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if seeds < 1:
+        raise CompareError(f"--seeds {seeds}: must be >= 1")
+    out = Path(args.out or f"runs/compare-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    for method in methods:       # every config is checked before anything trains
+        load_config(None, run_overrides(args.preset, method, 0, out, args.overrides))
+    settings = {"preset": args.preset, "seeds": seeds, "methods": methods, "overrides": args.overrides}
+    if (out / "compare.json").is_file():      # continuing: the finished runs must be of these settings
+        before = json.loads((out / "compare.json").read_text())
+        if {k: before.get(k) for k in ("preset", "overrides")} != {k: settings[k] for k in ("preset", "overrides")}:
+            raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
+                               f"{before.get('overrides')}: continue it with those, or give a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(settings, indent=1))
+    run_all(args.preset, seeds, methods, out, args.overrides)
+    rows = collect(out, methods, seeds)
+    summary = summarize(rows)
+    write_csv(out / "compare.csv", rows)
+    write_csv(out / "compare_summary.csv", summary)
+    plot(summary, out / "compare.png", f"mgrpo compare --preset {args.preset} ({seeds} seeds) "
+         + " ".join(args.overrides))
+    print(final_table(summary))
+    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare.png")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument("--seeds", type=int, help="seeds per method (default: the preset's)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
+    parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")

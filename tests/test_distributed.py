@@ -1,0 +1,177 @@
+"""FSDP2 + torchrun on this CPU: 2 processes, gloo, the tiny model (scenarios in tests/distributed_worker.py).
+
+One torchrun job runs every 2-rank scenario once (module fixture); the 1-rank references run in this process.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed_worker import config, fused_through_fsdp, one_update
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(*args, timeout=1200):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks")
+    torchrun(ROOT / "tests" / "distributed_worker.py", tiny_cache, out)
+
+    def load(name):
+        return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return load, out
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-rank")
+    return {dtype: one_update(tiny_cache, out / dtype, dtype) for dtype in ("fp32", "int8")}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_one_update_on_two_ranks_equals_one_rank(two_ranks, one_rank, dtype):
+    """Same rollouts, one update: the global token normalisation and the summed gradients give the same
+    gradient norm, loss and weights as one process (grad_norm would be off by the world size otherwise)."""
+    load, _ = two_ranks
+    ref = one_rank[dtype]
+    # Adam's first step is lr * g / (|g| + eps): for the odd element whose gradient is near eps the summation
+    # order's rounding shows, so the weights are compared to 0.2% of one step (lr = 1e-3); the gradient itself
+    # is compared through its global norm, exactly.
+    step_tolerance = 2e-3 * 1e-3
+    for got in load(f"update_{dtype}"):
+        for name, w in ref["policy"].items():
+            torch.testing.assert_close(got["policy"][name], w, rtol=0, atol=step_tolerance, msg=name)
+            assert not torch.equal(w, ref["first_pushes"][0][name]), f"{name} did not move"
+        a, b = ref["record"] or {}, load(f"update_{dtype}")[0]["record"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-9)
+        for key in ("reward", "iqr/pruned_frac", "majority_ratio", "frac_reward_zero_std", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+        for name, k in ref["momentum"].items():
+            if dtype == "fp32":
+                torch.testing.assert_close(got["momentum"][name], k, rtol=0, atol=step_tolerance, msg=name)
+            else:
+                # int8 blocks are blocks of each rank's shard, with their own stochastic rounding: the two
+                # momentum models differ by at most one quantization step of each, <= 2 absmax|d| / 127.
+                delta = ref["momentum"][name] - ref["policy"][name]
+                bound = 2 * float(delta.abs().max()) / 127 + 1e-7
+                assert float((got["momentum"][name] - k).abs().max()) <= bound, name
+                assert float(delta.abs().max()) > 50 * bound / 2, "the momentum model did not move"
+    if dtype == "int8":
+        assert all(g["momentum_bytes_per_parameter"] <= 1.05 for g in load("update_int8"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_pushed_weights_are_the_full_weights_bit_for_bit(two_ranks, tiny_cache, dtype):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mgrpo.tiny import warm_started_model_dir
+    load, out = two_ranks
+    ranks = load(f"update_{dtype}")
+    base = dict(AutoModelForCausalLM.from_pretrained(
+        warm_started_model_dir(config(tiny_cache, "x").warm_start, config(tiny_cache, "x").data.instruction),
+        dtype=torch.float32).named_parameters())
+    exported = load_file(out / f"update_{dtype}" / "final" / "model.safetensors")
+    for got in ranks:
+        # step 1: the policy and the momentum model are the base model, pushed whole
+        for push in got["first_pushes"]:
+            assert set(push) == set(base)
+            for name, w in base.items():
+                assert torch.equal(push[name], w.detach()), name
+        # after the update: the policy push equals the export (a separate gather); the momentum push equals
+        # the ranks' local momentum shards concatenated (all_gather_object, no DTensor involved)
+        for name, w in got["final_policy_push"].items():
+            assert torch.equal(w, exported[name]), name
+            assert torch.equal(w, ranks[0]["final_policy_push"][name]), name
+        for name, w in got["momentum"].items():
+            parts = torch.cat([part[name] for part in got["momentum_local_parts"]], dim=0)
+            assert torch.equal(w, parts), name
+        assert any(not torch.equal(got["momentum"][n], got["final_policy_push"][n]) for n in base)
+
+
+def test_resume_on_two_ranks_is_bit_exact(two_ranks):
+    load, _ = two_ranks
+    for got in load("resume"):
+        for name, w in got["straight"].items():
+            assert torch.equal(got["resumed"][name], w), name
+        for name, w in got["straight_momentum"].items():
+            assert torch.equal(got["resumed_momentum"][name], w), name
+
+
+def test_export_loads_in_transformers_with_the_trained_weights(two_ranks):
+    from transformers import AutoModelForCausalLM
+    load, out = two_ranks
+    trained = load("update_fp32")[0]["policy"]
+    model = AutoModelForCausalLM.from_pretrained(out / "update_fp32" / "final", dtype=torch.float32)
+    loaded = dict(model.named_parameters())
+    assert set(loaded) == set(trained)
+    for name, w in trained.items():
+        assert torch.equal(loaded[name].detach(), w), name
+
+
+def test_fused_kernel_through_fsdp2_matches_unsharded(two_ranks):
+    from mgrpo.distributed import Dist
+    load, _ = two_ranks
+    ref = fused_through_fsdp(Dist())
+    grads = None
+    for got in load("fused"):
+        torch.testing.assert_close(got["logprob"], ref["logprob"][got["rows"]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["entropy"], ref["entropy"][got["rows"]], rtol=1e-5, atol=1e-5)
+        grads = got["grads"]
+    # both ranks' backward passes together: the unsharded gradient of the whole batch (the head's included)
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert grads["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def test_momentum_as_kl_reference_on_two_ranks(two_ranks):
+    load, _ = two_ranks
+    rank0, rank1 = load("momentum_reference")
+    assert len(rank0["kl"]) == 2 and rank0["kl"][1] > 0      # step 2: the policy has moved from theta_k
+    for got in (rank0, rank1):
+        assert got["sharded"] and all(got["reference_is_momentum"]) and len(got["reference_is_momentum"]) > 10
+
+
+def test_world_size_must_divide_prompts_per_step(two_ranks):
+    load, _ = two_ranks
+    for got in load("bad_world_size"):
+        assert got["error"] is not None and "prompts_per_step=3 does not split over 2 ranks" in got["error"]
+        assert not got["run_dir_created"]      # refused before anything was written or loaded
+
+
+def test_resume_on_another_world_size_is_refused(two_ranks, tiny_cache):
+    from mgrpo.checkpoint import RunDirError
+    from mgrpo.trainer import train
+    load, _ = two_ranks
+    run_dir = load("resume")[0]["run_dir"]
+    with pytest.raises(RunDirError, match="written by 2 rank"):
+        train(config(tiny_cache, run_dir, "steps=4", "resume=true"), log=lambda *a: None)
+
+
+def test_torchrun_cli_trains_to_the_end(tiny_cache, tmp_path):
+    """The README's torchrun command on 2 CPU ranks (vLLM when installed: one engine per rank); 3 held-out
+    problems split 2 + 1, so the ranks' engines get unequal work and must still step together."""
+    run_dir = tmp_path / "cli"
+    proc = torchrun("-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150",
+                    "warm_start.batch_size=16", f"run_dir={run_dir}", "steps=2", "algorithm.prompts_per_step=4",
+                    "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=3", "eval.k=2",
+                    "progress=false", "save_every=1")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward" in r] == [1, 2]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert proc.stdout.count("[done]") == 1          # only rank 0 prints
+    assert "[memory]" in proc.stdout

@@ -1,0 +1,192 @@
+"""Evaluation: the metrics against hand-computed values, the command end to end, the checkpoint sweep, and
+the trainer's in-training validation."""
+import json
+import math
+
+import pytest
+
+from mgrpo.cli import main as cli
+from mgrpo.config import EvalConfig
+from mgrpo.data import Problem
+from mgrpo.evaluation import EvalError, avg_at_k, evaluate, maj_at_k, pass_at_k
+from mgrpo.rollout import Completion, RolloutEngine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+def test_pass_at_k_hand_values_and_closed_form():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)          # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)                 # pass@1 = c / n
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(6, 5, 2) == 1.0                                 # fewer than k wrong: always a hit
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(3, 1, 4)
+
+
+def test_avg_and_maj_with_ties_and_abstentions():
+    assert avg_at_k([True, False, True, True], 4) == 0.75
+    assert avg_at_k([True, False, True, True], 2) == 0.5               # only the first k count
+    assert maj_at_k(["3", "4", None, "4"], "4", 4)                     # 2 votes to 1; None abstains
+    assert not maj_at_k(["3", "4", None, None], "4", 4)                # tie: the earliest answer (3) wins
+    assert maj_at_k(["4", "3", None, None], "4", 4)
+    assert not maj_at_k([None, None], "4", 2)                          # nobody voted: no majority answer
+    assert maj_at_k(["\\frac{1}{2}", "0.5", "1/3"], "1/2", 3)          # votes by math-verify equivalence
+    assert not maj_at_k(["3", "4", "4"], "4", 1)                       # only the first k vote
+
+
+class FixedEngine(RolloutEngine):
+    """Greedy answers and samples fixed per prompt text."""
+
+    def __init__(self, tokenizer, greedy: dict, samples: dict):
+        self.tok, self.greedy, self.samples, self.calls = tokenizer, greedy, samples, 0
+
+    def push_weights(self, named_tensors):
+        pass
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        out = []
+        for p in prompts:
+            key = self.tok.decode(p)
+            texts = [self.greedy[key]] if params.temperature == 0 else self.samples[key][:params.n]
+            out.append([Completion(self.tok.encode(t) + [0], t) for t in texts])
+        return out
+
+
+def test_evaluate_figures_by_hand():
+    from mgrpo.tiny import build_tokenizer
+    tok = build_tokenizer()
+    problems = [Problem("A", "4"), Problem("B", "7"), Problem("C", "1")]
+    greedy = {"A": "\\boxed{4}", "B": "\\boxed{6}", "C": "no box"}
+    samples = {"A": ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "x"],
+               "B": ["\\boxed{7}", "\\boxed{6}", "\\boxed{6}", "\\boxed{7}"],      # tie 7/6: 7 came first
+               "C": ["x", "x", "\\boxed{2}", "\\boxed{1}"]}                       # tie 2/1: 2 came first
+    engine = FixedEngine(tok, greedy, samples)
+    settings = EvalConfig(k=4, n=0, pass_k=[1, 2], temperature=0.6, greedy=True)
+    figures, results = evaluate(engine, problems, lambda text: tok.encode(text), settings, 16)
+    assert figures["problems"] == 3
+    assert figures["greedy"] == pytest.approx(1 / 3)
+    assert figures["avg@4"] == pytest.approx((2 / 4 + 2 / 4 + 1 / 4) / 3)
+    assert figures["maj@4"] == pytest.approx((1 + 1 + 0) / 3)
+    assert figures["pass@1"] == pytest.approx(figures["avg@4"])           # pass@1 from n = k samples is avg@k
+    expected_p2 = (pass_at_k(4, 2, 2) + pass_at_k(4, 2, 2) + pass_at_k(4, 1, 2)) / 3
+    assert figures["pass@2"] == pytest.approx(expected_p2)
+    assert figures["no_answer_frac"] == pytest.approx(4 / 15)             # 3 samples + 1 greedy of 15 responses
+    assert [r.index for r in results] == [0, 1, 2] and results[1].samples[0]["answer"] == "7"
+
+
+def test_bad_settings_fail_before_generation():
+    from mgrpo.config import ConfigError
+    with pytest.raises(ConfigError, match="k >= 1"):
+        EvalConfig(k=0)
+    with pytest.raises(ConfigError, match="n >= k"):
+        EvalConfig(k=4, n=2)
+    engine = FixedEngine(None, {}, {})
+    with pytest.raises(EvalError, match="no answer"):
+        evaluate(engine, [Problem("A", None)], lambda t: [1], EvalConfig(k=1), 8)
+    assert engine.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+@pytest.fixture
+def tiny_model_dir(tiny_cache):
+    from mgrpo.config import load_config
+    from mgrpo.tiny import warm_started_model_dir
+    cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16"])
+    return warm_started_model_dir(cfg.warm_start, cfg.data.instruction, log=lambda *a: None)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_errors_are_clear_and_early(tiny_model_dir, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "ok.jsonl", [{"problem": "Compute 1 + 2.", "answer": "3"}])
+    cases = [
+        (["--data", str(write_jsonl(tmp_path / "no.jsonl", [{"problem": "Compute 1 + 2."}]))], "no answer to grade"),
+        (["--data", str(good), "--k", "0"], "k >= 1"),
+        (["--data", str(good), "--k", "4", "--n", "2"], "n >= k"),
+        (["--data", str(good), "--k", "2", "--pass-k", "4"], "--pass-k=[4]: each must be in [1, n=2]"),
+        (["--data", f"math501={good}"], "unknown preset 'math501'"),
+        (["--data", str(good), "--max-new-tokens", "5000"], "exceeds what the model can hold"),
+    ]
+    for extra, message in cases:
+        assert cli(["eval", str(tiny_model_dir), *extra, "--engine", "hf", "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err, extra
+    assert cli(["eval", str(tmp_path), "--data", str(good)]) == 2          # not a model
+    assert "neither a Hugging Face model directory" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    assert cli(["eval", str(broken), "--data", str(good), "--engine", "hf"]) == 2
+    assert "does not load" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()                                  # nothing generated, nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_cli_end_to_end_on_a_local_file(tiny_model_dir, tmp_path, capsys, engine):
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    data = write_jsonl(tmp_path / "mini.jsonl", [
+        {"problem": "Compute 3 + 4 - 2.", "answer": "5"},
+        {"problem": "Compute 9 - 1 + 1.", "solution": "... \\boxed{9}"},
+        {"problem": "Compute 2 + 2 + 2 - 1.", "answer": "5"}])
+    out = tmp_path / "out"
+    assert cli(["eval", str(tiny_model_dir), "--data", str(data), "--data", "arithmetic", "--limit", "6",
+                "--k", "3", "--n", "4", "--pass-k", "1,4", "--greedy", "--max-new-tokens", "48", "--samples",
+                "--engine", engine, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "benchmark" in printed and "mini" in printed and "arithmetic" in printed and "maj@3" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["benchmarks"]["mini"]["k"] == 3 and report["benchmarks"]["mini"]["problems"] == 3
+    assert report["benchmarks"]["arithmetic"]["problems"] == 6 and "torch" in report["versions"]
+    rows = (out / "eval.csv").read_text().splitlines()
+    assert rows[0].startswith("benchmark,problems,greedy,avg@3,maj@3,pass@1,pass@4") and len(rows) == 3
+    samples = [json.loads(line) for line in (out / "samples_mini.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and len(samples[0]["samples"]) == 4 and samples[1]["answer"] == "9"
+    for result in report["results"]:
+        assert 0 <= result["maj@3"] <= 1 and result["pass@1"] <= result["pass@4"]
+
+
+@pytest.mark.slow
+def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsys):
+    from mgrpo.config import load_config
+    from mgrpo.trainer import train
+    run = tmp_path / "run"
+    train(load_config(None, [
+        f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run}",
+        "steps=4", "save_every=2", "keep_checkpoints=0", "snapshot_every=3", "data.eval_every=2",
+        "data.num_eval=4", "eval.k=2", "progress=false", "log_every=0", "rollout.engine=hf",
+        "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=48"]), log=lambda *a: None)
+    # in-training validation: before training (step 0), every eval_every steps, and after the last step
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/greedy" in r] == [0, 2, 4]
+    assert all({"eval/avg@k", "eval/maj@k", "eval/k"} <= set(r) for r in records if "eval/greedy" in r)
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step_000003"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+    out = tmp_path / "sweep"
+    assert cli(["eval", str(run), "--all-checkpoints", "--engine", "hf", "--k", "2", "--out", str(out)]) == 0
+    lines = (out / "accuracy_vs_step.csv").read_text().splitlines()
+    assert lines[0].startswith("step,benchmark,problems,greedy,avg@2,maj@2")
+    # base, the step-2 checkpoint (weights loaded from its DCP shards), the step-3 snapshot, the final model
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 2, 3, 4]
+    assert (out / "accuracy_vs_step.png").stat().st_size > 10_000
+    # the sweep's figures are the trainer's own validations (same weights, data, settings and seeds)
+    results = {r["step"]: r for r in json.loads((out / "eval.json").read_text())["results"]}
+    for step in (0, 2, 4):
+        trained = next(r for r in records if r["step"] == step and "eval/greedy" in r)
+        assert results[step]["greedy"] == trained["eval/greedy"], step
+        assert results[step]["maj@2"] == trained["eval/maj@k"] and results[step]["avg@2"] == trained["eval/avg@k"]
+    assert "checkpoints/step_000002" in results[2]["weights"]
+    assert "step 4" in capsys.readouterr().out

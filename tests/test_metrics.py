@@ -1,0 +1,47 @@
+"""The collapse monitor, metrics.jsonl on resume, and the metric line."""
+import json
+
+from mgrpo.metrics import CollapseMonitor, MetricsLogger, format_metrics_line
+
+
+def test_collapse_monitor_warns_once_on_the_trailing_mean():
+    lines = []
+    monitor = CollapseMonitor(log=lines.append, window=3)
+    healthy = {"entropy": 1.0, "collapse/unanimous_frac": 0.1, "collapse/momentum_agreement": 0.7}
+    assert monitor.observe(1, healthy)["collapse/entropy_ratio"] == 1.0
+    monitor.observe(2, {**healthy, "collapse/momentum_agreement": 0.2})     # one noisy step: no warning
+    monitor.observe(3, healthy)
+    assert lines == []
+    for step in range(4, 8):                                                 # the policy drifts away
+        monitor.observe(step, {**healthy, "collapse/momentum_agreement": 0.3})
+    assert len(lines) == 1 and "collapse/momentum_agreement" in lines[0] and "step 4" in lines[0]
+    for step in range(8, 12):                                                # entropy collapses
+        out = monitor.observe(step, {**healthy, "entropy": 0.3, "collapse/momentum_agreement": 0.3})
+    assert out["collapse/entropy_ratio"] == 0.3
+    assert len(lines) == 2 and "collapse/entropy_ratio" in lines[1]
+    # state round trip (checkpointed): the same warnings are not repeated after a resume
+    again = CollapseMonitor.from_state(json.loads(json.dumps(monitor.state())), log=lines.append)
+    again.observe(12, {**healthy, "entropy": 0.3, "collapse/unanimous_frac": 0.95, "collapse/momentum_agreement": 0.3})
+    assert len(lines) == 2
+    for step in range(13, 16):
+        again.observe(step, {**healthy, "collapse/unanimous_frac": 0.95})
+    assert len(lines) == 3 and "collapse/unanimous_frac" in lines[2]
+    # SRT has no momentum model: the agreement is None and never warns
+    srt = CollapseMonitor(log=lines.append, window=1)
+    srt.observe(1, {"entropy": 1.0, "collapse/unanimous_frac": 0.0, "collapse/momentum_agreement": None})
+    assert len(lines) == 3
+
+
+def test_metrics_logger_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (0, 1, 2, 3, 4, 5):
+        logger.log(step, {"reward": float(step)})
+    logger.close()
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=3).close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_metrics_line_handles_missing_values():
+    line = format_metrics_line(3, 30, {"reward": 0.5, "pseudo_label_accuracy": None, "entropy": 0.25})
+    assert line.startswith("step 3/30 reward 0.500 pl_acc - maj -") and "ent 0.250" in line
