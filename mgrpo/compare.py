@@ -121,7 +121,14 @@ def summarize(rows: list, keys=tuple(k for k, _ in PLOT_PANELS)) -> list:
     return out
 
 
-def plot(summary: list, path: Path, title: str) -> None:
+def moving_average(values: list, window: int) -> list:
+    """Trailing mean over up to `window` points (the first points average what there is)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
+    """Held-out accuracy as measured; per-step training metrics (a few groups each: noisy) smoothed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,13 +140,15 @@ def plot(summary: list, path: Path, title: str) -> None:
             if not pts:
                 continue
             steps = [r["step"] for r in pts]
-            scale = 100 if key.startswith("eval/") else 1
-            mean = [scale * r[f"{key}/mean"] for r in pts]
-            line, = ax.plot(steps, mean, marker="o" if key.startswith("eval/") else None, markersize=3,
+            held_out = key.startswith("eval/")
+            scale, window = (100, 1) if held_out else (1, smooth)
+            series = [[scale * r[f"{key}/{s}"] for r in pts] for s in ("mean", "min", "max")]
+            mean, low, high = (moving_average(v, window) for v in series)
+            line, = ax.plot(steps, mean, marker="o" if held_out else None, markersize=3,
                             label=f"{method} (n={pts[-1]['seeds']})")
-            ax.fill_between(steps, [scale * r[f"{key}/min"] for r in pts], [scale * r[f"{key}/max"] for r in pts],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_title(label + (" (%)" if key.startswith("eval/") else ""), fontsize=10)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(label + (" (%)" if key.startswith("eval/") else f" ({smooth}-step moving average)"
+                              if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

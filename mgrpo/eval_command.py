@@ -15,6 +15,7 @@ figure, the settings, the model, versions and date), eval.csv, and with --sample
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,6 +72,7 @@ class Benchmark:
     settings: EvalConfig
     max_new_tokens: int
     problems: list
+    instruction: str
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +139,8 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
         except DataError as e:
             raise EvalError(str(e)) from None
         settings = settings_for(base, None, flags)
-        return [Benchmark("held_out", source, settings, settings.max_new_tokens or default_budget, problems)]
+        return [Benchmark("held_out", source, settings, settings.max_new_tokens or default_budget, problems,
+                          args.instruction or run_cfg.data.instruction)]
     benchmarks = []
     for spec in args.data:
         preset_name, source = parse_data(spec)
@@ -155,7 +158,10 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
         name = preset_name or Path(source).stem
         if any(b.name == name for b in benchmarks):   # two files called test.jsonl: both kept, told apart
             name = f"{name}_{len(benchmarks) + 1}"
-        benchmarks.append(Benchmark(name, source, settings, settings.max_new_tokens or default_budget, problems))
+        instruction = args.instruction or (run_cfg.data.instruction if run_cfg is not None else
+                                           DataConfig().instruction)
+        benchmarks.append(Benchmark(name, source, settings, settings.max_new_tokens or default_budget, problems,
+                                    instruction))
     return benchmarks
 
 
@@ -181,9 +187,8 @@ class Evaluator:
         from .rollout import make_engine
         self.dist, self.benchmarks = dist, benchmarks
         self.model, self.tokenizer = load_model(model_path, "model")
-        self.instruction = run_cfg.data.instruction if run_cfg else DataConfig().instruction
         self.chat = args.chat_template or bool(run_cfg and run_cfg.model.use_chat_template)
-        longest = max((len(self.encode(p.problem)) for b in benchmarks for p in b.problems), default=16)
+        longest = max((len(self.encode(p.problem, b.instruction)) for b in benchmarks for p in b.problems), default=16)
         budget = max(b.max_new_tokens for b in benchmarks)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and longest + budget > limit:
@@ -194,8 +199,8 @@ class Evaluator:
         self.engine = make_engine(rollout, args.seed or 0, self.model, self.tokenizer, str(model_path),
                                   longest + budget, dist, verbose=args.verbose)
 
-    def encode(self, problem: str) -> list:
-        return encode_prompt(self.tokenizer, problem, self.instruction, self.chat)
+    def encode(self, problem: str, instruction: str) -> list:
+        return encode_prompt(self.tokenizer, problem, instruction, self.chat)
 
     def load_weights(self, source: Path) -> None:
         """A model directory's or a checkpoint's policy weights into the (CPU) model."""
@@ -217,7 +222,8 @@ class Evaluator:
             self.engine.push_weights((n, p.detach().to(self.engine.weight_dtype))
                                      for n, p in self.model.named_parameters())
         for b in self.benchmarks:
-            figures[b.name], samples[b.name] = evaluate(self.engine, b.problems, self.encode, b.settings,
+            encode = functools.partial(self.encode, instruction=b.instruction)
+            figures[b.name], samples[b.name] = evaluate(self.engine, b.problems, encode, b.settings,
                                                         b.max_new_tokens, self.dist)
         self.engine.sleep()
         return figures, samples
@@ -330,7 +336,7 @@ def main(args) -> int:
     rows, report = [], {"model": str(args.model), "date": datetime.now().isoformat(timespec="seconds"),
                         "versions": versions(), "benchmarks": {}, "results": []}
     for b in benchmarks:
-        report["benchmarks"][b.name] = {"source": b.source, "problems": len(b.problems),
+        report["benchmarks"][b.name] = {"source": b.source, "problems": len(b.problems), "instruction": b.instruction,
                                         "max_new_tokens": b.max_new_tokens, **dataclasses.asdict(b.settings)}
     for step, source in points:
         if step is not None:
@@ -374,6 +380,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer-field")
     parser.add_argument("--solution-field")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--instruction", help="the instruction given with every problem (default: the run's, else "
+                        "the paper's)")
     parser.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--out", help="output directory (must be new or empty)")

@@ -19,6 +19,7 @@ time in the same order on every rank (mgrpo.distributed.full_tensors) and pushes
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
@@ -36,6 +37,9 @@ def vllm_available(verbose: bool = False) -> bool:
     WARNINGs about CPU tuning) only show when verbose; errors always do. The level must be set before vLLM's
     first import, so this is the one place that imports it (an explicit VLLM_LOGGING_LEVEL wins)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    # vLLM applies that level only when an engine configures its logging; a few modules log before (e.g. "Triton
+    # is installed, but doesn't include CPU backend"), through Python's last-resort handler: set it now too.
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     try:
         import vllm  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install counts as unavailable

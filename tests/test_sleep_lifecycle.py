@@ -57,11 +57,14 @@ class StrictSleepLLM:
         if not all(self.awake.values()):
             raise RuntimeError("scheduler paused: not fully awake")
         fingerprint = float(sum(w.sum() for w in self.weights.values()))
+        # Like vllm.LLM.generate: one SamplingParams for all prompts, or a list with one per prompt.
+        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        assert len(per_prompt) == len(prompts), "vLLM requires one SamplingParams per prompt"
         outputs = []
-        for p in prompts:
+        for p, params in zip(prompts, per_prompt):
             key = tuple(p["prompt_token_ids"])
             value = self.prefix_cache.setdefault(key, fingerprint)     # stale if not reset
-            outputs.append(_Request([_Out(i, value) for i in range(sampling.n)]))
+            outputs.append(_Request([_Out(i, value) for i in range(params.n)]))
         return outputs
 
 
