@@ -37,7 +37,7 @@ PRESETS = {
     "short": (2, ["steps=3", "data.num_eval=16", "data.eval_every=2", "eval.k=2", "algorithm.prompts_per_step=2",
                   "algorithm.group_size=4", "rollout.max_new_tokens=48"]),
     "default": (3, ["data.eval_every=10"]),
-    "long": (3, ["steps=300", "data.eval_every=30", "save_every=30"]),
+    "long": (3, ["steps=300", "data.eval_every=30", "save_every=30", "snapshot_every=30"]),
 }
 
 PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),

@@ -1,0 +1,88 @@
+"""`mgrpo compare`: the summary statistics by hand, and the short preset end to end (CSV, PNG, skip, refusal)."""
+import csv
+import math
+
+import pytest
+
+from mgrpo.cli import main
+from mgrpo.compare import moving_average, summarize
+
+
+def test_summarize_by_hand():
+    rows = [{"method": "srt", "seed": 0, "step": 0, "eval/greedy": 0.5},
+            {"method": "srt", "seed": 1, "step": 0, "eval/greedy": 0.5},
+            {"method": "srt", "seed": 0, "step": 1, "reward": 0.2},
+            {"method": "srt", "seed": 1, "step": 1, "reward": 0.6},
+            {"method": "mgrpo", "seed": 0, "step": 1, "reward": 0.9}]
+    out = {(r["method"], r["step"]): r for r in summarize(rows, keys=("eval/greedy", "reward"))}
+    assert out[("srt", 0)]["eval/greedy/mean"] == 0.5 and out[("srt", 0)]["eval/greedy/std"] == 0.0
+    srt1 = out[("srt", 1)]
+    assert srt1["seeds"] == 2 and "eval/greedy/mean" not in srt1
+    assert srt1["reward/mean"] == pytest.approx(0.4)
+    assert srt1["reward/std"] == pytest.approx(math.sqrt(0.08))          # sample std of 0.2 and 0.6
+    assert (srt1["reward/min"], srt1["reward/max"]) == (0.2, 0.6)
+    assert out[("mgrpo", 1)]["reward/std"] == 0.0 and out[("mgrpo", 1)]["seeds"] == 1
+
+
+def test_moving_average_is_trailing():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([1.0, 3.0], 1) == [1.0, 3.0]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    common = ["--preset", "short", "--seeds", "2", "--out", str(out), f"warm_start.cache_dir={tiny_cache}",
+              "warm_start.steps=150", "warm_start.batch_size=16", "rollout.engine=hf"]
+    assert main(["compare", *common]) == 0
+    methods = ["srt", "mgrpo", "mgrpo_no_iqr"]
+
+    rows = read_csv(out / "compare.csv")
+    for method in methods:
+        for seed in ("0", "1"):
+            steps = [int(r["step"]) for r in rows if r["method"] == method and r["seed"] == seed]
+            assert steps == [0, 1, 2, 3], (method, seed, steps)
+            assert (out / f"{method}_seed{seed}" / "final" / "config.json").is_file()
+    # Every run starts from the same base model: the step-0 held-out figures are identical across runs.
+    start = {r["eval/greedy"] for r in rows if r["step"] == "0"}
+    assert len(start) == 1 and start != {""}
+    # Different seeds draw different rollouts.
+    reward = {(r["method"], r["seed"]): r["reward"] for r in rows if r["step"] == "1"}
+    assert reward[("mgrpo", "0")] != reward[("mgrpo", "1")] or reward[("srt", "0")] != reward[("srt", "1")]
+
+    summary = read_csv(out / "compare_summary.csv")
+    assert {r["method"] for r in summary} == set(methods)
+    for method in methods:
+        evals = [r for r in summary if r["method"] == method and r["eval/greedy/mean"]]
+        assert [int(r["step"]) for r in evals] == [0, 2, 3]           # data.eval_every=2, and the end
+        trained = [r for r in summary if r["method"] == method and r["step"] != "0"]
+        for r in trained:
+            assert r["seeds"] == "2"
+            assert float(r["reward/min"]) <= float(r["reward/mean"]) <= float(r["reward/max"])
+            assert 0.0 <= float(r["pseudo_label_accuracy/mean"]) <= 1.0
+            assert float(r["entropy/mean"]) > 0
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    printed = capsys.readouterr().out
+    assert "srt" in printed and "mgrpo_no_iqr" in printed and "compare.png" in printed
+
+    # Run again on the same --out: every run is finished, nothing retrains, the same table comes out.
+    before = (out / "compare.csv").read_text()
+    assert main(["compare", *common]) == 0
+    assert "[compare] 1/" not in capsys.readouterr().out
+    assert (out / "compare.csv").read_text() == before
+
+    # Other overrides on the same --out would mix two experiments in one table: refused.
+    assert main(["compare", *common, "optim.lr=1e-3"]) == 2
+    assert "holds a comparison" in capsys.readouterr().err
+
+
+def test_unknown_method_is_refused(capsys, tmp_path):
+    assert main(["compare", "--methods", "srt,ppo", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown ['ppo']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
