@@ -40,10 +40,11 @@ def scripted(cache):
 
 
 def one_update(cache, run_dir, momentum_dtype):
-    """One update on fixed rollouts; the full weights after it, the step's metrics, and the engine's pushes."""
+    """Two updates on fixed rollouts (the second has a non-zero KL and Adam's second moments); the full weights
+    after them, every step's metrics, and the engine's pushes."""
     engine = scripted(cache)
-    summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}"), log=lambda *a: None,
-                    engine=engine)
+    summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=2"),
+                    log=lambda *a: None, engine=engine)
     run = summary["run"]
     import json
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
@@ -57,7 +58,7 @@ def one_update(cache, run_dir, momentum_dtype):
         "momentum": engine.pushes[-1], "momentum_local_parts": run.dist.all_gather_object(local_momentum),
         "final_policy_push": engine.pushes[-2],   # validate() after the last step pushed the trained policy
         "first_pushes": engine.pushes[1:3],       # step 1 (after the initial validation): policy, momentum
-        "record": next((r for r in records if "reward" in r), None),
+        "records": [r for r in records if "reward" in r],
         "momentum_bytes_per_parameter": run.momentum.bytes_per_parameter(),
     }
 
