@@ -54,6 +54,16 @@ def run_overrides(preset: str, method: str, seed: int, out: Path, user: list) ->
             "progress=false", "log_every=0", *user]
 
 
+def warnings_only(log, run: str):
+    """A run's log for the comparison's terminal: its step lines are in metrics.jsonl; its warnings (the
+    collapse monitor's) are shown, naming the run."""
+    def filtered(*args, **kwargs):
+        text = " ".join(str(a) for a in args)
+        if text.startswith("[warning]"):
+            log(f"[compare]   {run}: {text}")
+    return filtered
+
+
 def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=print) -> list:
     """Train every (method, seed) not finished yet; returns their run directories."""
     from .checkpoint import latest_checkpoint
@@ -80,7 +90,7 @@ def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=p
         cfg.overwrite = not cfg.resume
         log(f"[compare] {i + 1}/{len(todo)}: {method} seed {seed} -> {cfg.run_dir}"
             + (" (resuming)" if cfg.resume else ""))
-        summary = train(cfg, log=lambda *a, **k: None, engine=engine)
+        summary = train(cfg, log=warnings_only(log, f"{method} seed {seed}"), engine=engine)
         before, after = summary["before"] or {}, summary.get("after") or {}
         del summary                # the run's models and optimizer: freed before the next run starts
         log(f"[compare]   held-out greedy {before.get('greedy', float('nan')):.1%} -> "

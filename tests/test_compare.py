@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mgrpo.cli import main
-from mgrpo.compare import moving_average, summarize
+from mgrpo.compare import moving_average, summarize, warnings_only
 
 
 def test_summarize_by_hand():
@@ -27,6 +27,16 @@ def test_summarize_by_hand():
 def test_moving_average_is_trailing():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([1.0, 3.0], 1) == [1.0, 3.0]
+
+
+def test_compare_shows_only_warnings_of_each_run():
+    shown = []
+    log = warnings_only(shown.append, "srt seed 1")
+    log("step 3/30 reward 0.600 pl_acc 0.562")
+    log("[eval] held-out (256 problems): greedy 50.8% -> 56.2%")
+    log("[warning] step 57: collapse/entropy_ratio = 0.74 over the last 10 steps, below 0.75: a sign of collapse.")
+    assert shown == ["[compare]   srt seed 1: [warning] step 57: collapse/entropy_ratio = 0.74 over the last 10 "
+                     "steps, below 0.75: a sign of collapse."]
 
 
 def read_csv(path):
