@@ -26,6 +26,12 @@ def test_collapse_monitor_warns_once_on_the_trailing_mean():
     for step in range(13, 16):
         again.observe(step, {**healthy, "collapse/unanimous_frac": 0.95})
     assert len(lines) == 3 and "collapse/unanimous_frac" in lines[2]
+    # the healthy band measured on the embedded default (entropy ratio >= 0.85) never warns
+    calm = []
+    steady = CollapseMonitor(log=calm.append, window=3)
+    for step in range(1, 30):
+        steady.observe(step, {**healthy, "entropy": 1.0 if step == 1 else 0.85})
+    assert calm == []
     # SRT has no momentum model: the agreement is None and never warns
     srt = CollapseMonitor(log=lines.append, window=1)
     srt.observe(1, {"entropy": 1.0, "collapse/unanimous_frac": 0.0, "collapse/momentum_agreement": None})
