@@ -75,7 +75,7 @@ class CollapseMonitor:
     """
     THRESHOLDS = {
         # Measured on the embedded default (README, "Collapse monitor"): healthy 30-step runs stay above 0.85;
-        # in 300-step runs SRT crossed 0.75 at step 57 as its accuracy fell, M-GRPO at ~130, before its own decline.
+        # in 300-step runs SRT crossed 0.75 at step 57 as its accuracy fell, M-GRPO at 93, before its own decline.
         "collapse/entropy_ratio": ("below", 0.75),
         "collapse/unanimous_frac": ("above", 0.6),
         "collapse/momentum_agreement": ("below", 0.5),
