@@ -6,15 +6,21 @@
 2. Time and achieved bandwidth of one step at Qwen3-4B scale (or the largest that fits) against
    torch.optim.AdamW(fused=True) + torch._foreach_lerp_ on an fp32 copy, and a device-to-device copy (floor).
 
+3. Host time per step (no GPU needed): `launch_fused_step`'s Python and table work at Qwen3-4B's tensor shapes
+   (meta tensors, the kernel launch stubbed), one rank's shards for 1 and 8 ranks. `--kernel-file` times
+   another version of kernels/momentum_int8.py side by side (how the "before" rows were made).
+
 GPU:  python bench/bench_momentum_int8.py
 CPU:  TRITON_INTERPRET=1 python bench/bench_momentum_int8.py --cpu-smoke
-Appends to bench/results/momentum_int8.csv.
+Host: python bench/bench_momentum_int8.py --host-time [--kernel-file OLD/kernels/momentum_int8.py --label before]
+Appends to bench/results/momentum_int8_{tracking,timing,host}.csv.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -90,11 +96,79 @@ def step_timing(numel: int, device: str) -> list:
     return rows
 
 
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+
+
+def qwen3_4b_shard_numels(world_size: int) -> list:
+    """Every parameter's local element count on one rank: FSDP2 shards dim 0 like torch.chunk."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
+    numels = []
+    for p in model.parameters():
+        rows = math.ceil(p.shape[0] / world_size)
+        numels.append(rows * (p.numel() // p.shape[0]))
+    return numels
+
+
+def host_time(kernel_file: str, label: str, reps: int) -> list:
+    """Median host milliseconds of one `launch_fused_step` over Qwen3-4B's (shards of) parameters, with the
+    Triton launch replaced by a no-op: what the CPU does per optimizer step before the GPU can start."""
+    import importlib.util
+    import time
+    if kernel_file:
+        spec = importlib.util.spec_from_file_location("momentum_int8_under_test", kernel_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        import mgrpo_kernels.momentum_int8 as module
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    module._adamw_int8_momentum_kernel = NoLaunch()
+    module._interpreting = lambda: True     # passes the launcher's device check for meta tensors; the GPU's
+    blocks_per_program = 4                  # blocks per program is then given explicitly
+    rows = []
+    for world_size in (1, 8):
+        numels = qwen3_4b_shard_numels(world_size)
+        with torch.device("meta"):
+            params = [torch.empty(n) for n in numels]
+            grads = [torch.empty(n) for n in numels]
+            moments = [torch.empty(n) for n in numels]
+            codes = [torch.empty(n, dtype=torch.int8) for n in numels]
+            scales = [torch.empty(math.ceil(n / QUANT_BLOCK)) for n in numels]
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            module.launch_fused_step(params, grads, moments, moments, codes, scales, step=1, lr=1e-6, beta1=0.9,
+                                     beta2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.99, seed=0,
+                                     blocks_per_program=blocks_per_program)
+            times.append((time.perf_counter() - t) * 1e3)
+        first, steady = times[0], statistics.median(times[1:])
+        row = {"label": label, "world_size": world_size, "tensors": len(numels),
+               "parameters_per_rank": sum(numels), "first_step_ms": round(first, 2), "median_step_ms": round(steady, 2)}
+        rows.append(row)
+        print(f"{label}: {world_size} rank(s), {sum(numels) / 1e9:.3f} B parameters per rank, "
+              f"{len(numels)} tensors: first step {first:.1f} ms, then median {steady:.2f} ms host time", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--numel", type=int, default=1_000_000_000, help="parameters for the timing (GPU)")
+    parser.add_argument("--host-time", action="store_true", help="host work per step at Qwen3-4B shapes (CPU)")
+    parser.add_argument("--kernel-file", default="", help="with --host-time: another momentum_int8.py to time")
+    parser.add_argument("--label", default="this commit")
+    parser.add_argument("--reps", type=int, default=6)
     args = parser.parse_args()
+    if args.host_time:
+        rows = host_time(args.kernel_file, args.label, args.reps)
+        append_rows("momentum_int8_host", [{**environment(), **r} for r in rows])
+        return
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("no GPU: run with --cpu-smoke (and TRITON_INTERPRET=1) on a CPU")

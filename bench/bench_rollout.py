@@ -23,7 +23,7 @@ from mgrpo.config import TrainConfig  # noqa: E402
 from mgrpo.data import PromptStream, encode_prompt  # noqa: E402
 from mgrpo.distributed import Dist  # noqa: E402
 from mgrpo.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
-from mgrpo.trainer import load_model_and_tokenizer  # noqa: E402
+from mgrpo.loading import load_tokenizer_and_config, resolve_model_path  # noqa: E402
 from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
 
 
@@ -39,9 +39,12 @@ def throughput(engine, prompts, params, rounds=3):
 
 def main():
     cfg = TrainConfig()
-    model, tokenizer, path, _ = load_model_and_tokenizer(cfg, Dist())
+    from transformers import AutoModelForCausalLM
+    path = resolve_model_path(cfg, Dist())
+    tokenizer, _ = load_tokenizer_and_config(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     problems = PromptStream(cfg.data, seed=0).next_batch(cfg.algorithm.prompts_per_step)
     prompts = [encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template) for p in problems]
     params = SamplingParams(n=cfg.algorithm.group_size, temperature=cfg.rollout.temperature,

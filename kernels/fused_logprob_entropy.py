@@ -6,21 +6,31 @@ With z = h W^T / tau and p = softmax(z), per token:
     dh = (dz / tau) W                     dW = (dz / tau)^T h
 
 Forward: a Triton kernel over (token block, vocab split) tiles. Each program computes its logit tiles with
-tl.dot, in registers, and keeps online-softmax statistics per token (running max m, sum of exp s, sum of
-exp * z a, and the target logit): the logits never reach memory. The splits (needed for parallelism at small
-T) are merged in O(splits * T). Forward saves only lse and mu per token.
+tl.dot (fp32 accumulation), in registers, and keeps online-softmax statistics per token: the running max m,
+s = sum exp(z - m), a = sum exp(z - m) (z - m), and the target logit. The logits never reach memory. The
+splits (needed for parallelism at small T) are merged in O(splits * T).
 
-Backward: chunks of tokens. Per chunk the logits are recomputed by one matmul into a bounded [chunk, V]
-workspace, a Triton row kernel overwrites them in place with dz / tau, and two matmuls give dh and the chunk's
-dW, which is added to an fp32 accumulator: gradients are never accumulated across chunks in bf16 (the
-divergence Liger issues 512/827 traced to that). Extra memory: O(T) statistics plus the chunk workspace.
+Backward: chunks of tokens. Per chunk the logits are recomputed by one matmul with fp32 accumulation and an
+fp32 result into a bounded [chunk, V] workspace; a Triton row kernel normalises each row by its *own* max
+and sum (a first pass over the row) and writes dz / tau in the compute dtype; two matmuls give dh and the
+chunk's dW, which is accumulated in fp32 in place (no [V, H] temporary): gradients are never accumulated
+across chunks in bf16 (the divergence Liger issues 512/827 traced to that).
 
-Numerics: fp32 accumulation everywhere; columns past V (vocabulary padding of the last tile) enter as -inf,
-and the running max starts at -inf, never 0 (the bug of verl PR 7439), so small or negative logits are exact.
-Masked tokens are dropped before the kernels: they cost nothing and get zero gradient.
+Numerics, and why: a trained model's logits spread over tens of units and RL trains on its confident tokens,
+where d logprob / dz = onehot - p is a difference of nearly equal numbers. Three rules keep it exact to fp32:
+- the logits are fp32-accumulated in both passes, never rounded to bf16 (a bf16 logit of 30 is off by 0.06:
+  p no longer sums to 1 and 1 - p can change sign: 55% gradient error at logit std 23, measured);
+- the backward's p is normalised by the statistics of the very logits it uses, so it sums to 1 whatever
+  rounding the forward's different summation order made;
+- statistics are kept shifted by the max (s, a above, and lse - m, mu - m): logprob = (z_t - m) - log s and
+  entropy = log s - a / s are small differences of small numbers, never lse (~30) minus z_t (~30).
+Columns past V (vocabulary padding of the last tile) enter as -inf, and the running max starts at -inf,
+never 0 (the bug of verl PR 7439), so small or negative logits are exact. Masked tokens are dropped before
+the kernels: they cost nothing and get zero gradient.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -65,6 +75,7 @@ def _forward_kernel(
     inv_temperature,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
+    """Per (token block, vocab split): m = max z, s = sum exp(z - m), a = sum exp(z - m) (z - m), z[target]."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -73,7 +84,7 @@ def _forward_kernel(
 
     running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
     sum_exp = tl.zeros([BLOCK_T], tl.float32)
-    sum_exp_z = tl.zeros([BLOCK_T], tl.float32)
+    sum_exp_shifted = tl.zeros([BLOCK_T], tl.float32)      # sum exp(z - m) (z - m), kept relative to the max
     target_logit = tl.zeros([BLOCK_T], tl.float32)
 
     v_begin = pid_s * V_PER_SPLIT
@@ -89,16 +100,21 @@ def _forward_kernel(
                         mask=mask_t[:, None] & mask_h[None, :], other=0.0)
             w = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_h[:, None] * stride_wh,
                         mask=mask_v[None, :] & mask_h[:, None], other=0.0)             # [BLOCK_H, BLOCK_V]
-            if DOT_IN_FP32:  # the interpreter computes bf16 dots wrongly: cast first (kernels.md section 3)
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, w, acc)
+            if DOT_IN_FP32:
+                # fp32 inputs: true fp32 products ("ieee"; the default would be TF32 on GPUs). The interpreter
+                # also computes bf16 dots wrongly, so it takes this branch for every dtype (kernels.md 3).
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)                                                # bf16/fp16 in, fp32 acc
         z = tl.where(mask_v[None, :], acc * inv_temperature, float("-inf"))            # padding: -inf
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
         rescale = tl.exp(running_max - new_max)                                        # exp(-inf) = 0 at start
+        shift = tl.where(sum_exp > 0, running_max - new_max, 0.0)                      # -inf * 0 never formed
         p = tl.exp(z - new_max[:, None])                                               # 0 on padding
+        z_shifted = tl.where(mask_v[None, :], z - new_max[:, None], 0.0)
+        # a' = rescale * (a + (m_old - m_new) s) + sum exp(z - m_new) (z - m_new)
+        sum_exp_shifted = rescale * (sum_exp_shifted + shift * sum_exp) + tl.sum(p * z_shifted, axis=1)
         sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
-        sum_exp_z = sum_exp_z * rescale + tl.sum(p * tl.where(mask_v[None, :], z, 0.0), axis=1)
         running_max = new_max
         is_target = offs_v[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target & mask_v[None, :], z, 0.0), axis=1)
@@ -106,49 +122,84 @@ def _forward_kernel(
     out = pid_s * T + offs_t
     tl.store(max_ptr + out, running_max, mask=mask_t)
     tl.store(sumexp_ptr + out, sum_exp, mask=mask_t)
-    tl.store(sumexpz_ptr + out, sum_exp_z, mask=mask_t)
+    tl.store(sumexpz_ptr + out, sum_exp_shifted, mask=mask_t)
     tl.store(target_logit_ptr + out, target_logit, mask=mask_t)
 
 
 @triton.jit
 def _logits_to_grad_kernel(
-    logits_ptr, target_ptr, lse_ptr, mu_ptr, grad_logprob_ptr, grad_entropy_ptr,   # pointers
-    V, stride_row,                                                                 # shapes, strides
+    logits_ptr, grad_ptr, target_ptr, grad_logprob_ptr, grad_entropy_ptr,   # pointers
+    V, stride_logits, stride_grad,                                          # shapes, strides
     inv_temperature,
     BLOCK_V: tl.constexpr,
 ):
-    """In place, one row per program: raw logits h.W^T  ->  dz / tau = (g_lp (onehot - p) - g_ent p (z - mu)) / tau."""
-    row = tl.program_id(0)
+    """One row per program: fp32 raw logits h.W^T -> dz / tau = (g_lp (onehot - p) - g_ent p (z - mu)) / tau in
+    grad's dtype. Pass 1 computes the row's own max, sum of exp and mean logit (online, shifted by the max),
+    so p is normalised by exactly the logits it is computed from; pass 2 writes the gradient."""
+    row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    mu = tl.load(mu_ptr + row)
     g_logprob = tl.load(grad_logprob_ptr + row)
     g_entropy = tl.load(grad_entropy_ptr + row)
-    base = logits_ptr + row.to(tl.int64) * stride_row
+    base = logits_ptr + row * stride_logits
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)     # per lane: max, sum exp(z - m), sum exp(z - m)(z - m)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = tl.load(base + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_temperature
-        p = tl.exp(z - lse)
-        dz = g_logprob * (tl.where(offs_v == target, 1.0, 0.0) - p) - g_entropy * p * (z - mu)
-        tl.store(base + offs_v, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=mask_v)
+        z = tl.load(base + offs_v, mask=mask_v, other=float("-inf")) * inv_temperature
+        new_m = tl.maximum(m, z)
+        finite = new_m > float("-inf")                      # lanes that have seen a column
+        rescale = tl.where(finite, tl.exp(m - new_m), 0.0)
+        shift = tl.where(s > 0, m - new_m, 0.0)
+        e = tl.where(finite, tl.exp(z - new_m), 0.0)
+        a = rescale * (a + shift * s) + e * tl.where(mask_v & finite, z - new_m, 0.0)
+        s = s * rescale + e
+        m = new_m
+    row_max = tl.max(m, axis=0)
+    lane = tl.where(s > 0, tl.exp(m - row_max), 0.0)
+    total = tl.sum(lane * s, axis=0)
+    log_total = tl.log(total)                                                # lse - max
+    mu_shifted = tl.sum(lane * (a + tl.where(s > 0, m - row_max, 0.0) * s), axis=0) / total   # mu - max
+    out = grad_ptr + row * stride_grad
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z_shifted = tl.load(base + offs_v, mask=mask_v, other=0.0) * inv_temperature - row_max
+        p = tl.exp(z_shifted - log_total)
+        dz = g_logprob * (tl.where(offs_v == target, 1.0, 0.0) - p) - g_entropy * p * (z_shifted - mu_shifted)
+        tl.store(out + offs_v, (dz * inv_temperature).to(grad_ptr.dtype.element_ty), mask=mask_v)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Launchers
+# Launch configurations (the compile tests in tests/test_kernels_compile.py build exactly these)
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def forward_launch_config(dtype: torch.dtype, interpreting: bool = False) -> dict:
+    """Tile sizes, warps and stages of the forward kernel for inputs of `dtype`."""
+    if interpreting:
+        return dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:   # fp32 tiles take twice the shared memory: two stages fit A100's 163 KiB
+        return dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+
+
+def grad_launch_config(interpreting: bool = False) -> dict:
+    """Columns per iteration and warps of the row kernel (one row per program)."""
+    return dict(BLOCK_V=64, num_warps=1) if interpreting else dict(BLOCK_V=2048, num_warps=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
 def _forward(hidden, weight, targets, temperature):
     T, H = hidden.shape
     V = weight.shape[0]
-    if _interpreting():
-        block_t, block_v, block_h, warps, stages = 16, 32, 16, 1, 1
-    else:
-        block_t, block_v, block_h, warps, stages = 64, 128, 64, 8, 3
-    dot_in_fp32 = _interpreting() or hidden.dtype == torch.float32
+    config = forward_launch_config(hidden.dtype, _interpreting())
+    block_t, block_v = config["BLOCK_T"], config["BLOCK_V"]
     token_blocks = triton.cdiv(T, block_t)
     # Enough programs to fill the GPU at small T: split the vocabulary, then merge the partial statistics.
     target_programs = 1 if _interpreting() else 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
@@ -162,31 +213,56 @@ def _forward(hidden, weight, targets, temperature):
         T, V, H, v_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature,
-        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_H=block_h, DOT_IN_FP32=dot_in_fp32,
-        num_warps=warps, num_stages=stages,
+        DOT_IN_FP32=_interpreting() or hidden.dtype == torch.float32, **config,
     )
-    split_max, split_sumexp, split_sumexpz, split_target = partial                # each [S, T]
-    global_max = split_max.max(dim=0).values                                       # [T]
-    weight_s = torch.exp(split_max - global_max)                                   # [S, T]
-    sum_exp = (weight_s * split_sumexp).sum(0)
-    lse = global_max + torch.log(sum_exp)                                          # [T]
-    mu = (weight_s * split_sumexpz).sum(0) / sum_exp                               # [T]  E_p[z]
-    logprob = split_target.sum(0) - lse
-    entropy = lse - mu
-    return logprob, entropy, lse, mu
+    split_max, split_sumexp, split_shifted, split_target = partial                 # each [S, T]
+    row_max = split_max.max(dim=0).values                                          # [T]
+    offset = split_max - row_max                                                   # [S, T] <= 0, finite
+    weight_s = torch.exp(offset)
+    sum_exp = (weight_s * split_sumexp).sum(0)                                     # [T] sum exp(z - max)
+    log_sum_exp = torch.log(sum_exp)                                               # lse - max
+    mu_shifted = (weight_s * (split_shifted + offset * split_sumexp)).sum(0) / sum_exp   # E_p[z] - max
+    logprob = (split_target.sum(0) - row_max) - log_sum_exp
+    entropy = log_sum_exp - mu_shifted
+    return logprob, entropy
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result; on CUDA the half-precision product is never rounded to bf16 first."""
-    if a.is_cuda and a.dtype != torch.float32:
+def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b with fp32 accumulation into the fp32 `out`, never rounded to a's dtype on the way: cuBLAS
+    with out_dtype on CUDA; on a CPU (no bf16 -> fp32 matmul kernel; the tests' path) the upcast inputs, the
+    same exact products."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        torch.mm(a.float(), b.float(), out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place, acc fp32, a and b in the compute dtype: no [V, H] temporary on top of acc."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return (a @ b).float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError) as e:   # a torch whose addmm has no out_dtype with an fp32 `self`
+            _warn_once(f"torch.addmm(out_dtype=float32, out=acc) is unavailable ({e}): the head's weight gradient "
+                       "takes a fresh fp32 [V, H] product per chunk (1.45 GiB at Qwen3-4B's head)")
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
-def _backward(hidden, weight, targets, lse, mu, grad_logprob, grad_entropy, temperature,
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _backward(hidden, weight, targets, grad_logprob, grad_entropy, temperature,
               need_grad_hidden, need_grad_weight, chunk_tokens):
     T, H = hidden.shape
     V = weight.shape[0]
@@ -194,44 +270,51 @@ def _backward(hidden, weight, targets, lse, mu, grad_logprob, grad_entropy, temp
     w = weight.to(compute_dtype)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad_weight else None
-    block_v = 64 if _interpreting() else 4096
-    for start in range(0, T, chunk_tokens):
-        end = min(start + chunk_tokens, T)
+    chunk = min(chunk_tokens, T)
+    # the bounded workspace, allocated once: fp32 logits and their gradient in the compute dtype (in place in fp32)
+    logits_buffer = torch.empty((chunk, V), device=hidden.device, dtype=torch.float32)
+    grad_buffer = logits_buffer if compute_dtype == torch.float32 else torch.empty((chunk, V), device=hidden.device,
+                                                                                    dtype=compute_dtype)
+    w_t = w.T if w.is_cuda else w.T.float()      # CPU (tests): upcast once, not per chunk
+    config = grad_launch_config(_interpreting())
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
         h_chunk = hidden[start:end]
-        dz = h_chunk @ w.T                                                         # [chunk, V] workspace
+        logits = logits_buffer[:end - start]
+        dz = grad_buffer[:end - start]
+        _mm_fp32_into(logits, h_chunk, w_t)                                        # [chunk, V] fp32
         _logits_to_grad_kernel[(end - start,)](
-            dz, targets[start:end], lse[start:end], mu[start:end],
-            grad_logprob[start:end], grad_entropy[start:end],
-            V, dz.stride(0), 1.0 / temperature,
-            BLOCK_V=block_v, num_warps=1 if _interpreting() else 8,
+            logits, dz, targets[start:end], grad_logprob[start:end], grad_entropy[start:end],
+            V, logits.stride(0), dz.stride(0), 1.0 / temperature, **config,
         )
         if need_grad_hidden:
-            grad_hidden[start:end] = dz @ w                                        # [chunk, H]
+            torch.mm(dz, w, out=grad_hidden[start:end])                            # [chunk, H]
         if need_grad_weight:
-            grad_weight += _mm_fp32(dz.T, h_chunk)                                 # [V, H] fp32
+            _addmm_fp32_(grad_weight, dz.T, h_chunk)                               # [V, H] fp32, in place
     if need_grad_weight:
         grad_weight = grad_weight.to(weight.dtype)
     return grad_hidden, grad_weight
 
 
 def _default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
-    # Keep the [chunk, V] workspace near 256 MiB: 512 tokens at Qwen3's V = 151936 in bf16 (148 MiB).
+    # Keep the workspace (fp32 logits + their gradient in the compute dtype) near 256 MiB: 256 tokens at
+    # Qwen3's V = 151936 in bf16 (223 MiB).
     budget = 256 * 2**20
-    per_token = vocab * torch.finfo(dtype).bits // 8
-    return max(16, min(4096, 2 ** int(torch.log2(torch.tensor(budget / per_token)).item())))
+    per_token = vocab * (4 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
+    return max(16, min(4096, 2 ** int(math.log2(max(budget / per_token, 1)))))
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_tokens):
-        logprob, entropy, lse, mu = _forward(hidden, weight, targets, temperature)
-        ctx.save_for_backward(hidden, weight, targets, lse, mu)
+        logprob, entropy = _forward(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return logprob, entropy
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
-        hidden, weight, targets, lse, mu = ctx.saved_tensors
+        hidden, weight, targets = ctx.saved_tensors
         T = hidden.shape[0]
         zeros = None
         if grad_logprob is None or grad_entropy is None:
@@ -239,7 +322,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         grad_logprob = zeros if grad_logprob is None else grad_logprob.float().contiguous()
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float().contiguous()
         grad_hidden, grad_weight = _backward(
-            hidden, weight, targets, lse, mu, grad_logprob, grad_entropy, ctx.temperature,
+            hidden, weight, targets, grad_logprob, grad_entropy, ctx.temperature,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.chunk_tokens)
         return grad_hidden, grad_weight, None, None, None
 

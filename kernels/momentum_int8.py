@@ -14,8 +14,11 @@ moments and the codes, and writes p, the moments and the new codes. dq is the ch
 
 One launch: a pointer table in device memory (grouped-GEMM pattern) lists every tensor's storage; each
 program handles BLOCKS_PER_PROGRAM quantization blocks of one tensor, so a block's absmax stays inside one
-program. Tensors are grouped by parameter dtype (one launch per dtype). The table is rebuilt every step
-because gradients are new tensors after zero_grad(set_to_none=True); it is a few KB.
+program. Tensors are grouped by parameter dtype (one launch per dtype). The pointer table (8 int64 per
+tensor: a few KB for ~400 tensors) is rebuilt every step because gradients are new tensors after
+zero_grad(set_to_none=True). The program table (which tensor and block each program takes: one entry per
+BLOCKS_PER_PROGRAM blocks, ~1M entries for Qwen3-4B on one GPU) depends only on the shapes: it is built
+once per shape set, with tensor ops, and cached on the device.
 
 Plain local tensors in and out: under FSDP2 the optimizer runs on each rank's local shards (the
 quantization blocks are blocks of the shard), with no communication.
@@ -158,19 +161,46 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def launch_config(interpreting: bool = False) -> dict:
+    """Quantization blocks per program and warps (the compile tests build exactly this configuration)."""
+    return dict(BLOCKS_PER_PROGRAM=64, num_warps=1) if interpreting else dict(BLOCKS_PER_PROGRAM=4, num_warps=4)
+
+
+_PROGRAM_TABLES: dict = {}
+
+
+def program_table(numels: tuple, blocks_per_program: int, device: torch.device) -> tuple:
+    """(tensor index, first quantization block) of every program, [programs] int32 each, on `device`: built
+    once per (shapes, blocks per program, device) with tensor ops, then reused every step."""
+    key = (numels, blocks_per_program, str(device))
+    if key not in _PROGRAM_TABLES:
+        blocks = torch.tensor([math.ceil(n / QUANT_BLOCK) for n in numels], dtype=torch.int64)
+        programs = (blocks + blocks_per_program - 1) // blocks_per_program                 # [tensors]
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), programs)              # [programs]
+        first_program = torch.cumsum(programs, 0) - programs                               # [tensors]
+        block = (torch.arange(tensor.numel()) - first_program[tensor]) * blocks_per_program
+        if len(_PROGRAM_TABLES) > 16:      # shape sets change only when a run changes models: keep a few
+            _PROGRAM_TABLES.clear()
+        _PROGRAM_TABLES[key] = (tensor.to(torch.int32).to(device), block.to(torch.int32).to(device))
+    return _PROGRAM_TABLES[key]
+
+
 def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, codes: list, scales: list, *,
                       step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                       momentum: float, seed: int, blocks_per_program: Optional[int] = None) -> int:
     """One launch per parameter dtype over all given tensors. grads[i] may be None (no AdamW, d <- m d).
 
-    Returns the number of launches (one per dtype group).
+    Host work per step is one pointer-table row per tensor; the program table comes from `program_table`'s
+    cache. Returns the number of launches (one per dtype group).
     """
     if not params:
         return 0
     device = params[0].device
     if not (device.type == "cuda" or _interpreting()):
         raise RuntimeError("the fused int8 momentum step runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
-    bpp = blocks_per_program or (64 if _interpreting() else 4)   # the interpreter pays per program
+    config = launch_config(_interpreting())
+    if blocks_per_program:
+        config["BLOCKS_PER_PROGRAM"] = blocks_per_program
     launches = 0
     groups: dict = {}
     for i, p in enumerate(params):
@@ -178,8 +208,8 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
     for dtype, members in groups.items():
         if dtype not in _TORCH_TO_TL:
             raise TypeError(f"parameter dtype {dtype} is not supported (fp32, bf16, fp16)")
-        rows, program_tensor, program_block = [], [], []
-        for t, i in enumerate(members):
+        rows = []
+        for i in members:
             p, g = params[i], grads[i]
             if g is not None and g.shape != p.shape:
                 raise ValueError(f"gradient {i} has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
@@ -188,24 +218,19 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
                 grads[i] = g
             if not p.is_contiguous():
                 raise ValueError("parameters must be contiguous")
-            n = p.numel()
             rows.append([p.data_ptr(), (g if g is not None else p).data_ptr(), exp_avgs[i].data_ptr(),
-                         exp_avg_sqs[i].data_ptr(), codes[i].data_ptr(), scales[i].data_ptr(), n, int(g is not None)])
-            nblocks = math.ceil(n / QUANT_BLOCK)
-            for b in range(0, nblocks, bpp):
-                program_tensor.append(t)
-                program_block.append(b)
-        if not program_tensor:   # only empty tensors
+                         exp_avg_sqs[i].data_ptr(), codes[i].data_ptr(), scales[i].data_ptr(), p.numel(),
+                         int(g is not None)])
+        program_tensor, program_block = program_table(tuple(params[i].numel() for i in members),
+                                                      config["BLOCKS_PER_PROGRAM"], device)
+        if program_tensor.numel() == 0:   # only empty tensors
             continue
         table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        prog_t = torch.tensor(program_tensor, dtype=torch.int32).to(device, non_blocking=True)
-        prog_b = torch.tensor(program_block, dtype=torch.int32).to(device, non_blocking=True)
-        _adamw_int8_momentum_kernel[(len(program_tensor),)](
-            table, prog_t, prog_b,
+        _adamw_int8_momentum_kernel[(program_tensor.numel(),)](
+            table, program_tensor, program_block,
             lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 / math.sqrt(1.0 - beta2 ** step),
             momentum, seed,
-            PARAM_DTYPE=_TORCH_TO_TL[dtype], BLOCKS_PER_PROGRAM=bpp, QBLOCK=QUANT_BLOCK,
-            num_warps=4,
+            PARAM_DTYPE=_TORCH_TO_TL[dtype], QBLOCK=QUANT_BLOCK, **config,
         )
         launches += 1
     return launches

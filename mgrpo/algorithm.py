@@ -3,8 +3,9 @@
 Per prompt, G = M + N trajectories: the policy's M first, then the momentum model's N.
 
     entropies [G] --iqr_keep_mask--> keep [G]
-    answers   [G] --majority_vote(keep)--> pseudo_label, majority_ratio
-    policy answers [M] --binary_rewards--> rewards [M] --grpo_advantages--> advantages [M]
+    answers   [G] --group_equivalent_answers--> clusters [G] --majority_vote(keep)--> winning cluster,
+                                                                      pseudo_label, majority_ratio
+    policy clusters [M] --binary_rewards(winner)--> rewards [M] --grpo_advantages--> advantages [M]
 
 and for the update, over the flat batch of policy responses [B, L]:
 
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .answers import answers_equivalent, group_equivalent_answers
+from .answers import group_equivalent_answers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,6 +54,9 @@ class Vote:
     """Votes for the pseudo-label / votes cast (0 when nobody voted)."""
     votes_cast: int
     """Responses that voted: kept by the filter and with an extractable answer."""
+    cluster: Optional[int] = None
+    """The winning cluster's id among the answers' equivalence clusters (None when nobody voted): the one
+    source of truth for the rewards, which are membership of this cluster."""
 
 
 def majority_vote(answers: Sequence[Optional[str]], voting: Optional[Sequence[bool]] = None,
@@ -77,7 +81,7 @@ def majority_vote(answers: Sequence[Optional[str]], voting: Optional[Sequence[bo
     if votes_cast == 0:
         return Vote(None, 0.0, 0)
     winner = min(counts, key=lambda c: (-counts[c], first_vote[c]))
-    return Vote(answers[first_vote[winner]], counts[winner] / votes_cast, votes_cast)
+    return Vote(answers[first_vote[winner]], counts[winner] / votes_cast, votes_cast, winner)
 
 
 def _majority_cluster(clusters: Sequence[Optional[int]]) -> Optional[int]:
@@ -92,9 +96,15 @@ def _majority_cluster(clusters: Sequence[Optional[int]]) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------------------
 # Rewards and advantages
 
-def binary_rewards(policy_answers: Sequence[Optional[str]], pseudo_label: Optional[str]) -> torch.Tensor:
-    """rewards [M]: 1 where the answer is equivalent to the pseudo-label, else 0 (no answer: 0)."""
-    return torch.tensor([float(answers_equivalent(a, pseudo_label)) for a in policy_answers], dtype=torch.float32)
+def binary_rewards(clusters: Sequence[Optional[int]], winner: Optional[int]) -> torch.Tensor:
+    """rewards [M]: 1 where the response's answer is in the vote's winning cluster, else 0 (no answer: 0).
+
+    clusters: the policy responses' cluster ids from the same `group_equivalent_answers` call the vote
+    counted. Membership, not a second equivalence check against the pseudo-label: math-verify is asymmetric
+    (verify(a, b) != verify(b, a) for some pairs, e.g. "x<2" and "(-\\infty, 2)"), so re-checking could give
+    reward 0 to an answer that voted for the winner.
+    """
+    return torch.tensor([float(winner is not None and c == winner) for c in clusters], dtype=torch.float32)
 
 
 def grpo_advantages(rewards: torch.Tensor, valid: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
@@ -154,7 +164,7 @@ def score_group(answers: Sequence[Optional[str]], entropies: torch.Tensor, num_p
     voting = keep if prune_from == "vote_and_loss" else torch.ones(G, dtype=torch.bool)
     clusters = group_equivalent_answers(list(answers))                                      # [G] ids, once
     vote = majority_vote(answers, voting.tolist(), clusters)
-    rewards = binary_rewards(answers[:M], vote.pseudo_label)                                # [M]
+    rewards = binary_rewards(clusters[:M], vote.cluster)                                    # [M]
     in_loss = keep[:M].clone()                                                              # [M]
     advantages = grpo_advantages(rewards, in_loss, adv_eps)                                 # [M]
 

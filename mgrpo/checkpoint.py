@@ -7,16 +7,21 @@ Layout of a run directory:
     snapshots/step_000050/           policy-only Hugging Face exports every `snapshot_every` steps (kept)
     final/                           the trained policy as a Hugging Face directory (safetensors + tokenizer)
 
-What a checkpoint holds is assembled by the trainer (`checkpoint_state`): the policy and the KL reference
-(sharded under FSDP2), the optimizer (with the int8 momentum's codes and scales), the momentum model, the
-scheduler, each rank's RNG states, the data position and the step. Resuming needs the same world size.
+What a checkpoint holds (`checkpoint_state`, from a run's parts): the policy and the KL reference (sharded
+under FSDP2), the optimizer (with the int8 momentum's codes and scales), the momentum model, the scheduler,
+each rank's RNG states, the data position and the step. Resuming needs the same world size and the settings
+that decide what a checkpoint holds (`resume_settings`). `export_policy` writes the Hugging Face directory
+(final model, snapshots).
 
 A run directory holding another run is never overwritten unless overwrite=true. A checkpoint is written to a
 temporary directory and renamed into place once complete, so a crash never leaves a torn one.
 """
 from __future__ import annotations
 
+import copy
+import io
 import json
+import pickle
 import random
 import re
 import shutil
@@ -178,3 +183,83 @@ def load_policy_weights(path: Path, model) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run's checkpoint: what it holds, restoring it, exporting the policy
+
+def resume_settings(cfg) -> dict:
+    """The settings that decide what a checkpoint holds: resuming with others is refused, clearly."""
+    algo = cfg.algorithm
+    return {"algorithm.mode": algo.mode, "algorithm.momentum_dtype": algo.momentum_dtype,
+            "algorithm.kl_coef > 0": algo.kl_coef > 0, "algorithm.kl_reference": algo.kl_reference,
+            "model.path": cfg.model.path, "model.precision": cfg.model.precision}
+
+
+def _blob(obj) -> io.BytesIO:
+    return io.BytesIO(pickle.dumps(obj))
+
+
+def checkpoint_state(run, trainer: dict) -> dict:
+    """The DCP state dict of a run's checkpoint. Sharded tensors (policy, reference, fp32 momentum, AdamW
+    states) are saved as shards; what is per rank by nature (RNG, and an optimizer that holds the momentum
+    model's per-rank blocks) under the rank's key."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dist = run.dist
+    state = {"policy": get_model_state_dict(run.policy),
+             "trainer": _blob({**trainer, "scheduler": run.scheduler.state_dict()}),
+             "rank": {f"rank{dist.rank}": {"rng": _blob(rng_state())}}}
+    if run.momentum is not None and run.momentum.optimizer_holds_state:
+        state["rank"][f"rank{dist.rank}"]["optimizer"] = run.optimizer.state_dict()
+    else:
+        state["optimizer"] = get_optimizer_state_dict(run.policy, run.optimizer)
+    if run.momentum is not None:
+        state["momentum"] = run.momentum.state_dict()
+    if run.reference is not None and run.cfg.algorithm.kl_reference == "initial":
+        state["reference"] = get_model_state_dict(run.reference)
+    return state
+
+
+def restore(run, path: Path) -> dict:
+    """Load a checkpoint into the run in place; returns the trainer counters saved with it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = checkpoint_state(run, {})
+    load_checkpoint(path, state, run.dist)
+    set_model_state_dict(run.policy, state["policy"])   # in place already; this also resets FSDP2's views
+    mine = state["rank"][f"rank{run.dist.rank}"]
+    if "optimizer" in mine:
+        run.optimizer.load_state_dict(mine["optimizer"])
+    else:
+        set_optimizer_state_dict(run.policy, run.optimizer, state["optimizer"])
+    if run.momentum is not None:
+        run.momentum.load_state_dict(state["momentum"])
+    if "reference" in state:
+        set_model_state_dict(run.reference, state["reference"])
+    trainer = pickle.loads(state["trainer"].getvalue())
+    run.scheduler.load_state_dict(trainer.pop("scheduler"))
+    set_rng_state(pickle.loads(mine["rng"].getvalue()))
+    return trainer
+
+
+def export_policy(run, target: Path) -> None:
+    """The policy as a Hugging Face directory (gathered full weights, safetensors, in the base model's dtype)
+    that transformers and vLLM load; rank 0 writes, into a temporary directory renamed when complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.dist.is_main:
+        prefix = "causal_lm."
+        weights = {k[len(prefix):]: v.to(run.export_dtype) for k, v in full.items()}
+        tmp = target.parent / f".tmp_{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.policy.causal_lm.save_pretrained(tmp, state_dict=weights)
+        config = copy.deepcopy(run.policy.causal_lm.config)     # it says fp32 (the master weights): say the truth
+        config.dtype = run.export_dtype
+        config.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    run.dist.barrier()

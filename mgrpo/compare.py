@@ -67,10 +67,9 @@ def warnings_only(log, run: str):
 def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=print) -> list:
     """Train every (method, seed) not finished yet; returns their run directories."""
     from .checkpoint import latest_checkpoint
-    from .data import PromptStream, eval_problems
     from .distributed import init_distributed
-    from .rollout import make_engine
-    from .trainer import load_model_and_tokenizer, longest_sequence, train
+    from .run import build_engine
+    from .trainer import train
 
     configs = [(m, s, load_config(None, run_overrides(preset, m, s, out, user))) for m in methods for s in range(seeds)]
     base = configs[0][2]
@@ -81,11 +80,7 @@ def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=p
     engine = None
     for i, (method, seed, cfg) in enumerate(todo):
         if engine is None:   # built as train() would build it, once for every run
-            dist = init_distributed(base.device)
-            model, tokenizer, path, _ = load_model_and_tokenizer(base, dist, log)
-            longest = longest_sequence(base, tokenizer, PromptStream(base.data, base.seed), eval_problems(base.data))
-            engine = make_engine(base.rollout, base.seed, model, tokenizer, path, longest, dist, verbose=base.verbose)
-            del model
+            engine = build_engine(base, init_distributed(base.device, base.model.precision), log)
         cfg.resume = latest_checkpoint(Path(cfg.run_dir)) is not None
         cfg.overwrite = not cfg.resume
         log(f"[compare] {i + 1}/{len(todo)}: {method} seed {seed} -> {cfg.run_dir}"

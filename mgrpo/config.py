@@ -41,10 +41,17 @@ class ModelConfig:
     use_chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template (system instruction + problem as user message).
     False: plain text prompt "<problem> <instruction>\\n", the format of the paper's base-model runs."""
+    precision: str = "auto"
+    """Numerics of training: bf16 (the GPU's mixed precision: fp32 master weights, bf16 forwards and head
+    (FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), on a one-rank group for one process), bf16 KL
+    reference, bf16 engine weights), fp32, or auto (bf16 on CUDA, fp32 on a CPU). bf16 on a CPU runs the GPU
+    path's numerics where CPU tests can see them (slower than fp32 there)."""
 
     def __post_init__(self):
         _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
                f"model.attn_implementation={self.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+        _check(self.precision in ("auto", "bf16", "fp32"),
+               f"model.precision={self.precision!r}: use auto, bf16 or fp32")
 
 
 @dataclass

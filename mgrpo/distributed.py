@@ -1,7 +1,10 @@
 """The thin rank layer: process group, FSDP2 sharding, full-tensor gathers and cross-rank reductions.
 
-One process (no torchrun) is world size 1: every collective here is then the identity and no process group
-exists, so the single-process trainer runs exactly as it always did. Under torchrun:
+One process (no torchrun) is world size 1: every collective here is then the identity. In fp32 no process
+group exists and the model is a plain module; in bf16 mixed precision one process runs FSDP2 too, on a
+one-rank process group (an in-memory store, nothing listens), so its numerics, its loading and its memory
+(bf16 copies of one layer at a time, not autocast's cache of all of them) are those of the 8-GPU path.
+Under torchrun:
 
     torchrun --nproc_per_node=8 -m mgrpo train --config configs/qwen3_4b.yaml ...
 
@@ -31,6 +34,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    fsdp: bool = False
+    """The model is sharded by FSDP2 (always under torchrun; on one process for mixed precision)."""
 
     @property
     def is_main(self) -> bool:
@@ -78,18 +83,29 @@ class Dist:
         return items[self.rank::self.world_size]
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """The process group when launched by torchrun (reused if one exists), else world size 1."""
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype forwards compute in (model.precision): auto = bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
+    """The process group when launched by torchrun (reused if one exists), else world size 1. One process in
+    mixed precision (`precision` resolving to bf16) gets a one-rank group on an in-memory store, for FSDP2."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
     if not launched_by_torchrun():
-        if want_cuda and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
-        return Dist(device=torch.device("cuda" if want_cuda else "cpu"))
+        dev = torch.device("cuda" if want_cuda else "cpu")
+        fsdp_on_one_process = compute_dtype(precision, dev) != torch.float32
+        if fsdp_on_one_process and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if want_cuda else "gloo", store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1)
+        return Dist(device=dev, fsdp=fsdp_on_one_process)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if want_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -97,7 +113,7 @@ def init_distributed(device: str = "auto") -> Dist:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                              device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -196,8 +196,11 @@ class Evaluator:
                             f"model can hold ({limit}): pass --max-new-tokens {limit - longest} or less")
         rollout = RolloutConfig(engine=args.engine, max_new_tokens=budget,
                                 gpu_memory_utilization=args.gpu_memory_utilization)
-        self.engine = make_engine(rollout, args.seed or 0, self.model, self.tokenizer, str(model_path),
-                                  longest + budget, dist, verbose=args.verbose)
+        from .distributed import compute_dtype
+        self.engine = make_engine(rollout, args.seed or 0, str(model_path), self.tokenizer, longest + budget, dist,
+                                  dtype=compute_dtype("auto", dist.device), model=self.model,
+                                  parameter_names=[n for n, _ in self.model.named_parameters()],
+                                  verbose=args.verbose)
 
     def encode(self, problem: str, instruction: str) -> list:
         return encode_prompt(self.tokenizer, problem, instruction, self.chat)

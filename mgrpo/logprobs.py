@@ -6,6 +6,8 @@ impl="torch" the plain-PyTorch reference. Only positions in `target_mask` are co
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from mgrpo_kernels.fused_logprob_entropy import logprob_entropy, triton_can_run
@@ -32,9 +34,13 @@ class TokenScorer(torch.nn.Module):
     forward would see a shard. Single-process training uses the same module unsharded.
     """
 
-    def __init__(self, causal_lm: torch.nn.Module):
+    def __init__(self, causal_lm: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None):
+        """compute_dtype: the head's dtype (bf16 in mixed precision): hidden states and the head weight are cast
+        to it before the kernel (no-ops under FSDP2's bf16 parameters), so the head always runs in the dtype the
+        run computes in, whatever a backbone hands over. None: as they come."""
         super().__init__()
         self.causal_lm = causal_lm
+        self.compute_dtype = compute_dtype
 
     @property
     def decoder_layers(self):
@@ -53,7 +59,11 @@ class TokenScorer(torch.nn.Module):
         """
         backbone = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         head_weight = self.causal_lm.get_output_embeddings().weight                           # [V, H], full here
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # [B, L, H]
+        # use_cache=False: a scoring forward never decodes, a KV cache would only hold memory
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state                                  # [B, L, H]
+        if self.compute_dtype is not None:
+            hidden, head_weight = hidden.to(self.compute_dtype), head_weight.to(self.compute_dtype)
         logprob, entropy = logprob_entropy(hidden[:, :-1], head_weight, input_ids[:, 1:], temperature,
                                            mask=target_mask[:, 1:].bool(), impl=impl)      # [B, L-1]
         pad = logprob.new_zeros(input_ids.shape[0], 1)

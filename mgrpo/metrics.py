@@ -123,10 +123,36 @@ class CollapseMonitor:
 # Memory
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process: allocated CUDA memory, or the peak resident set on a CPU."""
+    """Peak memory of this process since the last `reset_peak_memory`: allocated CUDA memory, or on a CPU the
+    peak resident set (Linux VmHWM; the lifetime ru_maxrss where /proc is unavailable)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    status = _proc_status_kib("VmHWM")
+    if status is not None:
+        return status / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux -> GiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over (after the engine is built, so the trainer's own peak is what is reported): CUDA's
+    allocator statistics, or the kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def process_memory_gib(device: torch.device) -> float:

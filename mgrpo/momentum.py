@@ -34,6 +34,10 @@ class MomentumModel(ABC):
     `named_weights` gathers, one full tensor at a time, to feed the engines.
     """
 
+    optimizer_holds_state: bool = False
+    """True when this storage lives in the optimizer's state (the int8 delta's codes and scales): that state is
+    then per rank (blocks of each rank's shard), checkpointed per rank, and counted as the momentum model's."""
+
     def __init__(self, named_params: list, m: float):
         self.m = m
         self.names = [name for name, _ in named_params]

@@ -17,6 +17,8 @@ from .momentum import MomentumModel
 
 
 class Int8DeltaMomentum(MomentumModel):
+    optimizer_holds_state = True
+
     def __init__(self, named_params: list, m: float, seed: int = 0):
         super().__init__(named_params, m)
         self.seed = seed

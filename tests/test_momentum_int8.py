@@ -203,3 +203,20 @@ def test_gpu_bar_at_scale():
             k_hat = torch.cat([w.double() for w in opt.momentum_weights(torch.float32)])
             k_exact, q = torch.cat(k_ref), torch.cat([p.detach().double() for p in params])
             assert ((k_hat - k_exact).norm() / (k_exact - q).norm()).item() <= 0.05
+
+
+def test_program_table_is_built_once_per_shape_set_and_covers_every_block():
+    """Which tensor and first block each program takes: every quantization block of every tensor exactly once,
+    ragged and empty tensors included; a second step with the same shapes reuses the cached device tables (no
+    per-step work proportional to the model), other shapes get their own."""
+    from mgrpo_kernels.momentum_int8 import program_table
+    numels = (1, 255, 256, 257, 0, 5000, 3 * 256 * 4 + 1)
+    tensor, block = program_table(numels, 4, torch.device("cpu"))
+    covered = {(int(t), int(b) + i) for t, b in zip(tensor, block) for i in range(4)
+               if int(b) + i < math.ceil(numels[int(t)] / QUANT_BLOCK)}
+    expected = {(t, b) for t, n in enumerate(numels) for b in range(math.ceil(n / QUANT_BLOCK))}
+    assert covered == expected
+    assert len(tensor) == sum(math.ceil(math.ceil(n / QUANT_BLOCK) / 4) for n in numels)   # no idle programs
+    again = program_table(numels, 4, torch.device("cpu"))
+    assert again[0] is tensor and again[1] is block
+    assert program_table(numels[:-1], 4, torch.device("cpu"))[0] is not tensor

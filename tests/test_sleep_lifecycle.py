@@ -5,7 +5,9 @@ StrictSleepLLM, which:
 - level 1 keeps weights (offloaded), level 2 destroys them (garbage after wake, vLLM issue 29341);
 - refuses to generate unless weights and KV cache are both awake; wake_up returns True only when fully awake;
 - keeps prefix-cache entries computed with old weights until reset_prefix_cache (vLLM 9744);
-- reload_weights without an iterator re-reads the checkpoint from disk (what TRL issue 5312 did after a sync).
+- says whether it sleeps only through `llm_engine.is_sleeping()` (any tag asleep), as vLLM does;
+- a weight load writes only through the worker model's `load_weights` and reports the names it loaded; a
+  load with no tensors (what TRL issue 5312 did after a sync) re-reads the checkpoint from disk.
 A "generation" is a fingerprint of the weights that served it, so tests can see which weights were used.
 """
 import pytest
@@ -24,6 +26,7 @@ class StrictSleepLLM:
         self.awake = {"weights": True, "kv_cache": True}
         self.prefix_cache = {}
         self.calls = []
+        self.llm_engine = _Engine(self)
 
     # vLLM API surface used by the engine
     def sleep(self, level=1, mode="abort"):
@@ -39,15 +42,20 @@ class StrictSleepLLM:
             self.awake[tag] = True
         return all(self.awake.values())
 
-    def collective_rpc(self, method, kwargs=None, **_):
-        assert method == "reload_weights"
-        kwargs = kwargs or {}
-        iterator = kwargs.get("weights_iterator")
-        source = self.disk.items() if iterator is None else iterator
+    def collective_rpc(self, method, args=(), kwargs=None):
+        assert callable(method), "the engine loads weights through a function run in the worker"
+        return [method(_Worker(self), *args, **(kwargs or {}))]
+
+    def load_weights(self, weights):
+        if not self.awake["weights"]:
+            raise RuntimeError("writing into weights whose memory is not mapped")
+        loaded = set()
+        source = self.disk.items() if weights is None else weights
         for name, tensor in source:
             self.weights[name] = tensor.detach().clone().float()
-        self.calls.append(("reload", iterator is None))
-        return [None]
+            loaded.add(name)
+        self.calls.append(("reload", weights is None))
+        return loaded
 
     def reset_prefix_cache(self):
         self.prefix_cache.clear()
@@ -68,6 +76,30 @@ class StrictSleepLLM:
         return outputs
 
 
+class _Engine:
+    def __init__(self, llm):
+        self.llm = llm
+
+    def is_sleeping(self):
+        return not all(self.llm.awake.values())
+
+
+class _Model:
+    def __init__(self, llm):
+        self.llm = llm
+
+    def load_weights(self, weights):
+        return self.llm.load_weights(weights)
+
+    def named_parameters(self):
+        return iter(self.llm.weights.items())
+
+
+class _Worker:
+    def __init__(self, llm):
+        self.model_runner = type("Runner", (), {"get_model": lambda _self: _Model(llm)})()
+
+
 class _Out:
     def __init__(self, index, value):
         self.index, self.token_ids, self.text, self.logprobs, self.finish_reason = index, [1], repr(value), None, "stop"
@@ -81,7 +113,7 @@ class _Request:
 def make_engine(level):
     llm = StrictSleepLLM()
     engine = VLLMEngine("unused", NAMES, dtype=torch.float32, sleep_level=level, llm=llm)
-    engine.on_gpu = engine.sleep_mode = engine._awake = True   # the GPU code path, whatever this machine is
+    engine.on_gpu = engine.sleep_mode = True   # the GPU code path, whatever this machine is
     return engine, llm
 
 
@@ -159,6 +191,40 @@ def test_not_fully_awake_is_an_error():
         served(engine)
 
 
+def test_a_fresh_engine_is_awake_and_wakes_nothing():
+    """vLLM builds its engine awake: the first round must neither wake it (wake_up on an awake engine only
+    warns in vLLM, but a state assumed asleep would later skip a needed wake) nor refuse to generate."""
+    engine, llm = make_engine(1)
+    assert not engine.is_sleeping()
+    engine.wake_up()
+    engine.push_weights(weights(2.0))
+    assert served(engine) == pytest.approx(16.0)
+    assert [c for c in llm.calls if c[0] == "wake_up"] == []
+    engine.sleep()
+    assert engine.is_sleeping() and llm.calls[-1] == ("sleep", 1)
+
+
+def test_state_is_vllms_not_assumed():
+    """If vLLM reports itself awake (woken by someone else), generate wakes nothing; sleep() on a sleeping
+    engine does not sleep it twice."""
+    engine, llm = make_engine(1)
+    engine.sleep()
+    engine.sleep()
+    assert [c for c in llm.calls if c[0] == "sleep"] == [("sleep", 1)]
+    llm.wake_up()                                  # fully awake behind the wrapper's back
+    llm.calls.clear()
+    engine.push_weights(weights(1.0))
+    served(engine)
+    assert ("wake_up", ("kv_cache",)) not in llm.calls
+
+
+def test_push_into_sleeping_weights_is_refused():
+    engine, llm = make_engine(1)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="wake_up"):
+        engine.push_weights(weights(1.0))
+
+
 def test_stand_in_catches_a_missing_prefix_reset(monkeypatch):
     """The stand-in is strict enough: an engine that skipped the reset would serve the policy's states."""
     engine, llm = make_engine(1)
@@ -171,26 +237,29 @@ def test_stand_in_catches_a_missing_prefix_reset(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and vLLM")
 def test_real_vllm_sleep_lifecycle_on_gpu(tmp_path):
+    """One sleep-mode engine per process (vLLM's CuMemAllocator is a singleton): both levels on one engine."""
     pytest.importorskip("vllm")
+    from mgrpo.rollout import HFGenerateEngine
     from mgrpo.tiny import build_tiny_model, build_tokenizer
     tokenizer = build_tokenizer()
     disk = build_tiny_model(tokenizer, 0)
     disk.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    policy, momentum = build_tiny_model(tokenizer, 1), build_tiny_model(tokenizer, 2)
+    policy, momentum = build_tiny_model(tokenizer, 1).cuda(), build_tiny_model(tokenizer, 2).cuda()
+    engine = VLLMEngine(str(tmp_path), [n for n, _ in disk.named_parameters()], dtype=torch.float32,
+                        max_model_len=256, gpu_memory_utilization=0.2, sleep_level=1)
+    assert not engine.is_sleeping()                       # built awake
+    prompt = [tokenizer.encode("Compute 12 + 7.\n") * 4]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    expected = [HFGenerateEngine(m, tokenizer).generate(prompt, greedy)[0][0].token_ids for m in (policy, momentum)]
     for level in (1, 2):
-        engine = VLLMEngine(str(tmp_path), [n for n, _ in disk.named_parameters()], dtype=torch.float32,
-                            max_model_len=256, gpu_memory_utilization=0.2, sleep_level=level)
-        prompt = [tokenizer.encode("Compute 12 + 7.\n") * 4]
-        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+        engine.sleep_level = level
         engine.sleep()
+        assert engine.is_sleeping()
         engine.wake_up()
-        engine.push_weights((n, p.cuda()) for n, p in policy.named_parameters())
+        engine.push_weights(policy.named_parameters())
         a = engine.generate(prompt, greedy)[0][0].token_ids
-        engine.push_weights((n, p.cuda()) for n, p in momentum.named_parameters())
+        engine.push_weights(momentum.named_parameters())
         b = engine.generate(prompt, greedy)[0][0].token_ids
-        engine.sleep()
-        from mgrpo.rollout import HFGenerateEngine
-        assert a == HFGenerateEngine(policy.cuda(), tokenizer).generate(prompt, greedy)[0][0].token_ids
-        assert b == HFGenerateEngine(momentum.cuda(), tokenizer).generate(prompt, greedy)[0][0].token_ids
-        del engine
+        assert not engine.is_sleeping()
+        assert [a, b] == expected, f"level {level}"

@@ -126,6 +126,28 @@ def test_push_missing_a_parameter_is_an_error(setup):
     engine.push_weights(policy.named_parameters())
 
 
+def test_a_fresh_engine_is_awake(setup):
+    engine = setup[0]
+    assert engine.is_sleeping() is False
+
+
+def test_coverage_is_checked_against_what_vllm_loaded(setup):
+    """The trainer-side names can all be pushed while vLLM's model still misses a parameter (here the trainer
+    believes layer 1's MLP does not exist): the check uses vLLM's own list of what it loaded against every
+    parameter its model has, in vLLM's names (fused gate_up_proj)."""
+    engine, _, policy, _, _, _ = setup
+    partial = [(n, p) for n, p in policy.named_parameters() if "layers.1.mlp" not in n]
+    saved = engine.expected
+    engine.expected = {n for n, _ in partial}
+    try:
+        with pytest.raises(WeightPushError, match="layers.1.mlp.gate_up_proj"):
+            engine.push_weights(partial)
+    finally:
+        engine.expected = saved
+    engine.push_weights(policy.named_parameters())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in engine.loaded_names
+
+
 def test_unloadable_model_names_the_setting(tmp_path):
     from mgrpo.vllm_engine import EngineBuildError
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"], "model_type": "nosuch"}')
