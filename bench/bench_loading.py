@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+if not torch.cuda.is_available():   # the int8 momentum's fused optimizer step runs Triton: interpreted on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
                  max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6)
@@ -88,6 +91,9 @@ def main():
     parser.add_argument("--precision", default=None, help="model.precision (versions that have it)")
     parser.add_argument("--label", default="", help="a name for this row (e.g. before / after)")
     parser.add_argument("--response-tokens", type=int, default=24)
+    parser.add_argument("--momentum-dtype", default="fp32",
+                        help="fp32 (default): torch AdamW allocates its moments at the first step, so the peak "
+                             "after setup is what loading costs; int8 allocates them with the optimizer")
     args = parser.parse_args()
     if args.build:
         build(Path(args.build))
@@ -97,14 +103,16 @@ def main():
     import mgrpo.trainer as trainer
     from mgrpo.config import load_config
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    root = Path(tempfile.mkdtemp(prefix="mgrpo-bench-loading-"))
+    # one directory for all ranks of this job (the run directory is shared), removed at the end
+    root = Path(tempfile.gettempdir()) / f"mgrpo-bench-loading-{os.environ.get('MASTER_PORT', os.getpid())}"
+    root.mkdir(exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"problem": f"Compute {i} + {i + 1}."}) + "\n" for i in range(16)))
     overrides = [f"model.path={args.model}", f"run_dir={root / 'run'}", "steps=1", "progress=false", "log_every=0",
                  f"algorithm.prompts_per_step={2 * world}", "algorithm.group_size=4",
                  f"rollout.max_new_tokens={args.response_tokens}", "data.num_eval=0", f"data.source={prompts}",
-                 "optim.lr=1e-6", "algorithm.momentum_dtype=int8", "optim.micro_batch_tokens=512", "device=cpu"]
+                 "optim.lr=1e-6", f"algorithm.momentum_dtype={args.momentum_dtype}", "optim.micro_batch_tokens=512", "device=cpu"]
     if args.precision:
         overrides.append(f"model.precision={args.precision}")
     cfg = load_config(None, overrides)
@@ -120,6 +128,7 @@ def main():
     summary = trainer.train(cfg, log=lambda *a: None, engine=ScriptedEngine(tokenizer, args.response_tokens))
     rank = summary["run"].dist.rank
     row = {"label": args.label, "world_size": world, "rank": rank, "precision": args.precision or "default",
+           "momentum_dtype": args.momentum_dtype,
            "setup_s": round(marks["setup_s"], 1), "peak_after_setup_gib": round(marks["after_setup_gib"], 3),
            "peak_after_step_gib": round(vm_hwm_gib(), 3)}
     rows = summary["run"].dist.all_gather_object(row)
@@ -140,6 +149,10 @@ def main():
                 writer.writerow({**env, **r})
                 print(r)
         sys.stdout.flush()
+    summary["run"].dist.barrier()
+    if rank == 0:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Final answers: extraction of the last \\boxed{...} and equivalence by math-verify.
+"""Final answers: extraction (the last \\boxed{...}, or math-verify's own extraction) and equivalence by math-verify.
 
 math-verify guards parsing and verification with signal.alarm, which only works on the main thread (and
 raises "signal only works in main thread" elsewhere). On the main thread we keep its timeouts; anywhere else
@@ -33,6 +33,27 @@ def extract_boxed_answer(text: str) -> Optional[str]:
                 return content or None
         return None  # the last box is unclosed
     return None
+
+
+ANSWER_FORMATS = ("boxed", "math_verify")
+
+
+def extract_answer(text: str, answer_format: str = "boxed") -> Optional[str]:
+    """The response's final answer, or None.
+
+    boxed (the default, the paper's and SRT's rule): the last \\boxed{...}. math_verify: math-verify's own
+    extraction from free text (LaTeX, then plain expressions: "The answer is 6." -> "6"), for models that do
+    not box their answers; its first match, as a string for the vote.
+    """
+    if answer_format == "boxed":
+        return extract_boxed_answer(text)
+    if answer_format != "math_verify":
+        raise ValueError(f"answer format {answer_format!r}: use one of {', '.join(ANSWER_FORMATS)}")
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    found = parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                  parsing_timeout=DEFAULT_TIMEOUT_S if _on_main_thread() else None)
+    answer = found[-1].strip() if found and isinstance(found[-1], str) else None
+    return answer or None
 
 
 def _normalize(answer: str) -> str:

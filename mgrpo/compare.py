@@ -181,7 +181,7 @@ def final_table(summary: list) -> str:
 
 
 def main(args) -> int:
-    seeds = args.seeds or PRESETS[args.preset][0]
+    seeds = args.seeds if args.seeds is not None else PRESETS[args.preset][0]
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

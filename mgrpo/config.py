@@ -96,8 +96,14 @@ class DataConfig:
     """Instruction given with every problem: the public code's system prompt for base models, the built-in
     task included (a shorter one made each step 40% cheaper but the tiny model's RL visibly less stable:
     measured, see README)."""
+    answer_format: str = "boxed"
+    """How a response's final answer is found, for the vote, the rewards and validation: boxed (the last
+    \\boxed{...}: the paper's and SRT's rule) or math_verify (math-verify's own extraction from free text,
+    e.g. "The answer is 6.", for models that do not box their answers)."""
 
     def __post_init__(self):
+        _check(self.answer_format in ("boxed", "math_verify"),
+               f"data.answer_format={self.answer_format!r}: use boxed or math_verify")
         _check(bool(self.source), "data.source is empty: give builtin:arithmetic, a .jsonl/.parquet path or a dataset name")
         _check(self.num_eval >= 0, f"data.num_eval={self.num_eval}: must be >= 0")
         _check(self.eval_every >= 0, f"data.eval_every={self.eval_every}: must be >= 0")
@@ -322,6 +328,10 @@ class TrainConfig:
         _check(self.snapshot_every >= 0, f"snapshot_every={self.snapshot_every}: must be >= 0")
         _check(self.log_every >= 0, f"log_every={self.log_every}: must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
+        if self.device == "cuda":
+            import torch
+            _check(torch.cuda.is_available(), "device=cuda but no CUDA device is visible here (torch sees none): "
+                                              "use device=auto or device=cpu, or check the driver/CUDA_VISIBLE_DEVICES")
         _check(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: choose one")
         if self.algorithm.kl_reference == "momentum":
             _check(self.algorithm.uses_momentum, "kl_reference=momentum needs algorithm.mode=mgrpo")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -152,9 +153,36 @@ def benchmark_problems(source: str, cfg: DataConfig, limit: int = 0) -> list:
 
 
 def encode_prompt(tokenizer, problem: str, instruction: str, use_chat_template: bool) -> list:
-    """Token ids of the prompt: the chat template (system instruction, problem as the user message) when
-    asked for and the tokenizer has one, else the plain text prompt."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
+    """Token ids (a list of ints) of the prompt: the chat template (system instruction, problem as the user
+    message) when asked for and the tokenizer has one, else the plain text prompt.
+
+    transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True) by default (4.x returned the
+    ids): ask for the ids (return_dict=False) and still accept a mapping, so every version gives ids."""
+    if use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the chat template was asked for (model.use_chat_template=true / --chat-template) but "
+                            "this tokenizer has none: drop that setting to use the plain prompt")
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": problem}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+        if isinstance(encoded, Mapping):
+            encoded = encoded["input_ids"]
+        if hasattr(encoded, "tolist"):
+            encoded = encoded.tolist()
+        if encoded and isinstance(encoded[0], list):   # a batch of one conversation
+            encoded = encoded[0]
+        return list(encoded)
     return tokenizer.encode(format_prompt(problem, instruction), add_special_tokens=False)
+
+
+def check_prompt_ids(ids, vocab_size: int, what: str) -> None:
+    """A DataError unless `ids` is a non-empty list of ints inside the vocabulary: checked before any
+    generation, so a tokenizer that returns something else fails here, clearly, and not inside the engine."""
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        shown = repr(ids)[:120]
+        raise DataError(f"{what}: the tokenizer did not return a list of token ids (got {shown}); check the "
+                        "tokenizer and its chat template (model.use_chat_template / --chat-template)")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise DataError(f"{what}: token id {bad[0]} is outside the model's vocabulary (vocab_size={vocab_size}): "
+                        "the tokenizer does not belong to this model")

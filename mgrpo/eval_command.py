@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 
 from .config import DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
-from .data import BUILTIN_ARITHMETIC, DataError, benchmark_problems, encode_prompt
+from .data import BUILTIN_ARITHMETIC, DataError, benchmark_problems, check_prompt_ids, encode_prompt
 from .distributed import init_distributed
-from .evaluation import EvalError, check_settings, evaluate
+from .evaluation import EvalError, check_settings, evaluate, no_answer_warning
 from .metrics import write_csv
 
 
@@ -73,6 +73,11 @@ class Benchmark:
     max_new_tokens: int
     problems: list
     instruction: str
+    answer_format: str = "boxed"
+
+
+EVAL_SETTING_NAMES = {"instruction": "--instruction", "chat_template": "--chat-template",
+                      "max_new_tokens": "--max-new-tokens", "answer_format": "--answer-format"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
     flags = dict(k=args.k, n=args.n, pass_k=args.pass_k, temperature=args.temperature, top_p=args.top_p,
                  max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
     default_budget = run_cfg.rollout.max_new_tokens if run_cfg is not None else 3072
+    answer_format = args.answer_format or (run_cfg.data.answer_format if run_cfg is not None else "boxed")
     if not args.data:
         if run_cfg is None:
             raise EvalError("give at least one --data (a preset, PRESET=FILE, or a file); see mgrpo eval --help")
@@ -140,7 +146,7 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
             raise EvalError(str(e)) from None
         settings = settings_for(base, None, flags)
         return [Benchmark("held_out", source, settings, settings.max_new_tokens or default_budget, problems,
-                          args.instruction or run_cfg.data.instruction)]
+                          args.instruction or run_cfg.data.instruction, answer_format)]
     benchmarks = []
     for spec in args.data:
         preset_name, source = parse_data(spec)
@@ -161,7 +167,7 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
         instruction = args.instruction or (run_cfg.data.instruction if run_cfg is not None else
                                            DataConfig().instruction)
         benchmarks.append(Benchmark(name, source, settings, settings.max_new_tokens or default_budget, problems,
-                                    instruction))
+                                    instruction, answer_format))
     return benchmarks
 
 
@@ -183,17 +189,34 @@ def load_model(path: Path, what: str):
 class Evaluator:
     """One engine for a model family; weights pushed from memory for each model or checkpoint evaluated."""
 
-    def __init__(self, args, model_path: Path, run_cfg: Optional[TrainConfig], benchmarks: list, dist):
+    def __init__(self, args, model_path: Path, run_cfg: Optional[TrainConfig], benchmarks: list, dist, say=print):
         from .rollout import make_engine
         self.dist, self.benchmarks = dist, benchmarks
         self.model, self.tokenizer = load_model(model_path, "model")
         self.chat = args.chat_template or bool(run_cfg and run_cfg.model.use_chat_template)
-        longest = max((len(self.encode(p.problem, b.instruction)) for b in benchmarks for p in b.problems), default=16)
-        budget = max(b.max_new_tokens for b in benchmarks)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and longest + budget > limit:
-            raise EvalError(f"max_new_tokens={budget} plus the longest prompt ({longest} tokens) exceeds what the "
-                            f"model can hold ({limit}): pass --max-new-tokens {limit - longest} or less")
+        longest = 16
+        for b in benchmarks:
+            longest_b = 0
+            for p in b.problems:   # before any generation: ids of this model's vocabulary, or a clear error
+                ids = self.encode(p.problem, b.instruction)
+                check_prompt_ids(ids, self.model.config.vocab_size, f"{b.name} with {model_path}")
+                longest_b = max(longest_b, len(ids))
+            longest = max(longest, longest_b)
+            if limit is None or longest_b + b.max_new_tokens <= limit:
+                continue
+            if limit - longest_b < 1:
+                raise EvalError(f"{b.name}: its longest prompt ({longest_b} tokens) alone fills what the model can "
+                                f"hold ({limit} positions): shorten the instruction or use --limit")
+            if args.max_new_tokens is not None:   # an explicit budget is never changed behind the user's back
+                raise EvalError(f"{b.name}: max_new_tokens={b.max_new_tokens} plus the longest prompt ({longest_b} "
+                                f"tokens) exceeds what the model can hold ({limit}): pass --max-new-tokens "
+                                f"{limit - longest_b} or less")
+            say(f"[eval] {b.name}: the default budget of {b.max_new_tokens} new tokens does not fit this model "
+                f"({limit} positions, longest prompt {longest_b} tokens): using {limit - longest_b} "
+                "(--max-new-tokens sets it)")
+            b.max_new_tokens = limit - longest_b
+        budget = max(b.max_new_tokens for b in benchmarks)
         rollout = RolloutConfig(engine=args.engine, max_new_tokens=budget,
                                 gpu_memory_utilization=args.gpu_memory_utilization)
         from .distributed import compute_dtype
@@ -227,7 +250,7 @@ class Evaluator:
         for b in self.benchmarks:
             encode = functools.partial(self.encode, instruction=b.instruction)
             figures[b.name], samples[b.name] = evaluate(self.engine, b.problems, encode, b.settings,
-                                                        b.max_new_tokens, self.dist)
+                                                        b.max_new_tokens, self.dist, b.answer_format)
         self.engine.sleep()
         return figures, samples
 
@@ -299,6 +322,14 @@ def plot_sweep(rows: list, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The command
 
+def no_answer_example_warning(b: Benchmark, no_answer_frac: float, results: list) -> str:
+    """The no-answer warning for one benchmark, with one of its responses without an answer."""
+    missing = [s for r in results for s in r.samples + ([r.greedy] if r.greedy else []) if s["answer"] is None]
+    cut = sum(s["length"] >= b.max_new_tokens for s in missing) / max(len(missing), 1)
+    return no_answer_warning(b.name, no_answer_frac, missing[0]["text"] if missing else "", cut, b.answer_format,
+                             EVAL_SETTING_NAMES)
+
+
 def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
     """(step, weights source) for the base model, every snapshot and checkpoint, and the final model; one
     source per step (an exported directory when there is one)."""
@@ -334,17 +365,23 @@ def main(args) -> int:
         raise EvalError(f"{run_dir} has no final model yet (final/): evaluate a checkpoint sweep with "
                         "--all-checkpoints, or a snapshot directory")
     out = output_dir(args, run_dir) if dist.is_main else None
-    evaluator = Evaluator(args, points[0][1] if args.all_checkpoints else model_path, run_cfg, benchmarks, dist)
+    evaluator = Evaluator(args, points[0][1] if args.all_checkpoints else model_path, run_cfg, benchmarks, dist, say)
 
     rows, report = [], {"model": str(args.model), "date": datetime.now().isoformat(timespec="seconds"),
                         "versions": versions(), "benchmarks": {}, "results": []}
     for b in benchmarks:
         report["benchmarks"][b.name] = {"source": b.source, "problems": len(b.problems), "instruction": b.instruction,
-                                        "max_new_tokens": b.max_new_tokens, **dataclasses.asdict(b.settings)}
+                                        **dataclasses.asdict(b.settings), "max_new_tokens": b.max_new_tokens,
+                                        "answer_format": b.answer_format}
+    warned: set = set()
     for step, source in points:
         if step is not None:
             say(f"[eval] step {step}: {source}")
         figures, samples = evaluator.run(source if step is not None else None)
+        for b in benchmarks:
+            if figures[b.name]["no_answer_frac"] > 0.5 and b.name not in warned:
+                warned.add(b.name)
+                say(no_answer_example_warning(b, figures[b.name]["no_answer_frac"], samples[b.name]))
         for name, f in figures.items():
             row = ({"step": step} if step is not None else {}) | {"benchmark": name, **f}
             rows.append(row)
@@ -383,6 +420,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer-field")
     parser.add_argument("--solution-field")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    parser.add_argument("--answer-format", choices=("boxed", "math_verify"),
+                        help="how answers are found: boxed (the last \\boxed{}, default) or math_verify (math-verify's "
+                             "extraction from free text); default: the run's data.answer_format")
     parser.add_argument("--instruction", help="the instruction given with every problem (default: the run's, else "
                         "the paper's)")
     parser.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from .algorithm import majority_vote
-from .answers import answers_equivalent, extract_boxed_answer
+from .answers import answers_equivalent, extract_answer
 from .config import EvalConfig
 from .data import Problem
 from .distributed import Dist
@@ -65,8 +65,8 @@ class ProblemResult:
     greedy: Optional[dict] = None
 
 
-def grade(text: str, length: int, truth: str) -> dict:
-    answer = extract_boxed_answer(text)
+def grade(text: str, length: int, truth: str, answer_format: str = "boxed") -> dict:
+    answer = extract_answer(text, answer_format)
     return {"text": text, "answer": answer, "correct": answers_equivalent(answer, truth), "length": length}
 
 
@@ -106,7 +106,8 @@ def check_settings(settings: EvalConfig) -> None:
 
 
 def evaluate(engine: RolloutEngine, problems: Sequence[Problem], encode: Callable[[str], list],
-             settings: EvalConfig, max_new_tokens: int, dist: Optional[Dist] = None) -> tuple:
+             settings: EvalConfig, max_new_tokens: int, dist: Optional[Dist] = None,
+             answer_format: str = "boxed") -> tuple:
     """Sample and grade `problems` (each with an answer) -> (figures dict, [ProblemResult] in order).
 
     Under torchrun each rank generates for its share and the results are gathered on every rank.
@@ -130,14 +131,32 @@ def evaluate(engine: RolloutEngine, problems: Sequence[Problem], encode: Callabl
         if settings.greedy:
             outputs = engine.generate(chunk, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
             for r, (completion,) in zip(chunk_results, outputs):
-                r.greedy = grade(completion.text, len(completion.token_ids), r.answer)
+                r.greedy = grade(completion.text, len(completion.token_ids), r.answer, answer_format)
         params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
                                 max_new_tokens=max_new_tokens, seed=sampling_seed(settings.seed, start, dist.rank))
         for r, group in zip(chunk_results, engine.generate(chunk, params)):
-            r.samples = [grade(c.text, len(c.token_ids), r.answer) for c in group]
+            r.samples = [grade(c.text, len(c.token_ids), r.answer, answer_format) for c in group]
     results = results[:len(indices)]
     gathered = sorted((r for part in dist.all_gather_object(results) for r in part), key=lambda r: r.index)
     return summarize(gathered, settings.k, settings.pass_k), gathered
+
+
+def no_answer_warning(where: str, no_answer_frac: float, example: str, cut_frac: float, answer_format: str,
+                      settings: dict) -> str:
+    """The one warning line for a step or benchmark where most responses have no answer to vote or grade.
+
+    settings names the knobs in the caller's terms: instruction, chat_template, max_new_tokens, answer_format
+    (the trainer's config keys, or mgrpo eval's flags)."""
+    rule = "last \\boxed{}" if answer_format == "boxed" else "math-verify extraction"
+    shown = " ".join(example.split())
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    hints = [f"ask for the final answer in \\boxed{{}} ({settings['instruction']})",
+             f"use the tokenizer's chat template for a chat/instruct model ({settings['chat_template']})",
+             f"give responses room to finish ({settings['max_new_tokens']}; {cut_frac:.0%} of them were cut at the limit)"]
+    if answer_format == "boxed":
+        hints.append(f"or find answers in other forms ({settings['answer_format']}=math_verify)")
+    return (f"[warning] {where}: {no_answer_frac:.0%} of the responses have no answer (rule: {rule}), so they "
+            f"cannot vote, be rewarded or be graded. One of them: {shown!r}. To fix: " + "; ".join(hints) + ".")
 
 
 def figures_line(figures: dict) -> str:

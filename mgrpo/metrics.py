@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +50,33 @@ class MetricsLogger:
             self.writer.close()
 
 
+class StageTimes:
+    """Wall time per named stage of a step (`time/<stage>` in the metrics, as verl's `timing_s/...`):
+
+        with times("rollout_policy"):
+            ...
+    A stage entered twice in a step adds up; `pop()` returns the step's times and starts the next step."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict:
+        out, self.seconds = {f"time/{k}": v for k, v in self.seconds.items()}, {}
+        return out
+
+
+STEP_LINE_STAGES = (("weight_push", "push"), ("rollout_policy", "roll_q"), ("rollout_momentum", "roll_k"),
+                    ("score", "score"), ("rewards", "vote"), ("reference", "ref"), ("update", "upd"))
+
+
 def format_metrics_line(step: int, total: int, r: dict) -> str:
     def f(key, fmt=".3f"):
         value = r.get(key)
@@ -55,7 +84,9 @@ def format_metrics_line(step: int, total: int, r: dict) -> str:
     return (f"step {step}/{total} reward {f('reward')} pl_acc {f('pseudo_label_accuracy')} maj {f('majority_ratio')} "
             f"zero_std {f('frac_reward_zero_std', '.2f')} ent {f('entropy')} pruned {f('iqr/pruned_frac', '.2f')} "
             f"kl {f('kl', '.4f')} gnorm {f('grad_norm', '.3f')} len {f('completions/mean_length', '.1f')} "
-            f"tok/s {f('tokens_per_second', '.0f')} {f('step_time', '.1f')}s")
+            f"tok/s {f('tokens_per_second', '.0f')} {f('step_time', '.1f')}s ("
+            + " ".join(f"{short} {r[f'time/{stage}']:.2f}" for stage, short in STEP_LINE_STAGES
+                       if r.get(f"time/{stage}") is not None) + ")")
 
 
 # ---------------------------------------------------------------------------------------------------------

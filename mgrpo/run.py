@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import PromptStream, encode_prompt, eval_problems
+from .data import PromptStream, check_prompt_ids, encode_prompt, eval_problems
 from .distributed import Dist, compute_dtype, tensor_bytes
 from .loading import (TrainingError, build_reference, load_policy, load_tokenizer_and_config, parameter_names,
                       resolve_model_path, stored_dtype)
 from .logprobs import TokenScorer, resolve_logprob_impl
-from .metrics import MetricsLogger, process_memory_gib, reset_peak_memory
+from .metrics import MetricsLogger, StageTimes, process_memory_gib, reset_peak_memory
 from .momentum import MomentumModel, make_adamw, make_momentum
 from .rollout import RolloutEngine, make_engine, quiet_libraries
 
@@ -49,6 +49,8 @@ class Run:
     compute_dtype: torch.dtype = torch.float32
     metrics: Optional[MetricsLogger] = None
     memory_report: dict = field(default_factory=dict)
+    times: StageTimes = field(default_factory=StageTimes)
+    """Wall time per stage of the current step (time/... in the metrics)."""
 
     @property
     def params(self) -> list:
@@ -62,8 +64,12 @@ def longest_sequence(cfg: TrainConfig, tokenizer, stream: PromptStream, held_out
     """The longest prompt plus the longest response budget (rollout or validation) the engine must hold.
     With a model `config`, a budget it cannot hold is a config error, not a crash deep inside generation."""
     problems = held_out + (stream.problems if stream.problems is not None else [stream.peek(i) for i in range(64)])
-    longest = max((len(encode_prompt(tokenizer, p.problem, cfg.data.instruction, cfg.model.use_chat_template))
-                   for p in problems), default=0)
+    longest = 0
+    for problem in problems:
+        ids = encode_prompt(tokenizer, problem.problem, cfg.data.instruction, cfg.model.use_chat_template)
+        if config is not None:   # before any generation: ids of this model's vocabulary, or a clear error
+            check_prompt_ids(ids, config.vocab_size, f"model.path={cfg.model.path or 'the embedded default'}")
+        longest = max(longest, len(ids))
     limit = getattr(config, "max_position_embeddings", None)
     for key, new_tokens in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
                             ("eval.max_new_tokens", cfg.eval.max_new_tokens)):

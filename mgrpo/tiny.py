@@ -7,12 +7,15 @@ cached under warm_start.cache_dir, keyed by everything that determines it, and r
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -126,14 +129,26 @@ def held_out_dataset(num: int) -> list:
 
 def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
     # "task" versions the warm-start code and data: bump it whenever they change, so that a model cached by an
-    # older version is never reused (5: the model an 800-step warm start of this code makes, bit-reproducibly).
+    # older version is never reused (6: trained in a child process with pinned numerics, the same model on
+    # every x86-64 machine with AVX2; 5 was one machine's).
     blob = json.dumps({"model": TINY_MODEL_CONFIG, "chars": CHARACTERS, "steps": cfg.steps, "bs": cfg.batch_size,
-                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 5}, sort_keys=True)
+                       "lr": cfg.lr, "instruction": instruction, "seed": seed, "task": 6}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# The warm start's numerics, pinned so that every machine trains the same base model (measured: the same
+# seed and code gave different models on CPUs with and without AVX-512, because PyTorch's vectorized kernels
+# and MKL's GEMMs pick their instruction set at run time; the thread count changed nothing here). AVX2 is what
+# x86-64 CPUs of the last decade share: PyTorch's kernels are capped at it (ATEN_CPU_CAPABILITY) and MKL runs
+# its AVX2 branch in strict conditional-numerical-reproducibility mode (MKL_CBWR), at about 4% of the speed.
+# Both are read when torch loads, so the warm start runs in a child process. CPUs without AVX2 (ARM) still
+# train a good base model, but not this exact one.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "OMP_NUM_THREADS": "2"}
+
+
 def warm_started_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=print) -> Path:
-    """Directory of the warm-started tiny model, trained and cached on first use."""
+    """Directory of the warm-started tiny model, trained (in a child process with pinned numerics) and cached
+    on first use."""
     cache_root = Path(os.path.expanduser(cfg.cache_dir))
     target = cache_root / f"tiny-qwen3-arith-{_cache_key(cfg, instruction, seed)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -141,18 +156,38 @@ def warm_started_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     log(f"[warm start] training the tiny base model ({cfg.steps} supervised steps), cached at {target}")
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed)
-    supervised_warm_start(model, tokenizer, cfg, instruction, seed, log)
     # Write to a temporary directory, then rename: a crash never leaves a half-written cache entry.
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    request = json.dumps({"config": dataclasses.asdict(cfg), "instruction": instruction, "seed": seed, "out": str(tmp)})
+    env = {**os.environ, **PINNED_NUMERICS}
+    env.pop("TRITON_INTERPRET", None)
+    with subprocess.Popen([sys.executable, "-m", "mgrpo.tiny", request], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as child:
+        output = []
+        for line in child.stdout:
+            output.append(line)
+            if line.startswith("[warm start]"):
+                log(line.rstrip("\n"))
+    if child.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError("the supervised warm start failed:\n" + "".join(output[-30:]))
     try:
         tmp.rename(target)
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _warm_start_child(request: str) -> None:
+    """`python -m mgrpo.tiny REQUEST`: the warm start itself, in the pinned-numerics process."""
+    args = json.loads(request)
+    torch.set_num_threads(int(PINNED_NUMERICS["OMP_NUM_THREADS"]))
+    cfg = WarmStartConfig(**args["config"])
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, args["seed"])
+    supervised_warm_start(model, tokenizer, cfg, args["instruction"], args["seed"], log=lambda line: print(line, flush=True))
+    model.save_pretrained(args["out"])
+    tokenizer.save_pretrained(args["out"])
 
 
 def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: str, seed: int, log=print) -> None:
@@ -188,3 +223,7 @@ def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: s
     model.eval()
     if not math.isfinite(loss.item()):
         raise RuntimeError("the supervised warm start diverged (non-finite loss): lower warm_start.lr")
+
+
+if __name__ == "__main__":
+    _warm_start_child(sys.argv[1])

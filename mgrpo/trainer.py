@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from . import algorithm as alg
-from .answers import answers_equivalent, extract_boxed_answer
+from .answers import answers_equivalent, extract_answer
 from .checkpoint import (check_resumable, checkpoint_state, export_policy, prepare_run_dir, restore, resume_settings,
                          save_checkpoint)
 from .config import TrainConfig, save_config
 from .distributed import Dist, full_tensors, init_distributed, local_tensor
-from .evaluation import evaluate, figures_line
+from .evaluation import evaluate, figures_line, no_answer_warning
 from .loading import TrainingError
 from .logprobs import TokenScorer
 from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib
@@ -48,6 +48,9 @@ from .rollout import RolloutEngine, SamplingParams, sampling_seed
 from .run import Run, report_memory, setup
 
 __all__ = ["train", "TrainingError", "Run"]
+
+TRAIN_SETTING_NAMES = {"instruction": "data.instruction", "chat_template": "model.use_chat_template=true",
+                       "max_new_tokens": "rollout.max_new_tokens", "answer_format": "data.answer_format"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,15 +144,20 @@ def rollout(run: Run, problems: list, step: int) -> RolloutBatch:
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                     max_new_tokens=cfg.rollout.max_new_tokens)
     seed = sampling_seed(cfg.seed, step, run.dist.rank)       # the momentum model's streams start M further
-    engine.wake_up()
-    engine.push_weights(policy_weights(run))
-    groups = engine.generate(prompts, SamplingParams(n=algo.policy_samples, seed=seed, **sampling))
+    with run.times("weight_push"):       # the engine's memory hand-off (wake, sleep) counts here too
+        engine.wake_up()
+        engine.push_weights(policy_weights(run))
+    with run.times("rollout_policy"):
+        groups = engine.generate(prompts, SamplingParams(n=algo.policy_samples, seed=seed, **sampling))
     if algo.momentum_samples:
-        engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
-        momentum_groups = engine.generate(prompts, SamplingParams(n=algo.momentum_samples,
-                                                                  seed=seed + algo.policy_samples, **sampling))
+        with run.times("weight_push"):
+            engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
+        with run.times("rollout_momentum"):
+            momentum_groups = engine.generate(prompts, SamplingParams(n=algo.momentum_samples,
+                                                                      seed=seed + algo.policy_samples, **sampling))
         groups = [g + k for g, k in zip(groups, momentum_groups)]
-    engine.sleep()
+    with run.times("weight_push"):
+        engine.sleep()
     return RolloutBatch(problems, prompts, groups, time.perf_counter() - t0)
 
 
@@ -183,6 +191,9 @@ class Assignment:
     groups: list                # [P] algorithm.GroupScore
     label_hits: list = field(default_factory=list)    # pseudo-label == ground truth, per prompt with one
     policy_hits: list = field(default_factory=list)   # policy response == ground truth (monitoring only)
+    no_answer: int = 0                                 # responses (all G) with no extractable answer
+    no_answer_cut: int = 0                             # ... of which generation was cut at max_new_tokens
+    no_answer_example: Optional[str] = None            # one such response, for the warning
 
 
 def assign_rewards(run: Run, batch: RolloutBatch, scored: ScoredBatch) -> Assignment:
@@ -190,7 +201,12 @@ def assign_rewards(run: Run, batch: RolloutBatch, scored: ScoredBatch) -> Assign
     G, M = algo.group_size, algo.policy_samples
     out = Assignment(torch.zeros(len(batch.problems) * G), torch.zeros(len(batch.problems) * G, dtype=torch.bool), [])
     for i, (problem, group) in enumerate(zip(batch.problems, batch.groups)):
-        answers = [extract_boxed_answer(c.text) for c in group]
+        answers = [extract_answer(c.text, run.cfg.data.answer_format) for c in group]
+        for completion, answer in zip(group, answers):
+            if answer is None:
+                out.no_answer += 1
+                out.no_answer_cut += not completion.finished
+                out.no_answer_example = out.no_answer_example or completion.text
         result = alg.score_group(answers, scored.trajectory_entropy[i * G:(i + 1) * G], M, iqr_filter=algo.iqr_filter,
                                  iqr_k=algo.iqr_k, prune_from=algo.prune_from, adv_eps=algo.adv_eps)
         out.advantages[i * G:i * G + M] = result.advantages
@@ -222,7 +238,7 @@ def refresh_reference_from_momentum(run: Run) -> None:
 
 
 def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
-    cfg, algo, dist, device = run.cfg, run.cfg.algorithm, run.dist, run.dist.device
+    algo, dist = run.cfg.algorithm, run.dist
     train_index = assigned.in_loss.nonzero().squeeze(-1)
     seqs = tuple(t[train_index] for t in scored.sequences)                       # [B, L] trained responses
     old_logp, advantages = scored.old_logp[train_index], assigned.advantages[train_index]
@@ -232,45 +248,58 @@ def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
 
     ref_logp = None
     if run.reference is not None:
-        if algo.kl_reference == "momentum":
-            refresh_reference_from_momentum(run)
-        ref_logp, _ = score_sequences(run.reference, seqs, run)
+        with run.times("reference"):
+            if algo.kl_reference == "momentum":
+                refresh_reference_from_momentum(run)
+            ref_logp, _ = score_sequences(run.reference, seqs, run)
 
     result = UpdateResult()
-    lengths = seqs[1].sum(1).tolist()
     for _ in range(algo.updates_per_batch):
-        run.optimizer.zero_grad(set_to_none=True)
-        loss_sum = kl_sum = 0.0
-        for idx in synced_micro_batches(lengths, cfg.optim.micro_batch_tokens, dist):
-            ids, att, mask = micro_batch(seqs, idx, device)
-            width = ids.shape[1]
-            rows = slice(idx.start, idx.stop) if idx is not None else slice(0, 0)
-            logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)         # [b, w]
-            if idx is None:   # dummy pass: zero loss through every layer
-                (logp.sum() * 0.0).backward()
-                continue
-            per_token = alg.policy_loss_per_token(logp, old_logp[rows, :width].to(device),
-                                                  advantages[rows].to(device), algo.clip_eps)  # [b, w]
-            if ref_logp is not None:
-                kl = alg.kl_k3(logp, ref_logp[rows, :width].to(device))
-                per_token = per_token + algo.kl_coef * kl
-                kl_sum += float(alg.aggregate(kl.detach(), mask, "token_mean", total_tokens))
-            loss = alg.aggregate(per_token, mask, algo.loss_agg, total_tokens, total_sequences)
-            loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
-        result.grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        result.loss, result.kl = dist.all_reduce([loss_sum, kl_sum])
-        if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
-            # A non-finite loss or gradient: skip this update (weights, optimizer, momentum untouched).
-            run.optimizer.zero_grad(set_to_none=True)
-            result.skipped = True
+        with run.times("update"):
+            optimizer_step(run, seqs, old_logp, advantages, ref_logp, (total_tokens, total_sequences), result)
+        if result.skipped:
             break
-        run.optimizer.step()
-        run.scheduler.step()
         if run.momentum is not None:
-            run.momentum.update()
+            with run.times("momentum_update"):       # ~0 for the int8 storage: fused into the optimizer step
+                run.momentum.update()
     return result
+
+
+def optimizer_step(run: Run, seqs: tuple, old_logp: torch.Tensor, advantages: torch.Tensor,
+                   ref_logp: Optional[torch.Tensor], totals: tuple, result: UpdateResult) -> None:
+    """One optimizer step on the batch, micro-batched: clipped policy loss + k3 KL normalised over the whole
+    batch (all ranks), gradient clipping by the global norm, AdamW. A non-finite loss or gradient skips it."""
+    cfg, algo, dist, device = run.cfg, run.cfg.algorithm, run.dist, run.dist.device
+    total_tokens, total_sequences = totals
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = kl_sum = 0.0
+    for idx in synced_micro_batches(seqs[1].sum(1).tolist(), cfg.optim.micro_batch_tokens, dist):
+        ids, att, mask = micro_batch(seqs, idx, device)
+        width = ids.shape[1]
+        rows = slice(idx.start, idx.stop) if idx is not None else slice(0, 0)
+        logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)         # [b, w]
+        if idx is None:   # dummy pass: zero loss through every layer
+            (logp.sum() * 0.0).backward()
+            continue
+        per_token = alg.policy_loss_per_token(logp, old_logp[rows, :width].to(device),
+                                              advantages[rows].to(device), algo.clip_eps)  # [b, w]
+        if ref_logp is not None:
+            kl = alg.kl_k3(logp, ref_logp[rows, :width].to(device))
+            per_token = per_token + algo.kl_coef * kl
+            kl_sum += float(alg.aggregate(kl.detach(), mask, "token_mean", total_tokens))
+        loss = alg.aggregate(per_token, mask, algo.loss_agg, total_tokens, total_sequences)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
+    result.grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    result.loss, result.kl = dist.all_reduce([loss_sum, kl_sum])
+    if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+        # A non-finite loss or gradient: skip this update (weights, optimizer, momentum untouched).
+        run.optimizer.zero_grad(set_to_none=True)
+        result.skipped = True
+        return
+    run.optimizer.step()
+    run.scheduler.step()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,12 +316,14 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
         "ratios": [g.vote.majority_ratio for g in assigned.groups],
         "zero_std": sum(bool((g.advantages == 0).all()) for g in assigned.groups),
         "no_answer": sum(g.vote.pseudo_label is None for g in assigned.groups),
+        "no_answer_responses": assigned.no_answer, "no_answer_cut": assigned.no_answer_cut,
         "unanimous": sum(g.unanimous for g in assigned.groups),
         "agreement": [g.momentum_agrees for g in assigned.groups if g.momentum_agrees is not None],
         "label_hits": assigned.label_hits, "policy_hits": assigned.policy_hits,
         "generated": sum(len(c.token_ids) for g in batch.groups for c in g),
         "responses": sum(len(g) for g in batch.groups), "prompts": len(batch.problems),
         "rollout_time": batch.rollout_time, "peak": peak_memory_gib(run.dist.device),
+        "times": run.times.pop(),
     }
     parts = run.dist.all_gather_object(local)
     merged = {k: ([x for p in parts for x in p[k]] if isinstance(v, list) else [p[k] for p in parts])
@@ -311,6 +342,8 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
         "majority_ratio": float(np.mean(merged["ratios"])),
         "frac_reward_zero_std": sum(merged["zero_std"]) / prompts,
         "groups_no_answer": sum(merged["no_answer"]),
+        "no_answer_frac": sum(merged["no_answer_responses"]) / responses,
+        "no_answer_cut_frac": sum(merged["no_answer_cut"]) / max(sum(merged["no_answer_responses"]), 1),
         "entropy": float(entropies.mean()), "entropy/q1": q[0], "entropy/median": q[1], "entropy/q3": q[2],
         "iqr/threshold": float(np.mean(merged["thresholds"])) if merged["thresholds"] else None,
         "iqr/pruned_frac": sum(merged["pruned"]) / responses if algo.iqr_filter else 0.0,
@@ -321,6 +354,8 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
         "tokens_per_second": sum(merged["generated"]) / max(rollout_time, 1e-9),
         "rollout_time": rollout_time, "step_time": step_time, "peak_memory_gib": max(merged["peak"]),
         "skipped_nonfinite": int(result.skipped),
+        # per stage, the slowest rank's (the ranks wait for each other at the next collective)
+        **{key: max(t.get(key, 0.0) for t in merged["times"]) for key in sorted({k for t in merged["times"] for k in t})},
     }
 
 
@@ -331,7 +366,8 @@ def validate(run: Run) -> Optional[dict]:
     run.engine.wake_up()
     run.engine.push_weights(policy_weights(run))
     figures, _ = evaluate(run.engine, run.held_out, run.encode, run.cfg.eval,
-                          run.cfg.eval.max_new_tokens or run.cfg.rollout.max_new_tokens, run.dist)
+                          run.cfg.eval.max_new_tokens or run.cfg.rollout.max_new_tokens, run.dist,
+                          run.cfg.data.answer_format)
     run.engine.sleep()
     return figures
 
@@ -370,7 +406,7 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     if dist.is_main:
         (run_dir / "base_model.txt").write_text(run.base_model + "\n")
 
-    start_step, nonfinite_in_a_row, before, monitor_state = 0, 0, None, None
+    start_step, nonfinite_in_a_row, before, monitor_state, warned_no_answer = 0, 0, None, None, False
     if resume_from is not None:
         trainer = restore(run, resume_from)
         run.stream.position = trainer["data_position"]
@@ -399,8 +435,10 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
         problems = run.stream.next_batch(algo.prompts_per_step)[dist.rank * share:(dist.rank + 1) * share]
 
         batch = rollout(run, problems, step)                 # 1
-        scored = score(run, batch)                           # 2
-        assigned = assign_rewards(run, batch, scored)        # 3
+        with run.times("score"):
+            scored = score(run, batch)                       # 2
+        with run.times("rewards"):
+            assigned = assign_rewards(run, batch, scored)    # 3
         result = update(run, scored, assigned)               # 4
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         if nonfinite_in_a_row >= algo.max_nonfinite_in_a_row:
@@ -409,12 +447,19 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
 
         record = step_record(run, batch, scored, assigned, result, time.perf_counter() - t_step)   # 5
         record.update(monitor.observe(step + 1, record))
+        if record["no_answer_frac"] > 0.5 and not warned_no_answer:
+            warned_no_answer = True
+            say = progress.write if progress is not None else log
+            say(no_answer_warning(f"step {step + 1}", record["no_answer_frac"], assigned.no_answer_example or "",
+                                  record["no_answer_cut_frac"], cfg.data.answer_format, TRAIN_SETTING_NAMES))
         if step == start_step and resume_from is None:
             report_memory(run, log)
         if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0 and step + 1 < cfg.steps:
-            figures = validate(run)
+            with run.times("validation"):
+                figures = validate(run)
             if figures is not None:
                 record.update(eval_metrics(figures, cfg.eval.k))
+            record.update(run.times.pop())
         if dist.is_main:
             run.metrics.log(step + 1, record)
         if progress is not None:

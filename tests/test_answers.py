@@ -47,3 +47,24 @@ def test_equivalence_off_main_thread():
 def test_grouping_numbers_clusters_in_order_of_appearance():
     ids = group_equivalent_answers(["\\frac12", "7", None, "0.5", "7.0", "\\frac{1}{2}", "x"])
     assert ids == [0, 1, None, 0, 1, 0, 2]
+
+
+@pytest.mark.parametrize("text,boxed,math_verify", [
+    ("The answer is 6.", None, "6"),                                  # what an unprompted chat model writes
+    ("so x = \\frac{1}{2}, the final answer is $\\frac12$", None, "\\frac{1}{2}"),
+    ("8 - 9 = -1. -1 + 7 = 6. \\boxed{6}", "6", "6"),                 # a box is found by both rules
+    ("nothing numeric here", None, None),
+])
+def test_answer_formats(text, boxed, math_verify):
+    from mgrpo.answers import extract_answer
+    assert extract_answer(text) == boxed == extract_answer(text, "boxed")
+    assert extract_answer(text, "math_verify") == math_verify
+    with pytest.raises(ValueError, match="answer format"):
+        extract_answer(text, "regex")
+
+
+def test_answer_format_setting_is_checked():
+    from mgrpo.config import ConfigError, load_config
+    assert load_config(None, ["data.answer_format=math_verify"]).data.answer_format == "math_verify"
+    with pytest.raises(ConfigError, match="data.answer_format"):
+        load_config(None, ["data.answer_format=last_number"])

@@ -96,3 +96,10 @@ def test_unknown_method_is_refused(capsys, tmp_path):
     assert main(["compare", "--methods", "srt,ppo", "--out", str(tmp_path / "x")]) == 2
     assert "unknown ['ppo']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_seeds_is_refused_before_any_work(tmp_path, capsys):
+    from mgrpo.cli import main as cli
+    assert cli(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 2
+    assert "--seeds 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

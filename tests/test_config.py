@@ -95,3 +95,13 @@ def test_eval_settings():
                                ("eval.top_p=0", "top_p")):
         with pytest.raises(ConfigError, match=fragment):
             load_config(None, [override])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(capsys):
+    from mgrpo.cli import main as cli
+    with pytest.raises(ConfigError, match="device=cuda but no CUDA device"):
+        load_config(None, ["device=cuda"])
+    assert cli(["train", "device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mgrpo train: error: device=cuda") and "Traceback" not in err

@@ -81,6 +81,19 @@ def test_evaluate_figures_by_hand():
     assert [r.index for r in results] == [0, 1, 2] and results[1].samples[0]["answer"] == "7"
 
 
+def test_evaluate_with_answers_in_other_forms():
+    """answer_format=math_verify grades responses that never box their answer (and boxed ones too)."""
+    from mgrpo.tiny import build_tokenizer
+    tok = build_tokenizer()
+    engine = FixedEngine(tok, {}, {"A": ["The answer is 4.", "It is 5.", "\\boxed{4}", "4"]})
+    settings = EvalConfig(k=4, n=0, pass_k=[], temperature=0.6, greedy=False)
+    boxed, _ = evaluate(engine, [Problem("A", "4")], lambda text: tok.encode(text), settings, 16)
+    free, _ = evaluate(engine, [Problem("A", "4")], lambda text: tok.encode(text), settings, 16,
+                       answer_format="math_verify")
+    assert boxed["avg@4"] == 0.25 and boxed["no_answer_frac"] == 0.75
+    assert free["avg@4"] == 0.75 and free["no_answer_frac"] == 0.0 and free["maj@4"] == 1.0
+
+
 def test_bad_settings_fail_before_generation():
     from mgrpo.config import ConfigError
     with pytest.raises(ConfigError, match="k >= 1"):
