@@ -7,9 +7,9 @@ Per prompt, G = M + N trajectories: the policy's M first, then the momentum mode
                                                                       pseudo_label, majority_ratio
     policy clusters [M] --binary_rewards(winner)--> rewards [M] --grpo_advantages--> advantages [M]
 
-and for the update, over the flat batch of policy responses [B, L]:
+and for the update, over the response tokens of a micro-batch [N] (each with its sequence's advantage):
 
-    policy_loss(logp, old_logp, advantages, mask) + kl_coef * kl_k3(logp, ref_logp) aggregated by `aggregate`.
+    policy_loss_per_token(logp, old_logp, advantages) + kl_coef * kl_k3(logp, ref_logp), reduced by `aggregate`.
 """
 from __future__ import annotations
 
@@ -182,15 +182,15 @@ def score_group(answers: Sequence[Optional[str]], entropies: torch.Tensor, num_p
 
 def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                           clip_eps: float) -> torch.Tensor:
-    """PPO-clipped advantage-weighted log-likelihood. logp, old_logp [B, L]; advantages [B] -> loss [B, L].
+    """PPO-clipped advantage-weighted log-likelihood, per token: logp, old_logp and advantages (each token's
+    sequence's advantage) of one shape, e.g. [N] -> loss [N].
 
     With one update per rollout batch old_logp == logp.detach(), the ratio is 1 and the gradient is exactly
     that of -A * logp.
     """
-    ratio = torch.exp(logp - old_logp)                          # [B, L]
-    adv = advantages[:, None]                                   # [B, 1]
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    ratio = torch.exp(logp - old_logp)                          # [N]
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     return torch.maximum(unclipped, clipped)
 
 
@@ -200,23 +200,18 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.exp(log_ratio) - log_ratio - 1.0, min=-10.0, max=10.0)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: Optional[float] = None,
-              total_sequences: Optional[float] = None) -> torch.Tensor:
-    """Reduce a per-token quantity [B, L] under mask [B, L] to a scalar.
+def aggregate(per_token: torch.Tensor, sequence_tokens: torch.Tensor, mode: str, total_tokens: float,
+              total_sequences: float) -> torch.Tensor:
+    """Reduce per-token values [N] (a micro-batch's share of the batch) to its share of the batch's loss.
 
-    token_mean: sum / total_tokens (tokens of the whole batch, so micro-batches add up to the batch mean).
-    seq_mean:   sum over sequences of (per-sequence token mean) / total_sequences.
-    Without totals the micro-batch's own counts are used.
+    sequence_tokens [N]: the token count of each token's sequence (sequences are never split between
+    micro-batches). token_mean: sum / total_tokens (tokens of the whole batch, so micro-batches add up to the
+    batch mean). seq_mean: sum over sequences of (per-sequence token mean) / total_sequences.
     """
-    mask = mask.to(per_token.dtype)
     if mode == "token_mean":
-        denominator = mask.sum() if total_tokens is None else total_tokens
-        return (per_token * mask).sum() / max(float(denominator), 1.0)
+        return per_token.sum() / max(float(total_tokens), 1.0)
     if mode == "seq_mean":
-        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)      # [B]
-        has_tokens = (mask.sum(-1) > 0).to(per_token.dtype)
-        denominator = has_tokens.sum() if total_sequences is None else total_sequences
-        return (per_sequence * has_tokens).sum() / max(float(denominator), 1.0)
+        return (per_token / sequence_tokens.clamp(min=1.0)).sum() / max(float(total_sequences), 1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}: use token_mean or seq_mean")
 
 

@@ -49,8 +49,22 @@ class CompareError(ValueError):
     pass
 
 
+def method_overrides(method: str) -> list:
+    """A method's train overrides: a named method, or "NAME+key=value" (a --sweep variant of NAME)."""
+    name, _, setting = method.partition("+")
+    return [*METHODS[name], *([setting] if setting else [])]
+
+
+def sweep_methods(methods: list, sweep: str) -> list:
+    """--sweep key=v1,v2,...: every method once per value, named "method+key=value"."""
+    key, sep, values = sweep.partition("=")
+    if not sep or not key or not values:
+        raise CompareError(f"--sweep {sweep!r}: give one setting and its values, e.g. algorithm.momentum=0.9,0.99,0.999")
+    return [f"{m}+{key}={v}" for m in methods for v in values.split(",") if v]
+
+
 def run_overrides(preset: str, method: str, seed: int, out: Path, user: list) -> list:
-    return [*PRESETS[preset][1], *METHODS[method], f"seed={seed}", f"run_dir={out / f'{method}_seed{seed}'}",
+    return [*PRESETS[preset][1], *method_overrides(method), f"seed={seed}", f"run_dir={out / f'{method}_seed{seed}'}",
             "progress=false", "log_every=0", *user]
 
 
@@ -188,6 +202,8 @@ def main(args) -> int:
         raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if seeds < 1:
         raise CompareError(f"--seeds {seeds}: must be >= 1")
+    if args.sweep:
+        methods = sweep_methods(methods, args.sweep)
     out = Path(args.out or f"runs/compare-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}")
     for method in methods:       # every config is checked before anything trains
         load_config(None, run_overrides(args.preset, method, 0, out, args.overrides))
@@ -215,5 +231,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the preset's)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                        help="run every method once per value of one train setting, as extra methods named "
+                             "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")
     parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
     parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")

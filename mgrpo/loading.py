@@ -59,6 +59,15 @@ def load_tokenizer_and_config(path: str):
     return tokenizer, config
 
 
+def training_attention(cfg: TrainConfig) -> str:
+    """The attention the trained models (policy, reference) run: sdpa becomes mgrpo_grouped, which is sdpa for
+    padded and packed micro-batches and computes grouped rows block by block (mgrpo/grouped_attention.py)."""
+    if cfg.model.attn_implementation == "sdpa":
+        from . import grouped_attention
+        return grouped_attention.NAME
+    return cfg.model.attn_implementation
+
+
 def stored_dtype(config) -> torch.dtype:
     """The dtype the model's own files declare (bf16 for Qwen3-4B-Base): exports are written in it."""
     dtype = getattr(config, "dtype", None) or torch.float32
@@ -71,7 +80,7 @@ def empty_model(config, cfg: TrainConfig, dtype: torch.dtype):
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                    attn_implementation=cfg.model.attn_implementation)
+                                                    attn_implementation=training_attention(cfg))
     except Exception as e:  # noqa: BLE001
         raise TrainingError(f"model.path={cfg.model.path!r}: transformers cannot build this architecture: {e}") from e
 
@@ -179,7 +188,7 @@ def load_policy(path: str, config, cfg: TrainConfig, dist: Dist, param_dtype: Op
         from transformers import AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                         attn_implementation=cfg.model.attn_implementation)
+                                                         attn_implementation=training_attention(cfg))
         except Exception as e:  # noqa: BLE001
             raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
         if cfg.model.gradient_checkpointing:

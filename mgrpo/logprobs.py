@@ -2,7 +2,7 @@
 
 The model's backbone gives hidden states; the lm_head is applied inside `logprob_entropy`, which with
 impl="fused" is the Triton kernel that never forms the [tokens, vocab] logits (mgrpo_kernels) and with
-impl="torch" the plain-PyTorch reference. Only positions in `target_mask` are computed.
+impl="torch" the plain-PyTorch reference. Only the micro-batch's target tokens are computed.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 
 from mgrpo_kernels.fused_logprob_entropy import logprob_entropy, triton_can_run
+
+from .batching import MicroBatch
 
 
 def resolve_logprob_impl(impl: str, device: torch.device) -> str:
@@ -50,21 +52,42 @@ class TokenScorer(torch.nn.Module):
         """(Hugging Face name, parameter): the names the engines, exports and momentum model use."""
         return self.causal_lm.named_parameters()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
-                temperature: float, impl: str) -> tuple:
-        """input_ids, attention_mask, target_mask [B, L] -> logprob [B, L], entropy [B, L] (fp32).
-
-        Entry t is for predicting token t from tokens < t, at the sampling temperature; 0 where target_mask
-        is False (and always at t = 0).
-        """
+    def forward(self, batch: MicroBatch, temperature: float, impl: str) -> tuple:
+        """One micro-batch (mgrpo.batching: padded, packed or grouped rows) -> logprob [N], entropy [N] (fp32)
+        of its N target tokens, each predicted from the hidden state at its `predictor` index, at the
+        sampling temperature."""
         backbone = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         head_weight = self.causal_lm.get_output_embeddings().weight                           # [V, H], full here
-        # use_cache=False: a scoring forward never decodes, a KV cache would only hold memory
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state                                  # [B, L, H]
+        attention = batch.attention
+        if attention is not None and attention.dim() == 4 and self.causal_lm.config._attn_implementation == "eager":
+            # eager attention adds its mask to the scores: a boolean "may attend" becomes 0 / -inf-like
+            dtype = self.compute_dtype or head_weight.dtype
+            attention = torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill_(
+                ~attention, torch.finfo(dtype).min)
+        # use_cache=False: a scoring forward never decodes (and a cache would turn off transformers' handling of
+        # packed rows by position ids)
+        extra = {} if batch.grouped is None else {"grouped_rows": batch.grouped}   # read by grouped_attention
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=attention, position_ids=batch.position_ids,
+                          use_cache=False, **extra).last_hidden_state                         # [R, T, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predictor)      # [N, H]
         if self.compute_dtype is not None:
             hidden, head_weight = hidden.to(self.compute_dtype), head_weight.to(self.compute_dtype)
-        logprob, entropy = logprob_entropy(hidden[:, :-1], head_weight, input_ids[:, 1:], temperature,
-                                           mask=target_mask[:, 1:].bool(), impl=impl)      # [B, L-1]
-        pad = logprob.new_zeros(input_ids.shape[0], 1)
-        return torch.cat([pad, logprob], dim=1), torch.cat([pad, entropy], dim=1)
+        logprob, entropy = logprob_entropy(hidden, head_weight, batch.targets, temperature, impl=impl)   # [N]
+        # fresh tensors, not views: FSDP2 hangs its pre-backward hook on a root module's outputs
+        return logprob.clone(), entropy.clone()
+
+
+def score_padded(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                 temperature: float, impl: str) -> tuple:
+    """[B, L] tensors -> logprob [B, L], entropy [B, L] (0 off target): one padded micro-batch through
+    `scorer`'s forward (tests and tools; the trainer builds its micro-batches with mgrpo.batching)."""
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    keep = cols > 0
+    rows, cols = rows[keep], cols[keep]
+    width = input_ids.shape[1]
+    batch = MicroBatch(input_ids, torch.arange(width, device=input_ids.device).expand_as(input_ids), attention_mask,
+                       rows * width + cols - 1, input_ids[rows, cols], rows, cols)
+    logprob, entropy = scorer(batch, temperature, impl)
+    out_lp = torch.zeros(input_ids.shape, dtype=logprob.dtype, device=logprob.device).index_put((rows, cols), logprob)
+    out_ent = torch.zeros(input_ids.shape, dtype=entropy.dtype, device=entropy.device).index_put((rows, cols), entropy)
+    return out_lp, out_ent

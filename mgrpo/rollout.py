@@ -27,6 +27,9 @@ class SamplingParams:
     """0 means greedy."""
     top_p: float = 1.0
     max_new_tokens: int = 64
+    logprobs: bool = False
+    """Also return each sampled token's log-prob (engines that can; the trainer computes its own and does
+    not ask: vLLM's per-token log-prob objects cost Python time on every step)."""
     seed: Optional[int] = None
     """Same seed, same prompts, same weights: same responses. Engines that seed each request (vLLM on GPUs)
     give prompt i of a call the seed `seed + i * PROMPT_SEED_STRIDE`, and vLLM gives that request's j-th sample

@@ -39,7 +39,8 @@ from .answers import answers_equivalent, extract_answer
 from .checkpoint import (check_resumable, checkpoint_state, export_policy, prepare_run_dir, restore, resume_settings,
                          save_checkpoint)
 from .config import TrainConfig, save_config
-from .distributed import Dist, full_tensors, init_distributed, local_tensor
+from .batching import Sequences, dummy_micro_batch, micro_batches, resolve_layout
+from .distributed import full_tensors, init_distributed, local_tensor
 from .evaluation import evaluate, figures_line, no_answer_warning
 from .loading import TrainingError
 from .logprobs import TokenScorer
@@ -54,65 +55,29 @@ TRAIN_SETTING_NAMES = {"instruction": "data.instruction", "chat_template": "mode
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batches
+# Micro-batches (layouts: mgrpo/batching.py)
 
-def pack_sequences(prompts: list, responses: list, pad_id: int) -> tuple:
-    """Right-padded [B, L] input_ids, attention_mask and response_mask (True on response tokens)."""
-    length = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=2)
-    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    response_mask = torch.zeros((len(prompts), length), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention_mask[i, :len(p) + len(r)] = 1
-        response_mask[i, len(p):len(p) + len(r)] = True
-    return input_ids, attention_mask, response_mask
-
-
-def micro_batches(lengths: list, token_budget: int) -> list:
-    """Consecutive index ranges whose padded size (count x longest) stays within the token budget."""
-    batches, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and max(longest, n) * (i - start + 1) > token_budget:
-            batches.append(range(start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
-    if lengths:
-        batches.append(range(start, len(lengths)))
-    return batches
-
-
-def synced_micro_batches(lengths: list, token_budget: int, dist: Dist) -> list:
-    """This rank's micro-batches, padded with None to the largest count over ranks: under FSDP2 every forward
-    and backward is a collective, so every rank must run as many (a None is a masked dummy pass)."""
-    batches = micro_batches(lengths, token_budget)
-    count = int(dist.all_reduce([len(batches)], op="max")[0])
-    return batches + [None] * (count - len(batches))
-
-
-def micro_batch(sequences: tuple, idx: Optional[range], device) -> tuple:
-    """Tensors of one micro-batch cut to its longest row, on `device`; a dummy one-row batch with no target
-    token for idx=None (it still runs every layer, so FSDP2's collectives line up across ranks)."""
-    if idx is None:
-        ids = torch.zeros((1, 2), dtype=torch.long)
-        return ids.to(device), torch.ones_like(ids).to(device), torch.zeros_like(ids, dtype=torch.bool).to(device)
-    width = int(sequences[1][idx.start:idx.stop].sum(1).max())
-    return tuple(t[idx.start:idx.stop, :width].to(device) for t in sequences)
+def synced_micro_batches(seqs: Sequences, run: Run) -> list:
+    """This rank's micro-batches of `seqs` in the run's layout, padded with dummy passes to the largest count
+    over ranks: under FSDP2 every forward and backward is a collective, so every rank must run as many."""
+    cfg = run.cfg
+    layout = resolve_layout(cfg.optim.layout, seqs, cfg.optim.micro_batch_tokens, cfg.model.attn_implementation)
+    batches = micro_batches(seqs, layout, cfg.optim.micro_batch_tokens, run.tokenizer.pad_token_id,
+                            mask_for_flash=cfg.model.attn_implementation == "flash_attention_2",
+                            blockwise=cfg.model.attn_implementation == "sdpa")   # see loading.training_attention
+    count = int(run.dist.all_reduce([len(batches)], op="max")[0])
+    return batches + [dummy_micro_batch() for _ in range(count - len(batches))]
 
 
 @torch.no_grad()
-def score_sequences(model: TokenScorer, sequences: tuple, run: Run) -> tuple:
-    """No-grad log-probs and entropies [B, L] of packed sequences, micro-batched."""
-    input_ids = sequences[0]
-    logps = torch.zeros(input_ids.shape, dtype=torch.float32)
-    ents = torch.zeros(input_ids.shape, dtype=torch.float32)
-    lengths = sequences[1].sum(1).tolist()
-    for idx in synced_micro_batches(lengths, run.cfg.optim.micro_batch_tokens, run.dist):
-        ids, att, mask = micro_batch(sequences, idx, run.dist.device)
-        lp, ent = model(ids, att, mask, run.cfg.rollout.temperature, run.impl)
-        if idx is not None:
-            logps[idx.start:idx.stop, :ids.shape[1]] = lp.float().cpu()
-            ents[idx.start:idx.stop, :ids.shape[1]] = ent.float().cpu()
+def score_sequences(model: TokenScorer, seqs: Sequences, run: Run) -> tuple:
+    """No-grad log-probs and entropies [B, L] of the response tokens of `seqs`, micro-batched."""
+    logps = torch.zeros((len(seqs), seqs.width), dtype=torch.float32)
+    ents = torch.zeros((len(seqs), seqs.width), dtype=torch.float32)
+    for batch in synced_micro_batches(seqs, run):
+        lp, ent = model(batch.to(run.dist.device), run.cfg.rollout.temperature, run.impl)   # [N], [N]
+        logps[batch.seq_index, batch.seq_pos] = lp.float().cpu()
+        ents[batch.seq_index, batch.seq_pos] = ent.float().cpu()
     if hasattr(model, "reshard"):
         # FSDP2 keeps the root's parameters (embedding = lm_head, final norm) unsharded after a forward, for
         # the backward that usually follows; after no-grad forwards nothing follows: free them, and let the
@@ -166,19 +131,19 @@ def rollout(run: Run, problems: list, step: int) -> RolloutBatch:
 
 @dataclass
 class ScoredBatch:
-    sequences: tuple            # input_ids, attention_mask, response_mask [P*G, L]
+    sequences: Sequences        # [P*G] prompts and responses, grouped by prompt
     old_logp: torch.Tensor      # [P*G, L] log-probs at rollout time (the PPO ratio's denominator)
     trajectory_entropy: torch.Tensor   # [P*G] mean token entropy of each response under the current policy
 
 
 def score(run: Run, batch: RolloutBatch) -> ScoredBatch:
-    flat_prompts = [p for p, g in zip(batch.prompts, batch.groups) for _ in g]
-    flat_responses = [c.token_ids for g in batch.groups for c in g]
-    sequences = pack_sequences(flat_prompts, flat_responses, run.tokenizer.pad_token_id)
-    old_logp, token_entropy = score_sequences(run.policy, sequences, run)                     # [P*G, L]
-    response_mask = sequences[2]
+    seqs = Sequences([p for p, g in zip(batch.prompts, batch.groups) for _ in g],
+                     [c.token_ids for g in batch.groups for c in g],
+                     [i for i, g in enumerate(batch.groups) for _ in g])
+    old_logp, token_entropy = score_sequences(run.policy, seqs, run)                          # [P*G, L]
+    response_mask = seqs.response_mask()
     trajectory_entropy = (token_entropy * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)   # [P*G]
-    return ScoredBatch(sequences, old_logp, trajectory_entropy)
+    return ScoredBatch(seqs, old_logp, trajectory_entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,6 +193,9 @@ class UpdateResult:
     kl: float = 0.0
     grad_norm: float = float("nan")
     skipped: bool = False
+    padding_frac: float = 0.0      # of the padded layout for this batch (what padding would waste)
+    computed_tokens: int = 0       # tokens the update's forward passes computed, in the layout used
+    computed_frac: float = 0.0     # ... relative to the padded layout
 
 
 def refresh_reference_from_momentum(run: Run) -> None:
@@ -239,12 +207,14 @@ def refresh_reference_from_momentum(run: Run) -> None:
 
 def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
     algo, dist = run.cfg.algorithm, run.dist
-    train_index = assigned.in_loss.nonzero().squeeze(-1)
-    seqs = tuple(t[train_index] for t in scored.sequences)                       # [B, L] trained responses
-    old_logp, advantages = scored.old_logp[train_index], assigned.advantages[train_index]
+    train_index = assigned.in_loss.nonzero().squeeze(-1).tolist()
+    seqs = scored.sequences.subset(train_index)                                  # the B trained responses
+    old_logp = scored.old_logp[train_index][:, :seqs.width]                      # [B, L]
+    advantages = assigned.advantages[train_index]                                # [B]
+    response_tokens = torch.tensor([len(r) for r in seqs.responses], dtype=torch.float32)   # [B]
     # Normalisers over the whole batch on every rank: FSDP2 sums the ranks' gradients, so each rank's loss is
     # its share of one global mean.
-    total_tokens, total_sequences = dist.all_reduce([float(seqs[2].sum()), float((seqs[2].sum(1) > 0).sum())])
+    totals = dist.all_reduce([float(response_tokens.sum()), float((response_tokens > 0).sum())])
 
     ref_logp = None
     if run.reference is not None:
@@ -254,40 +224,45 @@ def update(run: Run, scored: ScoredBatch, assigned: Assignment) -> UpdateResult:
             ref_logp, _ = score_sequences(run.reference, seqs, run)
 
     result = UpdateResult()
+    real = float(response_tokens.sum() + sum(len(p) for p in seqs.prompts))
+    padded = seqs.padded_tokens(run.cfg.optim.micro_batch_tokens)
+    result.padding_frac = 1.0 - real / padded if padded else 0.0
     for _ in range(algo.updates_per_batch):
         with run.times("update"):
-            optimizer_step(run, seqs, old_logp, advantages, ref_logp, (total_tokens, total_sequences), result)
+            optimizer_step(run, seqs, old_logp, advantages, ref_logp, response_tokens, totals, result)
         if result.skipped:
             break
         if run.momentum is not None:
             with run.times("momentum_update"):       # ~0 for the int8 storage: fused into the optimizer step
                 run.momentum.update()
+    result.computed_frac = result.computed_tokens / padded if padded else 0.0
     return result
 
 
-def optimizer_step(run: Run, seqs: tuple, old_logp: torch.Tensor, advantages: torch.Tensor,
-                   ref_logp: Optional[torch.Tensor], totals: tuple, result: UpdateResult) -> None:
+def optimizer_step(run: Run, seqs: Sequences, old_logp: torch.Tensor, advantages: torch.Tensor,
+                   ref_logp: Optional[torch.Tensor], response_tokens: torch.Tensor, totals: list,
+                   result: UpdateResult) -> None:
     """One optimizer step on the batch, micro-batched: clipped policy loss + k3 KL normalised over the whole
     batch (all ranks), gradient clipping by the global norm, AdamW. A non-finite loss or gradient skips it."""
     cfg, algo, dist, device = run.cfg, run.cfg.algorithm, run.dist, run.dist.device
     total_tokens, total_sequences = totals
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = kl_sum = 0.0
-    for idx in synced_micro_batches(seqs[1].sum(1).tolist(), cfg.optim.micro_batch_tokens, dist):
-        ids, att, mask = micro_batch(seqs, idx, device)
-        width = ids.shape[1]
-        rows = slice(idx.start, idx.stop) if idx is not None else slice(0, 0)
-        logp, _ = run.policy(ids, att, mask, cfg.rollout.temperature, run.impl)         # [b, w]
-        if idx is None:   # dummy pass: zero loss through every layer
+    result.computed_tokens = 0
+    for batch in synced_micro_batches(seqs, run):
+        logp, _ = run.policy(batch.to(device), cfg.rollout.temperature, run.impl)          # [N]
+        if batch.targets.numel() == 0:   # a dummy pass (or nothing to train): zero loss through every layer
             (logp.sum() * 0.0).backward()
             continue
-        per_token = alg.policy_loss_per_token(logp, old_logp[rows, :width].to(device),
-                                              advantages[rows].to(device), algo.clip_eps)  # [b, w]
+        result.computed_tokens += batch.tokens
+        b, l = batch.seq_index, batch.seq_pos                                               # [N], [N]
+        per_token = alg.policy_loss_per_token(logp, old_logp[b, l].to(device), advantages[b].to(device),
+                                              algo.clip_eps)                                  # [N]
         if ref_logp is not None:
-            kl = alg.kl_k3(logp, ref_logp[rows, :width].to(device))
+            kl = alg.kl_k3(logp, ref_logp[b, l].to(device))                                  # [N]
             per_token = per_token + algo.kl_coef * kl
-            kl_sum += float(alg.aggregate(kl.detach(), mask, "token_mean", total_tokens))
-        loss = alg.aggregate(per_token, mask, algo.loss_agg, total_tokens, total_sequences)
+            kl_sum += float(kl.detach().sum()) / max(total_tokens, 1.0)
+        loss = alg.aggregate(per_token, response_tokens[b].to(device), algo.loss_agg, total_tokens, total_sequences)
         loss.backward()
         loss_sum += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm or float("inf"))
@@ -323,6 +298,7 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
         "generated": sum(len(c.token_ids) for g in batch.groups for c in g),
         "responses": sum(len(g) for g in batch.groups), "prompts": len(batch.problems),
         "rollout_time": batch.rollout_time, "peak": peak_memory_gib(run.dist.device),
+        "padding_frac": result.padding_frac, "computed_frac": result.computed_frac,
         "times": run.times.pop(),
     }
     parts = run.dist.all_gather_object(local)
@@ -354,6 +330,8 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
         "tokens_per_second": sum(merged["generated"]) / max(rollout_time, 1e-9),
         "rollout_time": rollout_time, "step_time": step_time, "peak_memory_gib": max(merged["peak"]),
         "skipped_nonfinite": int(result.skipped),
+        "batch/padding_frac": float(np.mean(merged["padding_frac"])),
+        "batch/computed_frac": float(np.mean(merged["computed_frac"])),
         # per stage, the slowest rank's (the ranks wait for each other at the next collective)
         **{key: max(t.get(key, 0.0) for t in merged["times"]) for key in sorted({k for t in merged["times"] for k in t})},
     }

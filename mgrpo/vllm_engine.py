@@ -203,7 +203,8 @@ class VLLMEngine(RolloutEngine):
         sampling = [VLLMSamplingParams(n=params.n, temperature=0.0 if greedy else params.temperature,
                                        top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
                                        seed=None if per_request_seed is None else per_request_seed + i * PROMPT_SEED_STRIDE,
-                                       logprobs=0, skip_special_tokens=True) for i in range(len(prompts))]
+                                       logprobs=0 if params.logprobs else None, skip_special_tokens=True)
+                    for i in range(len(prompts))]
         with torch.random.fork_rng(devices=[]):
             if params.seed is not None and not self.on_gpu:
                 # Same seed, same draws only if the scheduler batches the same way: prefix-cache hits from an

