@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pyarrow"],
-        "bench": ["liger-kernel"],
+        "bench": ["liger-kernel", "trl==1.16.0"],
         "data": ["datasets", "pyarrow"],
     },
     entry_points={"console_scripts": ["mgrpo=mgrpo.cli:main"]},

@@ -36,7 +36,7 @@ import triton.language as tl
 QUANT_BLOCK = 256          # elements per fp32 scale: 4 / 256 = 0.016 bytes per parameter of overhead
 CODE_MAX = 127.0           # symmetric int8 codes in [-127, 127]
 
-__all__ = ["QUANT_BLOCK", "FusedAdamWInt8Momentum", "reference_adamw_int8_momentum_step",
+__all__ = ["QUANT_BLOCK", "FusedAdamWInt8Momentum", "reference_adamw_int8_momentum_step", "launch_delta_ema",
            "quantize_delta_reference", "dequantize_delta", "momentum_weight", "new_delta_state"]
 
 
@@ -154,6 +154,32 @@ def _adamw_int8_momentum_kernel(
     tl.store(s_ptr + blocks, scale_new, mask=block_mask)
 
 
+@triton.jit
+def _delta_ema_kernel(
+    before_ptr, after_ptr, codes_ptr, scales_ptr,      # one tensor: the parameter before and after its step
+    numel, momentum, seed, tensor_id,
+    BLOCKS_PER_PROGRAM: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    """The delta EMA alone, for an optimizer that is not ours (bitsandbytes' 8-bit AdamW): with
+    dq = after - before, d <- m (d - dq), blockwise absmax int8 with stochastic rounding (as the fused kernel)."""
+    blocks = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)      # [B]
+    offs = blocks[:, None].to(tl.int64) * QBLOCK + tl.arange(0, QBLOCK)[None, :]           # [B, Q]
+    mask = offs < numel
+    before = tl.load(before_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    after = tl.load(after_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    block_mask = blocks < (numel + QBLOCK - 1) // QBLOCK
+    scale_old = tl.load(scales_ptr + blocks, mask=block_mask, other=0.0)
+    codes = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
+    d = momentum * (codes * scale_old[:, None] - (after - before))
+    d = tl.where(mask, d, 0.0)
+    scale_new = tl.max(tl.abs(d), axis=1) / 127.0
+    inv_scale = tl.where(scale_new > 0.0, 1.0 / tl.where(scale_new > 0.0, scale_new, 1.0), 0.0)
+    noise = tl.rand(seed + tensor_id * 1000003, offs.to(tl.int32))
+    q = tl.minimum(tl.maximum(tl.floor(d * inv_scale[:, None] + noise), -127.0), 127.0)
+    tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(scales_ptr + blocks, scale_new, mask=block_mask)
+
+
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -164,6 +190,22 @@ def _interpreting() -> bool:
 def launch_config(interpreting: bool = False) -> dict:
     """Quantization blocks per program and warps (the compile tests build exactly this configuration)."""
     return dict(BLOCKS_PER_PROGRAM=64, num_warps=1) if interpreting else dict(BLOCKS_PER_PROGRAM=4, num_warps=4)
+
+
+def launch_delta_ema(before: torch.Tensor, after: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
+                     momentum: float, seed: int, tensor_id: int) -> None:
+    """d <- m (d - (after - before)) for one tensor's int8 delta, in place (see _delta_ema_kernel)."""
+    if after.numel() == 0:
+        return
+    if not (after.device.type == "cuda" or _interpreting()):
+        raise RuntimeError("the int8 momentum update runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
+    if before.dtype != after.dtype or not (before.is_contiguous() and after.is_contiguous()):
+        raise ValueError("before and after must be contiguous tensors of one dtype")
+    config = launch_config(_interpreting())
+    bpp = config["BLOCKS_PER_PROGRAM"]
+    grid = (triton.cdiv(math.ceil(after.numel() / QUANT_BLOCK), bpp),)
+    _delta_ema_kernel[grid](before, after, codes, scales, after.numel(), momentum, seed, tensor_id,
+                            QBLOCK=QUANT_BLOCK, **config)
 
 
 _PROGRAM_TABLES: dict = {}
@@ -250,6 +292,9 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
     The momentum state per parameter is `codes` (int8, numel) and `scales` (fp32, ceil(numel/256)) of the
     delta d = theta_k - theta_q; `momentum_weights(dtype)` streams theta_k = theta_q + dequant(d).
     """
+
+    per_rank_state = True
+    """Its state is blocks of the local shards it was given: a checkpoint keeps it per rank."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.99, seed=0):
         if not 0 <= momentum < 1:

@@ -207,15 +207,16 @@ def checkpoint_state(run, trainer: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     dist = run.dist
+    mine = {"rng": _blob(rng_state())}
     state = {"policy": get_model_state_dict(run.policy),
              "trainer": _blob({**trainer, "scheduler": run.scheduler.state_dict()}),
-             "rank": {f"rank{dist.rank}": {"rng": _blob(rng_state())}}}
-    if run.momentum is not None and run.momentum.optimizer_holds_state:
-        state["rank"][f"rank{dist.rank}"]["optimizer"] = run.optimizer.state_dict()
+             "rank": {f"rank{dist.rank}": mine}}
+    if getattr(run.optimizer, "per_rank_state", False):     # states of local shards (fused int8, 8-bit AdamW)
+        mine["optimizer"] = run.optimizer.state_dict()
     else:
         state["optimizer"] = get_optimizer_state_dict(run.policy, run.optimizer)
     if run.momentum is not None:
-        state["momentum"] = run.momentum.state_dict()
+        (mine if run.momentum.per_rank_state else state)["momentum"] = run.momentum.state_dict()
     if run.reference is not None and run.cfg.algorithm.kl_reference == "initial":
         state["reference"] = get_model_state_dict(run.reference)
     return state
@@ -234,7 +235,7 @@ def restore(run, path: Path) -> dict:
     else:
         set_optimizer_state_dict(run.policy, run.optimizer, state["optimizer"])
     if run.momentum is not None:
-        run.momentum.load_state_dict(state["momentum"])
+        run.momentum.load_state_dict(mine["momentum"] if run.momentum.per_rank_state else state["momentum"])
     if "reference" in state:
         set_model_state_dict(run.reference, state["reference"])
     trainer = pickle.loads(state["trainer"].getvalue())

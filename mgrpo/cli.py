@@ -3,6 +3,7 @@
     mgrpo train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default)
     mgrpo eval MODEL_OR_RUN [--data [PRESET=]SOURCE ...] [--all-checkpoints] ...
     mgrpo compare [--preset short|default|long] [--seeds N] ...   SRT vs M-GRPO vs M-GRPO without IQR
+    mgrpo plan [--config FILE] [--gpus N] [--gpu-memory GIB] [key=value ...]   will it fit? (exit 1 if not)
     mgrpo plot RUN_DIR
 
 Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`).
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     compare_p = sub.add_parser("compare", help="SRT vs M-GRPO vs M-GRPO without the IQR filter, over seeds")
     from .compare import add_arguments as add_compare_arguments
     add_compare_arguments(compare_p)
+    plan_p = sub.add_parser("plan", help="every part's GPU memory for a config, and whether it fits (exit 1 if not)")
+    from .plan import add_arguments as add_plan_arguments
+    add_plan_arguments(plan_p)
     plot_p = sub.add_parser("plot", help="turn a run's metrics.jsonl into PNG curves")
     plot_p.add_argument("run_dir")
     plot_p.add_argument("--out", help="PNG path (default: <run_dir>/metrics.png)")
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .evaluation import EvalError
+    from .plan import PlanError
     from .rollout import EngineError
     from .trainer import TrainingError
     from .vllm_engine import EngineBuildError
@@ -57,12 +62,15 @@ def main(argv=None) -> int:
         if args.command == "compare":
             from .compare import main as compare_main
             return compare_main(args)
+        if args.command == "plan":
+            from .plan import main as plan_main
+            return plan_main(args)
         from .config import load_config
         from .trainer import train
         cfg = load_config(args.config, args.overrides)
         train(cfg)
     except (ConfigError, DataError, RunDirError, TrainingError, EvalError, EngineError, EngineBuildError,
-            CompareError) as e:
+            CompareError, PlanError) as e:
         print(f"mgrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

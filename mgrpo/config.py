@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -121,8 +121,9 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 64
     """Longest response, in tokens (the built-in task's worked solutions take up to about 52)."""
-    gpu_memory_utilization: float = 0.35
-    """vLLM on a GPU: fraction of GPU memory the engine may take (weights + KV cache)."""
+    gpu_memory_utilization: Union[float, str] = 0.35
+    """vLLM on a GPU: fraction of GPU memory the engine may take (weights + KV cache), or auto: the largest
+    share that fits next to the trainer's resident state, as `mgrpo plan` computes it."""
     max_model_len: int = 0
     """vLLM: longest prompt + response; 0 = longest prompt in the data + max_new_tokens."""
     sleep_level: int = 1
@@ -133,8 +134,14 @@ class RolloutConfig:
         _check(self.temperature > 0, f"rollout.temperature={self.temperature}: must be > 0")
         _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p}: must be in (0, 1]")
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
-        _check(0 < self.gpu_memory_utilization < 1,
-               f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1)")
+        if self.gpu_memory_utilization != "auto":
+            try:
+                self.gpu_memory_utilization = float(self.gpu_memory_utilization)
+            except (TypeError, ValueError):
+                raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization!r}: a fraction in "
+                                  "(0, 1) or auto") from None
+            _check(0 < self.gpu_memory_utilization < 1,
+                   f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1) (or auto)")
         _check(self.sleep_level in (1, 2), f"rollout.sleep_level={self.sleep_level}: use 1 or 2")
         _check(self.max_model_len >= 0, f"rollout.max_model_len={self.max_model_len}: must be >= 0")
 
@@ -236,6 +243,10 @@ class OptimConfig:
     """AdamW eps."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
+    name: str = "adamw"
+    """The optimizer (mgrpo/optimizers.py): adamw (torch's; fp32 moments, 8 bytes per parameter), adamw8bit or
+    paged_adamw8bit (bitsandbytes' 8-bit AdamW: ~2 bytes per parameter, what fits Qwen3-4B on one GPU).
+    Master weights stay fp32 either way; the int8 momentum model works with all three."""
     micro_batch_tokens: int = 4096
     """Token budget (prompt + response, padding included) of one forward/backward micro-batch."""
     layout: str = "auto"
@@ -254,6 +265,13 @@ class OptimConfig:
         _check(self.eps > 0, f"optim.eps={self.eps}: must be > 0")
         _check(self.max_grad_norm >= 0, f"optim.max_grad_norm={self.max_grad_norm}: must be >= 0")
         _check(self.micro_batch_tokens >= 1, f"optim.micro_batch_tokens={self.micro_batch_tokens}: must be >= 1")
+        _check(self.name in ("adamw", "adamw8bit", "paged_adamw8bit"),
+               f"optim.name={self.name!r}: use adamw, adamw8bit or paged_adamw8bit")
+        if self.name != "adamw":
+            import importlib.util
+            _check(importlib.util.find_spec("bitsandbytes") is not None,
+                   f"optim.name={self.name} needs bitsandbytes, which is not installed: pip install bitsandbytes, "
+                   "or use optim.name=adamw")
         _check(self.layout in ("auto", "padded", "packed", "grouped"),
                f"optim.layout={self.layout!r}: use auto, padded, packed or grouped")
 
@@ -294,6 +312,18 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    check: bool = True
+    """Before any weights load on a GPU, plan the run's memory (`mgrpo plan`) and refuse a config that does not
+    fit, saying which settings would. false: proceed anyway."""
+    gpu_memory_gib: float = 0.0
+    """GPU memory the check plans for (GiB per GPU); 0: the GPU's own (on a CPU the check then does not run)."""
+
+    def __post_init__(self):
+        _check(self.gpu_memory_gib >= 0, f"plan.gpu_memory_gib={self.gpu_memory_gib}: must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -302,6 +332,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     steps: int = 30
     """Optimizer steps (rollout batches) of M-GRPO training."""
     seed: int = 0
@@ -422,6 +453,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         except yaml.YAMLError:
             value = raw   # not YAML: the text itself (a path with a colon, say)
         _set_dotted(tree, key.strip(), value)
+    return _from_dict(TrainConfig, tree)
+
+
+def load_config_from(cfg: TrainConfig, overrides: list) -> TrainConfig:
+    """`cfg` with dotted overrides applied (as `load_config` applies them to a file's values)."""
+    tree = config_to_dict(cfg)
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     return _from_dict(TrainConfig, tree)
 
 

@@ -19,12 +19,7 @@ import torch
 from .algorithm import momentum_update_
 from .config import OptimConfig
 from .distributed import full_tensor, like_param, local_tensor, tensor_bytes
-
-
-def make_adamw(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+from .optimizers import make_optimizer
 
 
 class MomentumModel(ABC):
@@ -35,8 +30,10 @@ class MomentumModel(ABC):
     """
 
     optimizer_holds_state: bool = False
-    """True when this storage lives in the optimizer's state (the int8 delta's codes and scales): that state is
-    then per rank (blocks of each rank's shard), checkpointed per rank, and counted as the momentum model's."""
+    """True when this storage lives in the optimizer's state (the int8 delta's codes and scales in the fused
+    AdamW): it is then checkpointed with the optimizer, and counted as the momentum model's, not the optimizer's."""
+    per_rank_state: bool = False
+    """True when its state is blocks of each rank's shards (int8): checkpointed per rank, not as shards."""
 
     def __init__(self, named_params: list, m: float):
         self.m = m
@@ -44,8 +41,8 @@ class MomentumModel(ABC):
         self.policy_params = [p for _, p in named_params]
 
     def make_optimizer(self, params, cfg: OptimConfig) -> torch.optim.Optimizer:
-        """The optimizer of the policy; a storage that fuses its update into the optimizer returns its own."""
-        return make_adamw(params, cfg)
+        """The optimizer of the policy (optim.name); a storage that needs the optimizer's step builds its own."""
+        return make_optimizer(params, cfg)
 
     @abstractmethod
     def update(self) -> None:

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from .data import PromptStream, check_prompt_ids, encode_prompt, eval_problems
 from .distributed import Dist, compute_dtype, tensor_bytes
 from .loading import (TrainingError, build_reference, load_policy, load_tokenizer_and_config, parameter_names,
                       resolve_model_path, stored_dtype)
-from .logprobs import TokenScorer, resolve_logprob_impl
+from .logprobs import TokenScorer, resolve_logprob_impl, triton_can_run
 from .metrics import MetricsLogger, StageTimes, process_memory_gib, reset_peak_memory
-from .momentum import MomentumModel, make_adamw, make_momentum
+from .momentum import MomentumModel, make_momentum
+from .optimizers import make_optimizer
 from .rollout import RolloutEngine, make_engine, quiet_libraries
 
 
@@ -48,7 +50,8 @@ class Run:
     export_dtype: torch.dtype
     compute_dtype: torch.dtype = torch.float32
     metrics: Optional[MetricsLogger] = None
-    memory_report: dict = field(default_factory=dict)
+    engine_gib: float = 0.0
+    """Memory the engine took when it was built (measured)."""
     times: StageTimes = field(default_factory=StageTimes)
     """Wall time per stage of the current step (time/... in the metrics)."""
 
@@ -85,13 +88,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plan_memory(cfg: TrainConfig, dist: Dist, log=print):
+    """On a GPU (or with plan.gpu_memory_gib): the run's memory plan (mgrpo/plan.py) before any weights load: a
+    TrainingError naming the settings that would fit when it does not (plan.check), and the rollout settings
+    with gpu_memory_utilization=auto resolved to the largest share that fits."""
+    memory = cfg.plan.gpu_memory_gib
+    if not memory and dist.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(dist.device).total_memory / 2**30
+    if not memory:
+        return dataclasses.replace(cfg.rollout, gpu_memory_utilization=0.35) \
+            if cfg.rollout.gpu_memory_utilization == "auto" else cfg.rollout
+    from .plan import PlanError, check_fits, make_plan
+    try:
+        plan = check_fits(cfg, dist.world_size, memory) if cfg.plan.check else make_plan(cfg, dist.world_size, memory)
+    except PlanError as e:
+        raise TrainingError(str(e)) from None
+    if cfg.rollout.gpu_memory_utilization == "auto":
+        log(f"[plan] rollout.gpu_memory_utilization=auto: {plan.max_gpu_memory_utilization:.2f}")
+        return dataclasses.replace(cfg.rollout, gpu_memory_utilization=plan.max_gpu_memory_utilization)
+    return cfg.rollout
+
+
 def build_engine(cfg: TrainConfig, dist: Dist, log=print) -> RolloutEngine:
     """The engine `setup` would build, without loading the policy (mgrpo compare shares one over its runs)."""
     quiet_libraries(cfg.verbose)
     path = resolve_model_path(cfg, dist, log)
     tokenizer, config = load_tokenizer_and_config(path)
     longest = longest_sequence(cfg, tokenizer, PromptStream(cfg.data, cfg.seed), eval_problems(cfg.data), config)
-    return make_engine(cfg.rollout, cfg.seed, path, tokenizer, longest, dist,
+    return make_engine(plan_memory(cfg, dist, log), cfg.seed, path, tokenizer, longest, dist,
                        dtype=compute_dtype(cfg.model.precision, dist.device),
                        parameter_names=parameter_names(config, cfg), verbose=cfg.verbose)
 
@@ -102,6 +126,9 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
         impl = resolve_logprob_impl(algo.logprob_impl, dist.device)
     except ValueError as e:
         raise TrainingError(str(e)) from e
+    if algo.uses_momentum and algo.momentum_dtype == "int8" and not triton_can_run(torch.empty(0, device=dist.device)):
+        raise TrainingError("algorithm.momentum_dtype=int8 updates the momentum model with a Triton kernel: on a CPU "
+                            "set TRITON_INTERPRET=1 (slow; tests) or use algorithm.momentum_dtype=fp32")
     dtype = compute_dtype(cfg.model.precision, dist.device)
     if dtype != torch.float32 and not dist.fsdp:
         raise TrainingError(f"model.precision={cfg.model.precision} computes in {dtype} through FSDP2's mixed "
@@ -113,9 +140,10 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
     tokenizer, config = load_tokenizer_and_config(model_path)
     max_sequence_len = longest_sequence(cfg, tokenizer, stream, held_out, config)   # checked before any weights
 
+    rollout_cfg = plan_memory(cfg, dist, log)             # refuses a run that would not fit, before any weights
     memory_before_engine = process_memory_gib(dist.device)   # 3.
     if engine is None:
-        engine = make_engine(cfg.rollout, cfg.seed, model_path, tokenizer, max_sequence_len, dist, dtype=dtype,
+        engine = make_engine(rollout_cfg, cfg.seed, model_path, tokenizer, max_sequence_len, dist, dtype=dtype,
                              parameter_names=parameter_names(config, cfg), verbose=cfg.verbose)
     engine_gib = process_memory_gib(dist.device) - memory_before_engine
     reset_peak_memory(dist.device)
@@ -132,29 +160,48 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
     params = [p for _, p in named]
     if not all(p.requires_grad for p in params):
         raise TrainingError("every policy parameter must be trainable (frozen parameters are not supported)")
-    optimizer = momentum.make_optimizer(params, cfg.optim) if momentum else make_adamw(params, cfg.optim)
+    optimizer = momentum.make_optimizer(params, cfg.optim) if momentum else make_optimizer(params, cfg.optim)
     from transformers import get_cosine_schedule_with_warmup
     total_updates = cfg.steps * algo.updates_per_batch
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_updates), total_updates)
     run = Run(cfg, dist, run_dir, tokenizer, policy, reference, momentum, optimizer, scheduler, engine, stream,
               held_out, impl, model_path, stored_dtype(config), dtype)
-    run.memory_report = {
-        "policy shard (fp32 master)": tensor_bytes(params) / 2**30,
-        "momentum model": (momentum.state_bytes() / 2**30) if momentum else 0.0,
-        "KL reference": tensor_bytes(reference.parameters()) / 2**30 if reference is not None else 0.0,
-        "engine (measured at build)": engine_gib,
-    }
+    run.engine_gib = engine_gib
     return run
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors on this rank, each storage once (bitsandbytes' code maps are
+    shared by every parameter's state)."""
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            for tensor in (t.values() if isinstance(t, dict) else [t]):
+                if torch.is_tensor(tensor):
+                    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                    key = (local.untyped_storage().data_ptr(), local.storage_offset(), local.numel())
+                    if key not in seen:
+                        seen.add(key)
+                        total += local.numel() * local.element_size()
+    return total
+
+
+def measured_memory(run: Run) -> dict:
+    """Exact tensor bytes of each part this rank holds, under the names of mgrpo/plan.py's computed parts."""
+    parts = {"master weights (fp32)": tensor_bytes(run.params),
+             "optimizer state": optimizer_state_bytes(run.optimizer),
+             "momentum model": run.momentum.state_bytes() if run.momentum is not None else 0,
+             "KL reference": tensor_bytes(run.reference.parameters()) if run.reference is not None else 0}
+    if run.momentum is not None and run.momentum.optimizer_holds_state:
+        parts["optimizer state"] -= parts["momentum model"]     # its codes and scales live in the optimizer
+    return parts
 
 
 def report_memory(run: Run, log) -> None:
     """Rank 0 logs the measured memory of each part on this rank, after the first step (when the optimizer's
     states exist); peak_memory_gib stays in the metrics."""
     from .metrics import peak_memory_gib
-    report = dict(run.memory_report)
-    report["optimizer state"] = tensor_bytes(t for s in run.optimizer.state.values() for t in s.values()
-                                             if torch.is_tensor(t)) / 2**30
-    if run.momentum is not None and run.momentum.optimizer_holds_state:
-        report["optimizer state"] -= report["momentum model"]     # its codes and scales live in the optimizer
+    report = {name: b / 2**30 for name, b in measured_memory(run).items()}
+    report["engine (measured at build)"] = run.engine_gib
     report["peak after step 1"] = peak_memory_gib(run.dist.device)
     log("[memory] per rank, GiB: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))

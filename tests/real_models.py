@@ -107,3 +107,25 @@ def save_model(architecture: str, root: Path, sft_steps: int = 0) -> Path:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
+
+
+QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                 max_position_embeddings=4096)
+
+
+def save_qwen3_06b(root: Path) -> Path:
+    """A random model of Qwen3-0.6B's shapes (0.6 B parameters, bf16 files as real checkpoints store) with the
+    BPE tokenizer: for checks at a real model's scale (nothing downloaded)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    path = root / "qwen3-0.6b-shaped"
+    if not (path / "config.json").is_file():
+        tokenizer = build_bpe_tokenizer()
+        config = Qwen3Config(**QWEN3_06B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=None)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
