@@ -187,6 +187,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _can_launch(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under its interpreter."""
+    return device.type == "cuda" or _interpreting()
+
+
 def launch_config(interpreting: bool = False) -> dict:
     """Quantization blocks per program and warps (the compile tests build exactly this configuration)."""
     return dict(BLOCKS_PER_PROGRAM=64, num_warps=1) if interpreting else dict(BLOCKS_PER_PROGRAM=4, num_warps=4)
@@ -197,7 +202,7 @@ def launch_delta_ema(before: torch.Tensor, after: torch.Tensor, codes: torch.Ten
     """d <- m (d - (after - before)) for one tensor's int8 delta, in place (see _delta_ema_kernel)."""
     if after.numel() == 0:
         return
-    if not (after.device.type == "cuda" or _interpreting()):
+    if not _can_launch(after.device):
         raise RuntimeError("the int8 momentum update runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
     if before.dtype != after.dtype or not (before.is_contiguous() and after.is_contiguous()):
         raise ValueError("before and after must be contiguous tensors of one dtype")
@@ -238,7 +243,7 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
     if not params:
         return 0
     device = params[0].device
-    if not (device.type == "cuda" or _interpreting()):
+    if not _can_launch(device):
         raise RuntimeError("the fused int8 momentum step runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
     config = launch_config(_interpreting())
     if blocks_per_program:

@@ -41,6 +41,9 @@ class ModelConfig:
     use_chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template (system instruction + problem as user message).
     False: plain text prompt "<problem> <instruction>\\n", the format of the paper's base-model runs."""
+    liger: str = "auto"
+    """Liger-Kernel's RMSNorm, RoPE and SwiGLU Triton kernels in the trained models (mgrpo/liger.py): auto (on a
+    GPU when liger-kernel is installed), true, or false. The log-prob/entropy head is ours either way."""
     precision: str = "auto"
     """Numerics of training: bf16 (the GPU's mixed precision: fp32 master weights, bf16 forwards and head
     (FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), on a one-rank group for one process), bf16 KL
@@ -50,6 +53,8 @@ class ModelConfig:
     def __post_init__(self):
         _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
                f"model.attn_implementation={self.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+        self.liger = str(self.liger).lower()
+        _check(self.liger in ("auto", "true", "false"), f"model.liger={self.liger!r}: use auto, true or false")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"model.precision={self.precision!r}: use auto, bf16 or fp32")
 

@@ -180,6 +180,19 @@ def copy_full_into_shards(causal_lm: torch.nn.Module, full: torch.nn.Module) -> 
 # ---------------------------------------------------------------------------------------------------------
 # The policy and the KL reference
 
+def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, checkpointing: bool = True) -> None:
+    """Before sharding: activation checkpointing (model.gradient_checkpointing) and Liger's kernels
+    (model.liger; the policy and the reference alike, so that their log-probs agree at step 0)."""
+    if checkpointing and cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from .liger import LigerError, apply_liger, use_liger
+    try:
+        if use_liger(cfg.model.liger, dist.device):
+            apply_liger(model)
+    except LigerError as e:
+        raise TrainingError(str(e)) from None
+
+
 def load_policy(path: str, config, cfg: TrainConfig, dist: Dist, param_dtype: Optional[torch.dtype],
                 log=print) -> TokenScorer:
     """The policy with fp32 master weights: whole on one process, this rank's FSDP2 shards under torchrun.
@@ -191,12 +204,10 @@ def load_policy(path: str, config, cfg: TrainConfig, dist: Dist, param_dtype: Op
                                                          attn_implementation=training_attention(cfg))
         except Exception as e:  # noqa: BLE001
             raise TrainingError(f"model.path={path!r} does not load as a Hugging Face causal LM: {e}") from e
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepare_for_training(model, cfg, dist)
         return TokenScorer(model).to(dist.device)
     model = empty_model(config, cfg, torch.float32)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(model, cfg, dist)
     policy = TokenScorer(model)
     shard_model(policy, list(policy.decoder_layers), dist, param_dtype)
     materialize(policy, dist.device)
@@ -215,6 +226,7 @@ def build_reference(policy: TokenScorer, config, cfg: TrainConfig, dist: Dist, d
     """The frozen KL reference: the initial policy in `dtype` (bf16 in mixed precision), laid out like the
     policy (the same shards under FSDP2) and filled from its local shards one tensor at a time."""
     model = empty_model(config, cfg, dtype)
+    prepare_for_training(model, cfg, dist, checkpointing=False)
     reference = TokenScorer(model)
     if dist.fsdp:
         shard_model(reference, list(reference.decoder_layers), dist, None)

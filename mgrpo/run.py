@@ -129,6 +129,11 @@ def setup(cfg: TrainConfig, dist: Dist, run_dir: Path, log, engine: Optional[Rol
     if algo.uses_momentum and algo.momentum_dtype == "int8" and not triton_can_run(torch.empty(0, device=dist.device)):
         raise TrainingError("algorithm.momentum_dtype=int8 updates the momentum model with a Triton kernel: on a CPU "
                             "set TRITON_INTERPRET=1 (slow; tests) or use algorithm.momentum_dtype=fp32")
+    from .liger import LigerError, use_liger
+    try:
+        use_liger(cfg.model.liger, dist.device)          # model.liger=true where it cannot run: refused now
+    except LigerError as e:
+        raise TrainingError(str(e)) from None
     dtype = compute_dtype(cfg.model.precision, dist.device)
     if dtype != torch.float32 and not dist.fsdp:
         raise TrainingError(f"model.precision={cfg.model.precision} computes in {dtype} through FSDP2's mixed "
