@@ -25,10 +25,12 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "bitsandbytes>=0.50",       # 8-bit AdamW (optim.name adamw8bit), runs on CPUs and GPUs
+        "liger-kernel>=0.8",        # Triton RMSNorm/RoPE/SwiGLU for the trained model (model.liger)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pyarrow"],
-        "bench": ["liger-kernel", "trl==1.16.0"],
+        "bench": ["trl==1.16.0"],   # the peer trainer bench/bench_trl.py compares against
         "data": ["datasets", "pyarrow"],
     },
     entry_points={"console_scripts": ["mgrpo=mgrpo.cli:main"]},

@@ -89,6 +89,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--momentum-dtype", default="int8")
+    parser.add_argument("--optim", default="adamw8bit", help="optim.name (the one-GPU config's adamw8bit by default)")
     parser.add_argument("--cpu-smoke", action="store_true")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -111,7 +112,8 @@ def main():
     cfg = load_config(None, [
         f"model.path={path}", "model.gradient_checkpointing=true", f"run_dir={root / 'run'}", f"steps={args.steps}",
         f"algorithm.prompts_per_step={args.prompts * dist.world_size}", f"algorithm.group_size={args.group_size}",
-        f"algorithm.momentum_dtype={args.momentum_dtype}", "algorithm.logprob_impl=fused" if on_gpu or args.cpu_smoke
+        f"algorithm.momentum_dtype={args.momentum_dtype}", f"optim.name={args.optim}",
+        "algorithm.logprob_impl=fused" if on_gpu or args.cpu_smoke
         else "algorithm.logprob_impl=torch", f"rollout.max_new_tokens={args.response_tokens}",
         "data.num_eval=0", "progress=false", "log_every=1", "optim.lr=1e-6", "optim.micro_batch_tokens=16384",
         f"data.source={write_prompts(root)}"])
@@ -120,14 +122,22 @@ def main():
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time" in r]
     if dist.is_main:
-        memory = next((line for line in memory_lines if line.startswith("[memory]")), "")
+        memory_line = next((line for line in memory_lines if line.startswith("[memory]")), "")
+        # the plan of the same config (mgrpo plan): the trainer's own parts against the measured peak (the engine
+        # here is a stand-in: the plan's engine and runtime parts are left out of the comparison)
+        from mgrpo.plan import make_plan
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if on_gpu else 80.0
+        plan = make_plan(cfg, dist.world_size, memory, on_gpu=on_gpu)
+        trainer_parts = [p for p in plan.parts if p.name not in ("vLLM engine", "CUDA runtime and fragmentation")]
+        planned_update = sum(p.update for p in trainer_parts) / 2**30
         row = {**environment(), "shape": args.shape, "world_size": dist.world_size, "prompts_per_rank": args.prompts,
                "group_size": args.group_size, "response_tokens": args.response_tokens,
                "momentum_dtype": args.momentum_dtype, "params_b": round(sum(
                    p.numel() for _, p in summary["run"].policy.hf_named_parameters()) * dist.world_size / 1e9, 3),
                "step_time_s_median": sorted(r["step_time"] for r in steps)[len(steps) // 2],
                "update_time_s_last": round(steps[-1]["step_time"] - steps[-1]["rollout_time"], 3),
-               "peak_memory_gib": round(max(r["peak_memory_gib"] for r in steps), 3), "memory": memory}
+               "peak_memory_gib": round(max(r["peak_memory_gib"] for r in steps), 3),
+               "planned_update_gib": round(planned_update, 3), "optim": args.optim, "memory": memory_line}
         print(row)
         if not args.cpu_smoke:
             append_rows("train_step", [row])

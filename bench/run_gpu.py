@@ -8,11 +8,13 @@ each is cut at its own limit or at what is left of the budget. After every stage
 brings back what it measured. Commit what comes back into bench/results/.
 
     1. kernels        the kernel tests on the GPU itself (no interpreter): peaked bf16 logits, confident targets,
-                      gradients against float64, the int8 momentum bar; the sm_80/sm_90 compile check
+                      gradients against float64, the head's memory, the int8 momentum bar (with both
+                      optimizers), Liger's RMSNorm/RoPE/SwiGLU against the unpatched model; the compile check
     2. head_bench     fused log-prob/entropy against eager, torch.compile, F.linear_cross_entropy, Liger, floor
     3. momentum_bench the fused AdamW + int8 momentum step: tracking error and bandwidth against the floor
     4. sleep          vLLM's sleep/wake lifecycle with weight pushes (only where vLLM is installed)
-    5. train_step     whole training steps of a Qwen3-1.7B-shaped model: per-part memory, peak, step time
+    5. train_step     whole training steps of a Qwen3-1.7B-shaped model with the one-GPU config's choices (8-bit
+                      AdamW, int8 momentum): per-part memory, peak and step time against `mgrpo plan`
 """
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ PY = sys.executable
 # (name, seconds it may take at most, command, needs): most valuable first
 STAGES = [
     ("kernels", 200, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused_logprob_entropy.py",
-                      "tests/test_momentum_int8.py", "tests/test_kernels_compile.py"], None),
+                      "tests/test_momentum_int8.py", "tests/test_liger.py", "tests/test_kernels_compile.py"], None),
     ("head_bench", 150, [PY, "bench/bench_fused_logprob_entropy.py", "--tokens", "4096", "16384"], None),
     ("momentum_bench", 90, [PY, "bench/bench_momentum_int8.py"], None),
     ("sleep", 120, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_sleep_lifecycle.py",
                     "tests/test_vllm_engine.py"], "vllm"),
     ("train_step", 240, [PY, "bench/bench_train_step.py", "--shape", "qwen3-1.7b", "--steps", "3",
-                         "--response-tokens", "1024"], None),
+                         "--response-tokens", "1024", "--optim", "adamw8bit"], None),
 ]
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one call that fits a 15-minute device window (bench/run_gpu.py: stages ordered by value,
 # each one's results copied to $OUT as it finishes). The device machine has torch, triton and transformers;
-# pytest, hypothesis, math-verify (and Liger, bitsandbytes where they fit) travel as wheels in .whl/:
+# pytest, hypothesis, math-verify, Liger and bitsandbytes travel as wheels in .whl/ (46 MB of the 64 MiB carry):
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
-#     --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-#     --platform any -d .whl pytest pluggy iniconfig hypothesis sortedcontainers math-verify==0.9.0 \
-#     latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 liger-kernel==0.8.5
+#     --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_28_x86_64 --platform any -d .whl pytest pluggy iniconfig hypothesis sortedcontainers \
+#     math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 liger-kernel==0.8.5 \
+#     bitsandbytes==0.50.2
 # then the device tool: carry [".whl"], command "bash bench/run_gpu.sh", timeout_s 600.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -93,7 +93,7 @@ class DataConfig:
     """Optional worked solution; its last \\boxed{} is the ground truth when `answer_field` is absent."""
     eval_source: Optional[str] = None
     """Held-out prompts for accuracy before/after (same formats). None with the built-in task: its held-out set."""
-    num_eval: int = 256
+    num_eval: int = 512
     """How many held-out problems to validate on (data.eval_every, and before and after training)."""
     eval_every: int = 0
     """Evaluate every this many steps as well (0: only before and after)."""

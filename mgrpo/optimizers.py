@@ -77,6 +77,15 @@ def make_adamw8bit(params, cfg: OptimConfig, after_update: Optional[Callable] = 
                     if not self.state[p]:
                         self.init_state(group, p, gindex, pindex)
 
+        def state_dict(self):
+            # torch.distributed.checkpoint flattens nested dicts by the string of each key and loads them back
+            # with string keys; torch's load_state_dict would keep "0" beside 0 as a second, unmapped entry
+            state = super().state_dict()
+            return {**state, "state": {str(k): v for k, v in state["state"].items()}}
+
+        def load_state_dict(self, state: dict):
+            super().load_state_dict({**state, "state": {int(k): v for k, v in state["state"].items()}})
+
         def zero_grad(self, set_to_none: bool = True):
             for p in self.sources:
                 p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)

@@ -39,12 +39,12 @@ def scripted(cache):
     return ScriptedEngine(build_tokenizer(), names)
 
 
-def one_update(cache, run_dir, momentum_dtype, precision="fp32"):
+def one_update(cache, run_dir, momentum_dtype, precision="fp32", extra=()):
     """Two updates on fixed rollouts (the second has a non-zero KL and Adam's second moments); the full weights
     after them, every step's metrics, and the engine's pushes. precision=bf16: the GPU's mixed precision."""
     engine = scripted(cache)
     summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=2",
-                           f"model.precision={precision}"), log=lambda *a: None, engine=engine)
+                           f"model.precision={precision}", *extra), log=lambda *a: None, engine=engine)
     run = summary["run"]
     import json
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
@@ -120,11 +120,11 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
     return {"rows": rows, "logprob": logprob.detach(), "entropy": entropy.detach(), "grads": grads}
 
 
-def resume(cache, out_dir):
+def resume(cache, out_dir, *overrides):
     """4 straight steps against 2 + resume + 2, with the real transformers engine."""
-    straight = train(config(cache, out_dir / "straight", "steps=4"), log=lambda *a: None)["run"]
-    train(config(cache, out_dir / "split", "steps=4"), log=lambda *a: None, stop_after_steps=2)
-    resumed = train(config(cache, out_dir / "split", "steps=4", "resume=true"), log=lambda *a: None)["run"]
+    straight = train(config(cache, out_dir / "straight", "steps=4", *overrides), log=lambda *a: None)["run"]
+    train(config(cache, out_dir / "split", "steps=4", *overrides), log=lambda *a: None, stop_after_steps=2)
+    resumed = train(config(cache, out_dir / "split", "steps=4", "resume=true", *overrides), log=lambda *a: None)["run"]
     return {"straight": {n: full_tensor(p) for n, p in straight.policy.hf_named_parameters()},
             "resumed": {n: full_tensor(p) for n, p in resumed.policy.hf_named_parameters()},
             "straight_momentum": dict(straight.momentum.named_weights(torch.float32)),
@@ -174,5 +174,9 @@ if __name__ == "__main__":
         save(f"update_{dtype}", one_update(cache, out / f"update_{dtype}", dtype))
     save("update_bf16_int8", one_update(cache, out / "update_bf16_int8", "int8", "bf16"))
     save("resume", resume(cache, out / "resume"))
+    # bitsandbytes' 8-bit AdamW on the local shards, with the int8 momentum's delta kernel in its hook
+    save("resume_adamw8bit", resume(cache, out / "resume_adamw8bit", "optim.name=adamw8bit",
+                                    "algorithm.momentum_dtype=int8"))
+    save("update_adamw8bit", one_update(cache, out / "update_adamw8bit", "int8", extra=("optim.name=adamw8bit",)))
     save("momentum_reference", momentum_reference(cache, out / "momentum_reference"))
     torch.distributed.destroy_process_group()

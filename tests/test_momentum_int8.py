@@ -92,6 +92,53 @@ def test_the_bar_tracks_the_exact_ema():
     assert min(ratios) > 0   # it is an approximation: an exact 0 would mean the test compared a thing to itself
 
 
+def test_the_bar_holds_with_bitsandbytes_8bit_adamw():
+    """The same bar with bitsandbytes' AdamW8bit as the optimizer: the int8 momentum model then updates in the
+    optimizer's per-parameter hook (before/after copies, the delta kernel) and must still track the exact EMA of
+    what the policy stores. 8-bit moments make noisier steps, which the delta must follow all the same."""
+    pytest.importorskip("bitsandbytes")
+    from mgrpo.config import OptimConfig
+    from mgrpo.momentum_int8 import Int8DeltaMomentum
+    sizes = [1, 255, 257, 4099]   # 4099: prime, above bitsandbytes' 4096-element threshold for 8-bit state
+    params = params_of(sizes, 10)
+    m = 0.99
+    momentum = Int8DeltaMomentum([(str(i), p) for i, p in enumerate(params)], m, seed=3)
+    opt = momentum.make_optimizer(params, OptimConfig(name="adamw8bit", lr=1e-6, warmup_steps=0))
+    assert not momentum.optimizer_holds_state and len(opt.state) == len(params)
+    k_ref = [p.detach().double().clone() for p in params]
+    g = torch.Generator().manual_seed(11)
+    drift = [torch.randn(p.shape, generator=g).to(DEVICE) for p in params]
+    ratios = []
+    for step in range(1, 1001):
+        for p, d in zip(params, drift):
+            p.grad = d + torch.randn(p.shape, generator=g).to(DEVICE)
+        opt.step()
+        for k, p in zip(k_ref, params):
+            k.mul_(m).add_(p.detach().double(), alpha=1 - m)
+        if step % 100 == 0:
+            k_hat = torch.cat([w.double().reshape(-1) for w in momentum.local_weights(torch.float32)])
+            k_exact, q = torch.cat(k_ref), torch.cat([p.detach().double() for p in params])
+            ratios.append(((k_hat - k_exact).norm() / (k_exact - q).norm()).item())
+    assert max(ratios) <= 0.05, ratios
+    assert min(ratios) > 0
+    assert momentum.bytes_per_parameter() < 1.05
+
+
+def test_delta_kernel_equals_the_reference_in_distribution():
+    """The delta-only kernel: d <- m (d - (after - before)), as the fused kernel's second half."""
+    from mgrpo_kernels.momentum_int8 import launch_delta_ema
+    (before,) = params_of([1000], 4)
+    after = before.detach() + 1e-4 * torch.randn(1000, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    codes, scales = new_delta_state(before)
+    codes.copy_(torch.randint(-127, 128, (1000,)).to(torch.int8))
+    scales.fill_(1e-5)
+    expected = 0.99 * (dequantize_delta(codes, scales) - (after - before.detach()))
+    launch_delta_ema(before.detach().contiguous(), after.contiguous(), codes, scales, momentum=0.99, seed=5, tensor_id=0)
+    got = dequantize_delta(codes, scales)
+    assert (got - expected).abs().max() <= scales.repeat_interleave(QUANT_BLOCK)[:1000].max() * 1.0001
+    assert abs(float((got - expected).mean())) < 0.05 * float(scales.max())     # unbiased
+
+
 def test_zero_blocks_never_divide_by_zero():
     params = params_of([300, 1], 1)
     opt = FusedAdamWInt8Momentum(params, lr=0.0, momentum=0.99)

@@ -47,12 +47,15 @@ def test_embedded_default_few_steps(tmp_path, cache):
     assert not torch.equal(k, policy[name].detach())
 
 
-@pytest.mark.parametrize("momentum_dtype", ["fp32", "int8"])
-def test_resume_matches_straight_run(tmp_path, cache, momentum_dtype):
-    dtype = f"algorithm.momentum_dtype={momentum_dtype}"
-    straight = train(tiny_config(tmp_path, cache, dtype, run="straight"), log=lambda *a: None)
-    train(tiny_config(tmp_path, cache, dtype, run="split"), log=lambda *a: None, stop_after_steps=2)
-    resumed = train(tiny_config(tmp_path, cache, dtype, "resume=true", run="split"), log=lambda *a: None)
+@pytest.mark.parametrize("momentum_dtype,optimizer", [("fp32", "adamw"), ("int8", "adamw"), ("int8", "adamw8bit"),
+                                                     ("fp32", "adamw8bit")])
+def test_resume_matches_straight_run(tmp_path, cache, momentum_dtype, optimizer):
+    """2 steps + resume + 2 = 4 straight steps, bit for bit: policy, momentum model and (through them) the
+    optimizer's state, with torch's AdamW (fused with the int8 momentum) and bitsandbytes' 8-bit AdamW."""
+    dtype = (f"algorithm.momentum_dtype={momentum_dtype}", f"optim.name={optimizer}")
+    straight = train(tiny_config(tmp_path, cache, *dtype, run="straight"), log=lambda *a: None)
+    train(tiny_config(tmp_path, cache, *dtype, run="split"), log=lambda *a: None, stop_after_steps=2)
+    resumed = train(tiny_config(tmp_path, cache, *dtype, "resume=true", run="split"), log=lambda *a: None)
     for (name, a), (_, b) in zip(straight["run"].policy.hf_named_parameters(),
                                  resumed["run"].policy.hf_named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
