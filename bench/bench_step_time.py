@@ -71,9 +71,9 @@ def main():
                 rows.append({"version": label, "repeat": repeat, "steps": args.steps, **result})
                 print(f"{label:>14s} repeat {repeat}: step {result['step_s']:.2f} s (rollout {result['rollout_s']:.2f} s)",
                       flush=True)
-    env = environment()
+    env = {**environment(), "device": f"cpu ({os.cpu_count()} cores; no Triton in these runs)"}
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    append_rows("step_time", [{**env, "model": model, **{k: r.get(k) for k in keys}} for r in rows])
+    append_rows("step_time", [{**env, "model": model.replace(str(Path.home()), "~"), **{k: r.get(k) for k in keys}} for r in rows])
     old = statistics.median(r["step_s"] for r in rows if r["version"] == args.label_old)
     new = statistics.median(r["step_s"] for r in rows if r["version"] == args.label_new)
     print(f"median step: {args.label_old} {old:.2f} s, {args.label_new} {new:.2f} s: {old / new:.2f}x faster")

@@ -63,9 +63,9 @@ class ModelConfig:
 class WarmStartConfig:
     """Supervised warm start of the embedded tiny model (ignored when model.path is set)."""
     steps: int = 800
-    """Optimizer steps of supervised training on worked solutions (800: held-out greedy accuracy 51%, the
-    majority of 16 samples 10-12 points above it at every temperature; 1100 steps made a base model that
-    M-GRPO made worse; see README, "The embedded default")."""
+    """Optimizer steps of supervised training on worked solutions (800: held-out greedy accuracy 76.2%, the
+    majority of 16 samples at T 0.5 83.8%, on 512 problems; M-GRPO's gains from 700 steps were inconsistent over
+    seeds, from 800 positive on every seed; see README, "The embedded default")."""
     batch_size: int = 32
     """Problems per supervised step."""
     lr: float = 3e-3

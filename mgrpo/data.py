@@ -138,11 +138,11 @@ def eval_problems(cfg: DataConfig) -> list:
 
 
 def benchmark_problems(source: str, cfg: DataConfig, limit: int = 0) -> list:
-    """Problems with answers to grade against: the built-in task's held-out set (`limit` of them, 256 when
-    0), or a file/dataset whose every row must have an answer (its field or its solution's last \\boxed{})."""
+    """Problems with answers to grade against: the built-in task's held-out set (`limit` of them,
+    data.num_eval when 0), or a file/dataset whose every row must have an answer (its field or its solution's last \\boxed{})."""
     if source == BUILTIN_ARITHMETIC:
         from .tiny import held_out_dataset
-        return [Problem(r["problem"], r["answer"]) for r in held_out_dataset(limit or 256)]
+        return [Problem(r["problem"], r["answer"]) for r in held_out_dataset(limit or cfg.num_eval or 512)]
     problems = load_problems(source, cfg)
     missing = [i for i, p in enumerate(problems) if p.answer is None]
     if missing:

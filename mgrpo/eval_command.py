@@ -61,7 +61,7 @@ PRESETS = {
                      note="30 problems; fields problem, answer"),
     "arithmetic": Preset(k=8, temperature=0.6, top_p=0.95, max_new_tokens=64, greedy=True,
                          source=BUILTIN_ARITHMETIC, pass_k=(1, 8),
-                         note="the built-in task's held-out set (256 problems by default)"),
+                         note="the built-in task's held-out set (512 problems by default, data.num_eval)"),
 }
 
 
