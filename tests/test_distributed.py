@@ -140,10 +140,6 @@ def test_adamw8bit_on_two_ranks_equals_one_rank(two_ranks, one_rank):
         for name, w in ref["policy"].items():
             diff = (got["policy"][name] - w).abs()
             assert float(diff.max()) <= steps * 2.5 * lr, name
-            # sharding may disagree with one bf16 process on no more elements than bf16 itself disagrees
-            # with fp32 on the same update, over the model (layer 0's q_proj: a few % of its elements either way)
-            flipped[name] = int((diff > 0.25 * lr).sum())
-            floor[name] = int(((fp32[name] - w).abs() > 0.25 * lr).sum())
             assert not torch.equal(w, ref["first_pushes"][0][name]), f"{name} did not move"
         for name, k in ref["momentum"].items():
             delta = ref["momentum"][name] - ref["policy"][name]
@@ -275,7 +271,7 @@ def test_resume_on_another_world_size_is_refused(two_ranks, tiny_cache):
     load, _ = two_ranks
     run_dir = load("resume")[0]["run_dir"]
     with pytest.raises(RunDirError, match="written by 2 rank"):
-        train(config(tiny_cache, run_dir, "steps=4", "resume=true"), log=lambda *a: None)
+        train(config(tiny_cache, run_dir, "steps=2", "resume=true"), log=lambda *a: None)
 
 
 def test_torchrun_cli_trains_to_the_end_in_bf16(tiny_cache, tmp_path):

@@ -132,12 +132,13 @@ def test_bf16_peaked_logits_confident_targets_match_float64(logit_std, targets):
     error is zero): forward, and the gradients of log-prob and entropy, each within 1e-2 relative error. With
     bf16-rounded logits in the backward (the earlier kernel) grad_hidden was 55% off at logit std 23; V = 1000
     is a multiple of no tile size."""
-    T, H, V, tau = 48, 64, 1000, 0.9
+    T, H, V, tau = 24, 64, 1000, 0.9     # T: one full and one ragged tile of the interpreter's BLOCK_T = 16
     h, w, t = peaked_inputs(T, H, V, logit_std, seed=int(logit_std * 10), targets=targets, temperature=tau)
     g = torch.Generator().manual_seed(1)
     g_lp = torch.randn(T, generator=g, dtype=torch.float64).to(DEVICE)
     g_ent = torch.randn(T, generator=g, dtype=torch.float64).to(DEVICE)
-    for which, (a, b) in {"logprob": (g_lp, 0 * g_ent), "entropy": (0 * g_lp, g_ent), "both": (g_lp, g_ent)}.items():
+    # each gradient on its own (the backward is linear in the two upstream gradients, so their sum adds nothing)
+    for which, (a, b) in {"logprob": (g_lp, 0 * g_ent), "entropy": (0 * g_lp, g_ent)}.items():
         gold = run(reference, h.double(), w.double(), t, tau, a, b, torch.float64)
         kernel = run(fused_logprob_entropy, h, w, t, tau, a.float(), b.float(), torch.bfloat16)
         for name, k, gd in zip(("logprob", "entropy", "grad_hidden", "grad_weight"), kernel, gold):
