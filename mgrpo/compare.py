@@ -12,7 +12,8 @@ each step, so nothing carries over). Finished runs are skipped when the command 
 --out, so an interrupted comparison continues where it stopped.
 
 Output in --out: compare.csv (every run's every logged step), compare_summary.csv (per method and step:
-mean, std, min and max over seeds), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
+mean, std, min and max over seeds), compare_runs.csv (per run: final and best held-out accuracy, the best's
+step, where held-out greedy first declined and when the collapse monitor first warned), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
 majority ratio and entropy versus step; one line per method, the band is min-max over seeds).
 """
 from __future__ import annotations
@@ -177,6 +178,76 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
     plt.close(fig)
 
 
+# A held-out greedy accuracy this far below the run's best so far counts as its decline: about two standard
+# errors of an accuracy near 0.75 on 512 problems (sqrt(0.75 * 0.25 / 512) = 0.019 each), so sampling noise
+# between two evaluations rarely crosses it.
+DECLINE = 0.04
+
+
+def replay_monitor(run: list) -> dict:
+    """The collapse monitor's warnings of one run, replayed on its logged training metrics with the trainer's own
+    CollapseMonitor (same thresholds and window): sign -> step of its warning."""
+    from .metrics import CollapseMonitor
+    monitor, steps = CollapseMonitor(log=lambda *a: None), {}
+    for record in run:
+        if record.get("entropy") is None:
+            continue
+        before = set(monitor.warned)
+        monitor.observe(record["step"], record)
+        steps.update({key: record["step"] for key in monitor.warned - before})
+    return steps
+
+
+def run_report(rows: list, decline: float = DECLINE) -> list:
+    """Per run (method, seed): final and best held-out accuracy and the step of the best, the final checkpoint's
+    distance below its best; the first evaluation `decline` below the best so far (None: no decline); the
+    monitor's warnings, replayed, and how many steps the first came before the decline (negative: after it; a
+    warning in a run without a decline is a false alarm)."""
+    out = []
+    for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in rows):
+        run = sorted((r for r in rows if r["method"] == method and r["seed"] == seed), key=lambda r: r["step"])
+        evals = [r for r in run if r.get("eval/greedy") is not None]
+        if not evals:
+            continue
+        row = {"method": method, "seed": seed}
+        for key in ("eval/greedy", "eval/maj@k"):
+            if any(r.get(key) is None for r in evals):
+                continue
+            best = max(evals, key=lambda r: r[key])          # the first step reaching the maximum
+            name = key.split("/")[1]
+            row.update({f"{name}/final": evals[-1][key], f"{name}/best": best[key], f"{name}/best_step": best["step"],
+                        f"{name}/final_minus_best": evals[-1][key] - best[key]})
+        best_so_far, row["decline_step"] = float("-inf"), None
+        for r in evals:
+            if r["eval/greedy"] < best_so_far - decline:
+                row["decline_step"] = r["step"]
+                break
+            best_so_far = max(best_so_far, r["eval/greedy"])
+        warnings = replay_monitor(run)
+        for key in sorted(warnings):
+            row[f"warning_step/{key.split('/')[1]}"] = warnings[key]
+        first = min(warnings.values()) if warnings else None
+        row["first_warning_step"] = first
+        row["warning_lead_steps"] = row["decline_step"] - first if first is not None and row["decline_step"] else None
+        row["false_alarm"] = first is not None and row["decline_step"] is None
+        out.append(row)
+    return out
+
+
+def report_table(report: list) -> str:
+    """One line per run: final vs best greedy (and the best's step), the decline and the first warning."""
+    lines = []
+    for r in report:
+        def pct(key):
+            return f"{100 * r[key]:.1f}" if r.get(key) is not None else "-"
+        lines.append(f"{r['method']:14s} seed {r['seed']}: greedy final {pct('greedy/final')} best "
+                     f"{pct('greedy/best')} (step {r.get('greedy/best_step')}), decline at step "
+                     f"{r['decline_step'] if r['decline_step'] is not None else '-'}, first monitor warning at step "
+                     f"{r['first_warning_step'] if r['first_warning_step'] is not None else '-'}"
+                     + (" (false alarm)" if r["false_alarm"] else ""))
+    return "\n".join(lines)
+
+
 def final_table(summary: list) -> str:
     """Held-out accuracy at the first and last evaluated step per method: mean +- std over seeds."""
     lines = []
@@ -222,8 +293,11 @@ def main(args) -> int:
     write_csv(out / "compare_summary.csv", summary)
     plot(summary, out / "compare.png", f"mgrpo compare --preset {args.preset} ({seeds} seeds) "
          + " ".join(args.overrides))
+    report = run_report(rows)
+    write_csv(out / "compare_runs.csv", report)
     print(final_table(summary))
-    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare.png")
+    print(report_table(report))
+    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare_runs.csv, compare.png")
     return 0
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mgrpo.cli import main
-from mgrpo.compare import moving_average, summarize, warnings_only
+from mgrpo.compare import moving_average, run_report, summarize, warnings_only
 
 
 def test_summarize_by_hand():
@@ -37,6 +37,43 @@ def test_compare_shows_only_warnings_of_each_run():
     log("[warning] step 57: collapse/entropy_ratio = 0.74 over the last 10 steps, below 0.75: a sign of collapse.")
     assert shown == ["[compare]   srt seed 1: [warning] step 57: collapse/entropy_ratio = 0.74 over the last 10 "
                      "steps, below 0.75: a sign of collapse."]
+
+
+def synthetic_run(method, seed, greedy_by_step, entropy_by_step):
+    """Logged rows as collect() gives them: training metrics every step, held-out figures where evaluated."""
+    rows = []
+    for step in range(0, max(entropy_by_step) + 1):
+        row = {"method": method, "seed": seed, "step": step}
+        if step in entropy_by_step:
+            row.update({"entropy": entropy_by_step[step], "collapse/unanimous_frac": 0.1})
+        if step in greedy_by_step:
+            row.update({"eval/greedy": greedy_by_step[step], "eval/maj@k": greedy_by_step[step] + 0.05})
+        rows.append(row)
+    return rows
+
+
+def test_run_report_final_vs_best_and_the_monitors_lead():
+    """A run whose entropy falls below 0.75 of its start (the monitor's trailing mean over 10 steps) and whose
+    held-out accuracy falls 4 points below its best later; a healthy run that never warns; a false alarm."""
+    steps = range(1, 61)
+    falling = {s: 1.0 if s <= 20 else 0.5 for s in steps}           # trailing mean < 0.75 from step 26 on
+    flat = {s: 1.0 for s in steps}
+    rows = (synthetic_run("srt", 0, {0: 0.70, 20: 0.74, 40: 0.71, 60: 0.62}, falling)
+            + synthetic_run("mgrpo", 0, {0: 0.70, 20: 0.74, 40: 0.75, 60: 0.74}, flat)
+            + synthetic_run("mgrpo", 1, {0: 0.70, 20: 0.72, 40: 0.73, 60: 0.72}, falling))
+    report = {(r["method"], r["seed"]): r for r in run_report(rows)}
+    srt = report[("srt", 0)]
+    assert srt["greedy/best"] == 0.74 and srt["greedy/best_step"] == 20 and srt["greedy/final"] == 0.62
+    assert srt["greedy/final_minus_best"] == pytest.approx(-0.12)
+    assert srt["maj@k/best_step"] == 20
+    assert srt["decline_step"] == 60                       # 40: 3 points below the best, within the noise
+    assert srt["warning_step/entropy_ratio"] == 26 and srt["first_warning_step"] == 26
+    assert srt["warning_lead_steps"] == 34 and not srt["false_alarm"]
+    healthy = report[("mgrpo", 0)]
+    assert healthy["decline_step"] is None and healthy["first_warning_step"] is None
+    assert not healthy["false_alarm"] and healthy["greedy/best_step"] == 40
+    assert healthy["greedy/final_minus_best"] == pytest.approx(-0.01)
+    assert report[("mgrpo", 1)]["false_alarm"] and report[("mgrpo", 1)]["warning_lead_steps"] is None
 
 
 def read_csv(path):
@@ -76,6 +113,10 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
             assert float(r["reward/min"]) <= float(r["reward/mean"]) <= float(r["reward/max"])
             assert 0.0 <= float(r["pseudo_label_accuracy/mean"]) <= 1.0
             assert float(r["entropy/mean"]) > 0
+    runs = read_csv(out / "compare_runs.csv")
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in methods for s in ("0", "1"))
+    for r in runs:
+        assert float(r["greedy/best"]) >= float(r["greedy/final"]) and r["greedy/best_step"] in ("0", "2", "3")
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     printed = capsys.readouterr().out
