@@ -4,17 +4,22 @@
     mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
     mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
+    mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
 
 Every run is an ordinary `mgrpo train` run (its own run directory under --out, with metrics.jsonl,
 checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
 own evaluation. One rollout engine is built once and shared by the runs (weights are pushed from memory
 each step, so nothing carries over). Finished runs are skipped when the command is run again on the same
---out, so an interrupted comparison continues where it stopped.
+--out, so an interrupted comparison continues where it stopped. A run counts as finished by its final model or
+by its metrics.jsonl alone (the end-of-run evaluation is logged there), so a comparison spread over several
+machines or days can keep only the runs' metrics.jsonl (bench/results/compare_long/ is one) and go on from them.
 
 Output in --out: compare.csv (every run's every logged step), compare_summary.csv (per method and step:
 mean, std, min and max over seeds), compare_runs.csv (per run: final and best held-out accuracy, the best's
-step, where held-out greedy first declined and when the collapse monitor first warned), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
-majority ratio and entropy versus step; one line per method, the band is min-max over seeds).
+step, where held-out greedy first declined and when the collapse monitor first warned), compare.md (the two as
+markdown tables, mean ± std over seeds), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
+majority ratio, entropy, entropy ratio and momentum agreement versus step; one line per method, the band is min-max
+over seeds).
 """
 from __future__ import annotations
 
@@ -43,7 +48,12 @@ PRESETS = {
 
 PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),
                ("reward", "training reward"), ("pseudo_label_accuracy", "pseudo-label accuracy"),
-               ("majority_ratio", "majority ratio"), ("entropy", "entropy"))
+               ("majority_ratio", "majority ratio"), ("entropy", "entropy"),
+               ("collapse/entropy_ratio", "entropy / its step-1 value"),
+               ("collapse/momentum_agreement", "momentum agreement (M-GRPO)"))
+# The trailing window of training steps whose mean is a run's final entropy ratio and momentum agreement in
+# compare_runs.csv (one step is a handful of groups: noisy); the collapse monitor's window.
+FINAL_WINDOW = 10
 
 
 class CompareError(ValueError):
@@ -79,6 +89,18 @@ def warnings_only(log, run: str):
     return filtered
 
 
+def finished(cfg) -> bool:
+    """A run is done when its final model is there, or when its metrics.jsonl holds the end-of-run evaluation
+    (logged at step `steps` after the last update; its checkpoints and models need not be kept)."""
+    from .metrics import read_metrics
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "final" / "config.json").is_file():
+        return True
+    if not (run_dir / "metrics.jsonl").is_file() or not cfg.data.num_eval:
+        return False
+    return any(r["step"] == cfg.steps and r.get("eval/greedy") is not None for r in read_metrics(run_dir))
+
+
 def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=print) -> list:
     """Train every (method, seed) not finished yet; returns their run directories."""
     from .checkpoint import latest_checkpoint
@@ -91,7 +113,7 @@ def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=p
     for _, _, cfg in configs:   # every run must start from the same base model and data
         if (cfg.model.path, cfg.data.source, cfg.warm_start) != (base.model.path, base.data.source, base.warm_start):
             raise CompareError("the runs of a comparison must share model.path, data.source and warm_start")
-    todo = [(m, s, cfg) for m, s, cfg in configs if not (Path(cfg.run_dir) / "final" / "config.json").is_file()]
+    todo = [(m, s, cfg) for m, s, cfg in configs if not finished(cfg)]
     engine = None
     for i, (method, seed, cfg) in enumerate(todo):
         if engine is None:   # built as train() would build it, once for every run
@@ -109,12 +131,15 @@ def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=p
     return [Path(cfg.run_dir) for _, _, cfg in configs]
 
 
-def collect(out: Path, methods: list, seeds: int) -> list:
-    """One row per (method, seed, step) with every metric logged at that step (eval lines merged in)."""
+def collect(out: Path, methods: list, seeds: int, runs=None) -> list:
+    """One row per (method, seed, step) with every metric logged at that step (eval lines merged in); `runs`:
+    only these (method, seed) pairs."""
     from .metrics import read_metrics
     rows = []
     for method in methods:
         for seed in range(seeds):
+            if runs is not None and (method, seed) not in runs:
+                continue
             by_step: dict = {}
             for record in read_metrics(out / f"{method}_seed{seed}"):
                 by_step.setdefault(record["step"], {}).update(record)
@@ -153,7 +178,7 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
     for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
         for method in dict.fromkeys(r["method"] for r in summary):
             pts = [r for r in summary if r["method"] == method and f"{key}/mean" in r]
@@ -200,7 +225,8 @@ def replay_monitor(run: list) -> dict:
 
 def run_report(rows: list, decline: float = DECLINE) -> list:
     """Per run (method, seed): final and best held-out accuracy and the step of the best, the final checkpoint's
-    distance below its best; the first evaluation `decline` below the best so far (None: no decline); the
+    distance below its best; the entropy ratio and momentum agreement at the end (mean of the last FINAL_WINDOW
+    steps); the first evaluation `decline` below the best so far (None: no decline); the
     monitor's warnings, replayed, and how many steps the first came before the decline (negative: after it; a
     warning in a run without a decline is a false alarm)."""
     out = []
@@ -223,6 +249,10 @@ def run_report(rows: list, decline: float = DECLINE) -> list:
                 row["decline_step"] = r["step"]
                 break
             best_so_far = max(best_so_far, r["eval/greedy"])
+        for key in ("collapse/entropy_ratio", "collapse/momentum_agreement"):
+            values = [r[key] for r in run if r.get(key) is not None][-FINAL_WINDOW:]
+            if values:
+                row[f"{key.split('/')[1]}/final"] = statistics.fmean(values)
         warnings = replay_monitor(run)
         for key in sorted(warnings):
             row[f"warning_step/{key.split('/')[1]}"] = warnings[key]
@@ -244,7 +274,10 @@ def report_table(report: list) -> str:
                      f"{pct('greedy/best')} (step {r.get('greedy/best_step')}), decline at step "
                      f"{r['decline_step'] if r['decline_step'] is not None else '-'}, first monitor warning at step "
                      f"{r['first_warning_step'] if r['first_warning_step'] is not None else '-'}"
-                     + (" (false alarm)" if r["false_alarm"] else ""))
+                     + (" (false alarm)" if r["false_alarm"] else "")
+                     + "".join(f", {label} at the end {r[key]:.2f}" for key, label in
+                               (("entropy_ratio/final", "entropy ratio"), ("momentum_agreement/final", "momentum agreement"))
+                               if r.get(key) is not None))
     return "\n".join(lines)
 
 
@@ -263,6 +296,43 @@ def final_table(summary: list) -> str:
                              f"{100 * last[f'{key}/mean']:.1f} +- {100 * last[f'{key}/std']:.1f}")
         lines.append(f"{method:14s} step {first['step']} -> {last['step']}: " + ", ".join(cells))
     return "\n".join(lines)
+
+
+def markdown_tables(summary: list, report: list) -> str:
+    """The README's tables: held-out greedy and maj@k per method at every evaluated step (mean ± std over seeds,
+    with the seeds' count), and per run the final checkpoint against its best, the decline and the first
+    warning, and the entropy ratio and momentum agreement at the end."""
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    steps = sorted({r["step"] for r in summary if "eval/greedy/mean" in r})
+    lines = ["| held-out greedy / maj@k (%), mean ± std (seeds) | " + " | ".join(str(s) for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for method in methods:
+        at = {r["step"]: r for r in summary if r["method"] == method and "eval/greedy/mean" in r}
+        cells = []
+        for step in steps:
+            r = at.get(step)
+            cells.append("-" if r is None else
+                         f"{100 * r['eval/greedy/mean']:.1f} ± {100 * r['eval/greedy/std']:.1f} / "
+                         f"{100 * r.get('eval/maj@k/mean', float('nan')):.1f} ± {100 * r.get('eval/maj@k/std', float('nan')):.1f}"
+                         f" ({r['seeds']})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def num(value, fmt="{:.2f}"):
+        return "-" if value is None else fmt.format(value)
+    lines += ["", "| run | greedy best (step) | final | final - best | maj@k final - best | decline first seen | "
+              "first monitor warning | entropy ratio at the end | momentum agreement at the end |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report:
+        warning = r.get("first_warning_step")
+        lines.append(f"| {r['method']} seed {r['seed']} | {pct(r.get('greedy/best'))} ({r.get('greedy/best_step')}) | "
+                     f"{pct(r.get('greedy/final'))} | {pct(r.get('greedy/final_minus_best'))} | "
+                     f"{pct(r.get('maj@k/final_minus_best'))} | {num(r.get('decline_step'), '{}')} | "
+                     + ("-" if warning is None else f"{warning}" + (" (false alarm)" if r.get("false_alarm") else ""))
+                     + f" | {num(r.get('entropy_ratio/final'))} | {num(r.get('momentum_agreement/final'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(args) -> int:
@@ -284,10 +354,18 @@ def main(args) -> int:
         if {k: before.get(k) for k in ("preset", "overrides")} != {k: settings[k] for k in ("preset", "overrides")}:
             raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
                                f"{before.get('overrides')}: continue it with those, or give a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(settings, indent=1))
-    run_all(args.preset, seeds, methods, out, args.overrides)
-    rows = collect(out, methods, seeds)
+    if args.report:          # train nothing: the tables and plot of the runs finished so far
+        done = {(m, s) for m in methods for s in range(seeds)
+                if finished(load_config(None, run_overrides(args.preset, m, s, out, args.overrides)))}
+        if not done:
+            raise CompareError(f"--report: no finished run of these methods and seeds in {out}")
+        print(f"[compare] --report: {len(done)} of {len(methods) * seeds} runs finished in {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(settings, indent=1))
+        run_all(args.preset, seeds, methods, out, args.overrides)
+        done = None
+    rows = collect(out, methods, seeds, done)
     summary = summarize(rows)
     write_csv(out / "compare.csv", rows)
     write_csv(out / "compare_summary.csv", summary)
@@ -295,9 +373,10 @@ def main(args) -> int:
          + " ".join(args.overrides))
     report = run_report(rows)
     write_csv(out / "compare_runs.csv", report)
+    (out / "compare.md").write_text(markdown_tables(summary, report))
     print(final_table(summary))
     print(report_table(report))
-    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare_runs.csv, compare.png")
+    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare_runs.csv, compare.md, compare.png")
     return 0
 
 
@@ -309,4 +388,6 @@ def add_arguments(parser) -> None:
                         help="run every method once per value of one train setting, as extra methods named "
                              "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")
     parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the tables and plot from the runs of --out finished so far")
     parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")

@@ -1,11 +1,12 @@
 """`mgrpo compare`: the summary statistics by hand, and the short preset end to end (CSV, PNG, skip, refusal)."""
 import csv
 import math
+import shutil
 
 import pytest
 
 from mgrpo.cli import main
-from mgrpo.compare import moving_average, run_report, summarize, warnings_only
+from mgrpo.compare import markdown_tables, moving_average, run_report, summarize, warnings_only
 
 
 def test_summarize_by_hand():
@@ -45,7 +46,10 @@ def synthetic_run(method, seed, greedy_by_step, entropy_by_step):
     for step in range(0, max(entropy_by_step) + 1):
         row = {"method": method, "seed": seed, "step": step}
         if step in entropy_by_step:
-            row.update({"entropy": entropy_by_step[step], "collapse/unanimous_frac": 0.1})
+            row.update({"entropy": entropy_by_step[step], "collapse/unanimous_frac": 0.1,
+                        "collapse/entropy_ratio": entropy_by_step[step] / entropy_by_step[min(entropy_by_step)]})
+            if method != "srt":      # the policy's majority answer is the momentum model's in 0.9, then 0.4
+                row["collapse/momentum_agreement"] = 0.9 if step <= 55 else 0.4
         if step in greedy_by_step:
             row.update({"eval/greedy": greedy_by_step[step], "eval/maj@k": greedy_by_step[step] + 0.05})
         rows.append(row)
@@ -69,11 +73,33 @@ def test_run_report_final_vs_best_and_the_monitors_lead():
     assert srt["decline_step"] == 60                       # 40: 3 points below the best, within the noise
     assert srt["warning_step/entropy_ratio"] == 26 and srt["first_warning_step"] == 26
     assert srt["warning_lead_steps"] == 34 and not srt["false_alarm"]
+    # At the end: the mean of the last 10 steps (entropy at half its start; no momentum model in SRT).
+    assert srt["entropy_ratio/final"] == pytest.approx(0.5) and "momentum_agreement/final" not in srt
     healthy = report[("mgrpo", 0)]
     assert healthy["decline_step"] is None and healthy["first_warning_step"] is None
     assert not healthy["false_alarm"] and healthy["greedy/best_step"] == 40
     assert healthy["greedy/final_minus_best"] == pytest.approx(-0.01)
+    assert healthy["entropy_ratio/final"] == pytest.approx(1.0)
+    assert healthy["momentum_agreement/final"] == pytest.approx((5 * 0.9 + 5 * 0.4) / 10)
     assert report[("mgrpo", 1)]["false_alarm"] and report[("mgrpo", 1)]["warning_lead_steps"] is None
+
+
+def test_markdown_tables_mean_spread_and_per_run():
+    steps = range(1, 61)
+    flat = {s: 1.0 for s in steps}
+    rows = (synthetic_run("srt", 0, {0: 0.70, 30: 0.74, 60: 0.62}, flat)
+            + synthetic_run("srt", 1, {0: 0.70, 30: 0.70, 60: 0.66}, flat)
+            + synthetic_run("mgrpo", 0, {0: 0.70, 30: 0.75}, flat))           # a run with one evaluation less
+    text = markdown_tables(summarize(rows), run_report(rows))
+    lines = text.splitlines()
+    assert lines[0].split("|")[2:5] == [" 0 ", " 30 ", " 60 "]
+    srt = next(line for line in lines if line.startswith("| srt |"))
+    # step 60: greedy mean 64.0, std of (62, 66) = 2.8; maj@k 5 points above each; two seeds
+    assert "64.0 ± 2.8 / 69.0 ± 2.8 (2)" in srt and "72.0 ± 2.8 / 77.0 ± 2.8 (2)" in srt
+    mgrpo = next(line for line in lines if line.startswith("| mgrpo |"))
+    assert mgrpo.rstrip().endswith("| - |") and "75.0 ± 0.0 / 80.0 ± 0.0 (1)" in mgrpo
+    run = next(line for line in lines if line.startswith("| srt seed 0 |"))
+    assert "| 74.0 (30) | 62.0 | -12.0 | -12.0 | 60 |" in run and "| 1.00 | - |" in run
 
 
 def read_csv(path):
@@ -117,6 +143,7 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in methods for s in ("0", "1"))
     for r in runs:
         assert float(r["greedy/best"]) >= float(r["greedy/final"]) and r["greedy/best_step"] in ("0", "2", "3")
+    assert "| srt seed 1 |" in (out / "compare.md").read_text()
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     printed = capsys.readouterr().out
@@ -127,6 +154,25 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     assert main(["compare", *common]) == 0
     assert "[compare] 1/" not in capsys.readouterr().out
     assert (out / "compare.csv").read_text() == before
+    # Only the runs' metrics.jsonl kept (as bench/results keeps a long comparison): still finished, not rerun.
+    kept = tmp_path / "kept"
+    again = [str(kept) if a == str(out) else a for a in common]
+    for run in out.glob("*_seed*"):
+        (kept / run.name).mkdir(parents=True)
+        shutil.copy(run / "metrics.jsonl", kept / run.name / "metrics.jsonl")
+    shutil.copy(out / "compare.json", kept / "compare.json")
+    assert main(["compare", *again]) == 0
+    assert "[compare] 1/" not in capsys.readouterr().out
+    assert (kept / "compare.csv").read_text() == before
+    # A run cut short (its end-of-run evaluation missing) is not finished: --report leaves it out, and
+    # continuing trains it again.
+    lines = (kept / "srt_seed0" / "metrics.jsonl").read_text().splitlines()
+    (kept / "srt_seed0" / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    assert main(["compare", *again, "--report"]) == 0
+    assert "5 of 6 runs finished" in capsys.readouterr().out
+    assert {r["seed"] for r in read_csv(kept / "compare_runs.csv") if r["method"] == "srt"} == {"1"}
+    assert main(["compare", *again]) == 0
+    assert "[compare] 1/1: srt seed 0" in capsys.readouterr().out
 
     # Other overrides on the same --out would mix two experiments in one table: refused.
     assert main(["compare", *common, "optim.lr=1e-3"]) == 2
