@@ -5,6 +5,8 @@
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
     mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
     mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
+    mgrpo compare --methods mgrpo --sweep algorithm.momentum=0.9,0.999   # one method per value of a setting
+    mgrpo compare --methods srt,mgrpo,mgrpo+algorithm.momentum=0.9 ...   # methods and sweep variants together
 
 Every run is an ordinary `mgrpo train` run (its own run directory under --out, with metrics.jsonl,
 checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
@@ -179,8 +181,10 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}   # one color per method in every panel
     for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
-        for method in dict.fromkeys(r["method"] for r in summary):
+        for method in methods:
             pts = [r for r in summary if r["method"] == method and f"{key}/mean" in r]
             if not pts:
                 continue
@@ -189,9 +193,9 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
             scale, window = (100, 1) if held_out else (1, smooth)
             series = [[scale * r[f"{key}/{s}"] for r in pts] for s in ("mean", "min", "max")]
             mean, low, high = (moving_average(v, window) for v in series)
-            line, = ax.plot(steps, mean, marker="o" if held_out else None, markersize=3,
-                            label=f"{method} (n={pts[-1]['seeds']})")
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.plot(steps, mean, marker="o" if held_out else None, markersize=3, color=colors[method],
+                    label=f"{method} (n={pts[-1]['seeds']})")
+            ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
         ax.set_title(label + (" (%)" if key.startswith("eval/") else f" ({smooth}-step moving average)"
                               if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("step", fontsize=8)
@@ -339,7 +343,7 @@ def markdown_tables(summary: list, report: list) -> str:
 def main(args) -> int:
     seeds = args.seeds if args.seeds is not None else PRESETS[args.preset][0]
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition("+")[0] not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if seeds < 1:
@@ -384,7 +388,9 @@ def main(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the preset's)")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}; a sweep's variant is named "
+                                          "METHOD+KEY=VALUE (e.g. srt,mgrpo,mgrpo+algorithm.momentum=0.9: one report "
+                                          "over methods and sweeps)")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
                         help="run every method once per value of one train setting, as extra methods named "
                              "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")

@@ -209,3 +209,7 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
                 str(tmp_path / "c")]) == 2                       # an invalid value fails before any run
     with pytest.raises(ConfigError):
         load_config(None, run_overrides("default", "mgrpo+algorithm.momentum=1.5", 0, tmp_path, []))
+    # a variant named in --methods is checked the same way (one --report over methods and sweeps)
+    assert cli(["compare", "--methods", "srt,mgrpo+algorithm.momentum=1.5", "--out", str(tmp_path / "d")]) == 2
+    assert cli(["compare", "--methods", "srt,ppo+algorithm.momentum=0.9", "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
