@@ -19,6 +19,9 @@ def test_collapse_monitor_warns_once_on_the_trailing_mean():
         out = monitor.observe(step, {**healthy, "entropy": 0.3, "collapse/momentum_agreement": 0.3})
     assert out["collapse/entropy_ratio"] == 0.3
     assert len(lines) == 2 and "collapse/entropy_ratio" in lines[1]
+    # entropy falls in healthy runs too: its warning asks for validation, it does not call a collapse
+    assert "sharpening" in lines[1] and "--all-checkpoints" in lines[1] and "sign of collapse" not in lines[1]
+    assert "a sign of collapse" in lines[0]
     # state round trip (checkpointed): the same warnings are not repeated after a resume
     again = CollapseMonitor.from_state(json.loads(json.dumps(monitor.state())), log=lines.append)
     again.observe(12, {**healthy, "entropy": 0.3, "collapse/unanimous_frac": 0.95, "collapse/momentum_agreement": 0.3})
