@@ -7,6 +7,7 @@
     mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
     mgrpo compare --methods mgrpo --sweep algorithm.momentum=0.9,0.999   # one method per value of a setting
     mgrpo compare --methods srt,mgrpo,mgrpo+algorithm.momentum=0.9 ...   # methods and sweep variants together
+    mgrpo compare ... --report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum  # a 2nd report
 
 Every run is an ordinary `mgrpo train` run (its own run directory under --out, with metrics.jsonl,
 checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
@@ -26,6 +27,7 @@ over seeds).
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -346,6 +348,8 @@ def main(args) -> int:
     unknown = [m for m in methods if m.partition("+")[0] not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise CompareError(f"--name {args.name!r}: a file name's stem (letters, digits, _ . -), e.g. compare_momentum")
     if seeds < 1:
         raise CompareError(f"--seeds {seeds}: must be >= 1")
     if args.sweep:
@@ -372,16 +376,17 @@ def main(args) -> int:
         done = None
     rows = collect(out, methods, seeds, done)
     summary = summarize(rows)
-    write_csv(out / "compare.csv", rows)
-    write_csv(out / "compare_summary.csv", summary)
-    plot(summary, out / "compare.png", f"mgrpo compare --preset {args.preset} ({seeds} seeds) "
+    name = args.name
+    write_csv(out / f"{name}.csv", rows)
+    write_csv(out / f"{name}_summary.csv", summary)
+    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {args.preset} ({seeds} seeds) "
          + " ".join(args.overrides))
     report = run_report(rows)
-    write_csv(out / "compare_runs.csv", report)
-    (out / "compare.md").write_text(markdown_tables(summary, report))
+    write_csv(out / f"{name}_runs.csv", report)
+    (out / f"{name}.md").write_text(markdown_tables(summary, report))
     print(final_table(summary))
     print(report_table(report))
-    print(f"[compare] written to {out}: compare.csv, compare_summary.csv, compare_runs.csv, compare.md, compare.png")
+    print(f"[compare] written to {out}: {name}.csv, {name}_summary.csv, {name}_runs.csv, {name}.md, {name}.png")
     return 0
 
 
@@ -395,6 +400,9 @@ def add_arguments(parser) -> None:
                         help="run every method once per value of one train setting, as extra methods named "
                              "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")
     parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
+    parser.add_argument("--name", default="compare",
+                        help="base name of the output files (default: compare), e.g. two reports of one --out: "
+                             "--report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the tables and plot from the runs of --out finished so far")
     parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")

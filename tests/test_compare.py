@@ -173,6 +173,12 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     assert {r["seed"] for r in read_csv(kept / "compare_runs.csv") if r["method"] == "srt"} == {"1"}
     assert main(["compare", *again]) == 0
     assert "[compare] 1/1: srt seed 0" in capsys.readouterr().out
+    # A second report of the same --out under its own name (e.g. a sweep's): the first one is left as it was.
+    first = (kept / "compare.md").read_text()
+    assert main(["compare", *again, "--report", "--methods", "srt", "--name", "compare_srt"]) == 0
+    assert {r["method"] for r in read_csv(kept / "compare_srt_runs.csv")} == {"srt"}
+    assert "| mgrpo seed 0 |" not in (kept / "compare_srt.md").read_text() and (kept / "compare_srt.png").is_file()
+    assert (kept / "compare.md").read_text() == first
 
     # Other overrides on the same --out would mix two experiments in one table: refused.
     assert main(["compare", *common, "optim.lr=1e-3"]) == 2
@@ -213,3 +219,5 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
     assert cli(["compare", "--methods", "srt,mgrpo+algorithm.momentum=1.5", "--out", str(tmp_path / "d")]) == 2
     assert cli(["compare", "--methods", "srt,ppo+algorithm.momentum=0.9", "--out", str(tmp_path / "e")]) == 2
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    assert cli(["compare", "--name", "../x", "--out", str(tmp_path / "f")]) == 2   # output names stay in --out
+    assert not (tmp_path / "f").exists()
