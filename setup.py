@@ -13,6 +13,8 @@ setup(
     python_requires=">=3.10",
     packages=["mgrpo", "mgrpo_kernels"],
     package_dir={"mgrpo": "mgrpo", "mgrpo_kernels": "kernels"},
+    # the embedded default's base model (3.2 MB, sha256 in base.json): the same on every machine
+    package_data={"mgrpo": ["assets/tiny-qwen3-arith/*"]},
     install_requires=[
         # torch is pinned by the README's install line (the local CPU wheel, or the GPU build vLLM pins);
         # a bare range here would let pip pull a multi-GB CUDA build on a CPU machine.
@@ -25,6 +27,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "numpy",
         "bitsandbytes>=0.50",       # 8-bit AdamW (optim.name adamw8bit), runs on CPUs and GPUs
         "liger-kernel>=0.8",        # Triton RMSNorm/RoPE/SwiGLU for the trained model (model.liger)
     ],

@@ -40,21 +40,13 @@ def main(argv=None) -> int:
         try:
             print(plot_metrics(args.run_dir, args.out))
         except (FileNotFoundError, ValueError) as e:
-            print(f"mgrpo plot: {e}", file=sys.stderr)
-            return 2
+            print(f"mgrpo plot: error: {e}", file=sys.stderr)
+            return 1
         return 0
 
     # vLLM's CPU build runs in-process only with multiprocessing off (otherwise it spawns an engine process).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from .checkpoint import RunDirError
-    from .compare import CompareError
-    from .config import ConfigError
-    from .data import DataError
-    from .evaluation import EvalError
-    from .plan import PlanError
-    from .rollout import EngineError
-    from .trainer import TrainingError
-    from .vllm_engine import EngineBuildError
+    from .errors import MgrpoError
     try:
         if args.command == "eval":
             from .eval_command import main as eval_main
@@ -69,12 +61,10 @@ def main(argv=None) -> int:
         from .trainer import train
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, DataError, RunDirError, TrainingError, EvalError, EngineError, EngineBuildError,
-            CompareError, PlanError) as e:
+    except MgrpoError as e:          # what the user can fix: one line; anything else is a bug (traceback)
         print(f"mgrpo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

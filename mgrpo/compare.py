@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import load_config
+from .errors import MgrpoError
 from .metrics import write_csv
 
 # name -> overrides of the method (applied after the preset, before the user's)
@@ -60,7 +61,7 @@ PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held
 FINAL_WINDOW = 10
 
 
-class CompareError(ValueError):
+class CompareError(MgrpoError, ValueError):
     pass
 
 
@@ -105,14 +106,37 @@ def finished(cfg) -> bool:
     return any(r["step"] == cfg.steps and r.get("eval/greedy") is not None for r in read_metrics(run_dir))
 
 
-def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=print) -> list:
+def parse_seeds(text: str) -> list:
+    """--seeds: N (seeds 0..N-1), A-B (A..B inclusive) or A,B,C: tune on some seeds, claim on others."""
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+        elif "-" in text.strip()[1:]:
+            first, last = text.split("-", 1) if not text.startswith("-") else (text, "")
+            seeds = list(range(int(first), int(last) + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise CompareError(f"--seeds {text}: give a count (3), a range (100-102) or a list (0,7,9)") from None
+    if not seeds:
+        raise CompareError(f"--seeds {text}: must be >= 1")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds {text}: seeds must be distinct and >= 0")
+    return seeds
+
+
+def seed_label(seeds: list) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+
+
+def run_all(preset: str, seeds: list, methods: list, out: Path, user: list, log=print) -> list:
     """Train every (method, seed) not finished yet; returns their run directories."""
     from .checkpoint import latest_checkpoint
     from .distributed import init_distributed
     from .run import build_engine
     from .trainer import train
 
-    configs = [(m, s, load_config(None, run_overrides(preset, m, s, out, user))) for m in methods for s in range(seeds)]
+    configs = [(m, s, load_config(None, run_overrides(preset, m, s, out, user))) for m in methods for s in seeds]
     base = configs[0][2]
     for _, _, cfg in configs:   # every run must start from the same base model and data
         if (cfg.model.path, cfg.data.source, cfg.warm_start) != (base.model.path, base.data.source, base.warm_start):
@@ -135,13 +159,13 @@ def run_all(preset: str, seeds: int, methods: list, out: Path, user: list, log=p
     return [Path(cfg.run_dir) for _, _, cfg in configs]
 
 
-def collect(out: Path, methods: list, seeds: int, runs=None) -> list:
+def collect(out: Path, methods: list, seeds: list, runs=None) -> list:
     """One row per (method, seed, step) with every metric logged at that step (eval lines merged in); `runs`:
     only these (method, seed) pairs."""
     from .metrics import read_metrics
     rows = []
     for method in methods:
-        for seed in range(seeds):
+        for seed in seeds:
             if runs is not None and (method, seed) not in runs:
                 continue
             by_step: dict = {}
@@ -343,15 +367,13 @@ def markdown_tables(summary: list, report: list) -> str:
 
 
 def main(args) -> int:
-    seeds = args.seeds if args.seeds is not None else PRESETS[args.preset][0]
+    seeds = parse_seeds(args.seeds if args.seeds is not None else str(PRESETS[args.preset][0]))
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [m for m in methods if m.partition("+")[0] not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         raise CompareError(f"--name {args.name!r}: a file name's stem (letters, digits, _ . -), e.g. compare_momentum")
-    if seeds < 1:
-        raise CompareError(f"--seeds {seeds}: must be >= 1")
     if args.sweep:
         methods = sweep_methods(methods, args.sweep)
     out = Path(args.out or f"runs/compare-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -364,11 +386,11 @@ def main(args) -> int:
             raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
                                f"{before.get('overrides')}: continue it with those, or give a new --out")
     if args.report:          # train nothing: the tables and plot of the runs finished so far
-        done = {(m, s) for m in methods for s in range(seeds)
+        done = {(m, s) for m in methods for s in seeds
                 if finished(load_config(None, run_overrides(args.preset, m, s, out, args.overrides)))}
         if not done:
             raise CompareError(f"--report: no finished run of these methods and seeds in {out}")
-        print(f"[compare] --report: {len(done)} of {len(methods) * seeds} runs finished in {out}")
+        print(f"[compare] --report: {len(done)} of {len(methods) * len(seeds)} runs finished in {out}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(settings, indent=1))
@@ -379,7 +401,7 @@ def main(args) -> int:
     name = args.name
     write_csv(out / f"{name}.csv", rows)
     write_csv(out / f"{name}_summary.csv", summary)
-    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {args.preset} ({seeds} seeds) "
+    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {args.preset} (seeds {seed_label(seeds)}) "
          + " ".join(args.overrides))
     report = run_report(rows)
     write_csv(out / f"{name}_runs.csv", report)
@@ -392,7 +414,8 @@ def main(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
-    parser.add_argument("--seeds", type=int, help="seeds per method (default: the preset's)")
+    parser.add_argument("--seeds", help="seeds per method: a count N (0..N-1; default: the preset's), a range "
+                                        "A-B or a list A,B,C (e.g. tune on 100-102, claim on 0-2)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}; a sweep's variant is named "
                                           "METHOD+KEY=VALUE (e.g. srt,mgrpo,mgrpo+algorithm.momentum=0.9: one report "
                                           "over methods and sweeps)")

@@ -16,11 +16,13 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import MgrpoError
+
 
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
-class ConfigError(ValueError):
+class ConfigError(MgrpoError, ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
 
 
@@ -71,7 +73,12 @@ class WarmStartConfig:
     lr: float = 3e-3
     """Peak learning rate of the supervised phase (cosine, 5% warmup)."""
     cache_dir: str = "~/.cache/mgrpo"
-    """Where the warm-started base model is cached and reused (keyed by model, task and warm-start settings)."""
+    """Where a warm-started base model is cached and reused (keyed by model, task and warm-start settings)."""
+    remake: bool = False
+    """Train the base model here even when these are the settings of the shipped one (mgrpo/assets: the
+    default trains from it, bit for bit the same on every machine). Any other warm-start settings always
+    train (and cache) their own. A base trained here equals the shipped one only on a CPU that rounds like the
+    one that made it (README, "The embedded default")."""
 
     def __post_init__(self):
         _check(self.steps >= 0, f"warm_start.steps={self.steps}: must be >= 0")
@@ -352,8 +359,15 @@ class TrainConfig:
     snapshot_every: int = 0
     """Export the policy as a Hugging Face directory (snapshots/step_N, weights only, in the base model's
     dtype) every this many steps and keep it: what `mgrpo eval RUN --all-checkpoints` sweeps (0: none)."""
+    rollouts_every: int = 0
+    """Write the step's rollouts every this many steps to rollouts/step_N.jsonl, one row per response: the
+    problem, the sampler (policy or momentum), the text and token ids, its entropy, whether the filter pruned
+    it, the pseudo-label, its reward and advantage (0: none; about 3 MB a step for Qwen3-4B at 3072 tokens)."""
     resume: bool = False
-    """Continue from the newest checkpoint in run_dir."""
+    """Continue from the newest checkpoint in run_dir that verifies (each file's size and sha256 against what was
+    written: a damaged or incomplete newer one is reported and skipped)."""
+    resume_from: Optional[str] = None
+    """Continue from this checkpoint directory (run_dir/checkpoints/step_N) instead of the newest one."""
     overwrite: bool = False
     """Allow starting a fresh run in a run_dir that holds another run's checkpoints (they are deleted)."""
     device: str = "auto"
@@ -370,13 +384,15 @@ class TrainConfig:
         _check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
         _check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints}: must be >= 0 (0 keeps all)")
         _check(self.snapshot_every >= 0, f"snapshot_every={self.snapshot_every}: must be >= 0")
+        _check(self.rollouts_every >= 0, f"rollouts_every={self.rollouts_every}: must be >= 0")
         _check(self.log_every >= 0, f"log_every={self.log_every}: must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
         if self.device == "cuda":
             import torch
             _check(torch.cuda.is_available(), "device=cuda but no CUDA device is visible here (torch sees none): "
                                               "use device=auto or device=cpu, or check the driver/CUDA_VISIBLE_DEVICES")
-        _check(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: choose one")
+        _check(not ((self.resume or self.resume_from) and self.overwrite),
+               "resume and overwrite=true contradict each other: choose one")
         if self.algorithm.kl_reference == "momentum":
             _check(self.algorithm.uses_momentum, "kl_reference=momentum needs algorithm.mode=mgrpo")
 

@@ -14,11 +14,12 @@ from typing import Optional
 
 from .answers import extract_boxed_answer
 from .config import DataConfig
+from .errors import MgrpoError
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 
 
-class DataError(ValueError):
+class DataError(MgrpoError, ValueError):
     """The dataset cannot be used; the message says what is wrong and how to fix it."""
 
 

@@ -23,10 +23,11 @@ from .answers import answers_equivalent, extract_answer
 from .config import EvalConfig
 from .data import Problem
 from .distributed import Dist
+from .errors import MgrpoError
 from .rollout import RolloutEngine, SamplingParams, sampling_seed
 
 
-class EvalError(ValueError):
+class EvalError(MgrpoError, ValueError):
     """The evaluation cannot run as asked; the message says what to change."""
 
 

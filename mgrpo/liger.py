@@ -17,8 +17,10 @@ import importlib.util
 
 import torch
 
+from .errors import MgrpoError
 
-class LigerError(ValueError):
+
+class LigerError(MgrpoError, ValueError):
     """model.liger cannot be honoured; the message says what to change."""
 
 

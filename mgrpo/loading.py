@@ -26,10 +26,11 @@ import torch
 
 from .config import TrainConfig
 from .distributed import Dist, compute_dtype, is_dtensor, local_tensor, shard_model  # noqa: F401 (compute_dtype)
+from .errors import MgrpoError
 from .logprobs import TokenScorer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MgrpoError, RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
@@ -37,14 +38,18 @@ class TrainingError(RuntimeError):
 # The model directory, its tokenizer and config (no weights)
 
 def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
-    """model.path, or the embedded default's warm-started model (built by rank 0; the others wait for it)."""
+    """model.path, or the embedded default's base model: the shipped one, or a warm start (trained by rank 0;
+    the others wait for it)."""
     if cfg.model.path is not None:
         return cfg.model.path
-    from .tiny import warm_started_model_dir
-    if dist.is_main:
-        warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
-    dist.barrier()
-    return str(warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None))
+    from .tiny import BaseModelError, base_model_dir
+    try:
+        if dist.is_main:
+            base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
+        dist.barrier()
+        return str(base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None))
+    except BaseModelError as e:
+        raise TrainingError(str(e)) from None
 
 
 def load_tokenizer_and_config(path: str):

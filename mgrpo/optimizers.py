@@ -24,11 +24,12 @@ import torch
 
 from .config import OptimConfig
 from .distributed import local_tensor
+from .errors import MgrpoError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(MgrpoError, ValueError):
     """The optimizer cannot be built as configured; the message names the setting."""
 
 

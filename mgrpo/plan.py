@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .errors import MgrpoError
+
 GIB = 2 ** 30
 
 # Configs of models the plan knows without a download (the published config.json values that matter here).
@@ -47,7 +49,7 @@ ENGINE_ASLEEP_BYTES = 0.5 * GIB      # what a level-1 sleeping vLLM engine keeps
 ENGINE_RUNTIME_BYTES = 2.0 * GIB     # vLLM's own activations and buffers inside its share (its profile run)
 
 
-class PlanError(ValueError):
+class PlanError(MgrpoError, ValueError):
     """The plan cannot be made; the message says what to fix."""
 
 

@@ -18,6 +18,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .errors import MgrpoError
+
 
 @dataclass
 class SamplingParams:
@@ -202,5 +204,5 @@ def quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
-class EngineError(RuntimeError):
+class EngineError(MgrpoError, RuntimeError):
     """The rollout engine cannot be built as configured; the message names the setting."""

@@ -1,9 +1,16 @@
 """The embedded default: a tiny Qwen3-architecture model, a character tokenizer and a built-in arithmetic task.
 
-Everything is built here, nothing is downloaded. The model is saved as a normal Hugging Face directory
-(config.json, model.safetensors, tokenizer.json), so transformers and vLLM both load it. A short supervised
-warm start on worked solutions brings it to answering part of the held-out problems correctly; the result is
-cached under warm_start.cache_dir, keyed by everything that determines it, and reused.
+Everything is built here, nothing is downloaded. The model is a normal Hugging Face directory (config.json,
+model.safetensors, tokenizer.json), so transformers and vLLM both load it. A short supervised warm start on
+worked solutions brings it to answering part of the held-out problems correctly.
+
+The base model the default trains from is shipped with the package (mgrpo/assets/tiny-qwen3-arith: 3.2 MB of
+fp32 safetensors, their sha256 in base.json, verified on every use): a warm start is 800 steps of floating
+point on the CPU, and CPUs round differently (the same code and settings gave different base models on AMD and
+Intel machines, pinned numerics and all: measured), so shipping the result is the only way every machine
+starts from the same model. The warm start below is how it was made, and what runs for any other warm-start
+settings (or warm_start.remake=true): trained in a child process with pinned numerics, cached under
+warm_start.cache_dir, keyed by everything that determines it.
 """
 from __future__ import annotations
 
@@ -18,10 +25,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .config import WarmStartConfig
+from .errors import MgrpoError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -146,6 +155,55 @@ def _cache_key(cfg: WarmStartConfig, instruction: str, seed: int) -> str:
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "OMP_NUM_THREADS": "2"}
 
 
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "tiny-qwen3-arith"
+SHIPPED_MANIFEST = "base.json"
+
+
+class BaseModelError(MgrpoError, RuntimeError):
+    """The shipped base model is missing or damaged; the message says how to get a good one."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_manifest(root: Optional[Path] = None) -> dict:
+    """base.json of the shipped base: the warm-start cache key it answers for, each file's sha256, how it was
+    made."""
+    path = Path(root or SHIPPED_BASE) / SHIPPED_MANIFEST
+    if not path.is_file():
+        raise BaseModelError(f"the shipped base model is missing ({path}): reinstall mgrpo (pip install -e .), or "
+                             "set warm_start.remake=true to train one here (about 10 minutes on 2 cores)")
+    return json.loads(path.read_text())
+
+
+def verify_shipped_base(root: Optional[Path] = None) -> None:
+    """Every file base.json lists, with its recorded sha256 (3.2 MB: milliseconds)."""
+    root = root or SHIPPED_BASE
+    manifest = shipped_manifest(root)
+    for name, expected in manifest["sha256"].items():
+        path = Path(root) / name
+        found = file_sha256(path) if path.is_file() else "missing"
+        if found != expected:
+            raise BaseModelError(f"the shipped base model is damaged: {path} has sha256 {found}, base.json says "
+                                 f"{expected}. Restore it (git checkout -- {Path(root).name}, or reinstall mgrpo), "
+                                 "or set warm_start.remake=true to train one here")
+
+
+def base_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=print) -> Path:
+    """The embedded default's base model: the shipped one when these are the settings it was made with (and
+    warm_start.remake is off), verified against its sha256; else a warm start with these settings (cached)."""
+    if not cfg.remake and shipped_manifest()["cache_key"] == _cache_key(cfg, instruction, seed):
+        verify_shipped_base()
+        log(f"[base] the shipped base model {SHIPPED_BASE} (sha256 verified)")
+        return SHIPPED_BASE
+    return warm_started_model_dir(cfg, instruction, seed, log)
+
+
 def warm_started_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=print) -> Path:
     """Directory of the warm-started tiny model, trained (in a child process with pinned numerics) and cached
     on first use."""
@@ -225,5 +283,30 @@ def supervised_warm_start(model, tokenizer, cfg: WarmStartConfig, instruction: s
         raise RuntimeError("the supervised warm start diverged (non-finite loss): lower warm_start.lr")
 
 
+def ship_base(cfg: WarmStartConfig, instruction: str, target: Optional[Path] = None, log=print) -> dict:
+    """How the shipped base was made: train it here (warm_start settings, pinned numerics) and write it to
+    `target` with base.json (the cache key it answers for, each file's sha256, the machine that made it)."""
+    import platform
+    source = warm_started_model_dir(dataclasses.replace(cfg, remake=True), instruction, seed=0, log=log)
+    target = Path(target or SHIPPED_BASE)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    manifest = {"cache_key": _cache_key(cfg, instruction, 0),
+                "made_with": {"warm_start": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                             if k in ("steps", "batch_size", "lr")},
+                              "instruction": instruction, "seed": 0, "pinned_numerics": PINNED_NUMERICS,
+                              "command": "python -m mgrpo.tiny --ship", "cpu": cpu, "torch": torch.__version__},
+                "sha256": {p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.name != SHIPPED_MANIFEST}}
+    (target / SHIPPED_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
 if __name__ == "__main__":
-    _warm_start_child(sys.argv[1])
+    if sys.argv[1:] == ["--ship"]:      # remake the shipped base on this machine (README, "The embedded default")
+        from .config import load_config
+        defaults = load_config(None, [])
+        print(json.dumps(ship_base(defaults.warm_start, defaults.data.instruction), indent=1))
+    else:
+        _warm_start_child(sys.argv[1])

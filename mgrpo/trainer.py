@@ -24,6 +24,7 @@ mgrpo/loading.py); what a checkpoint holds, restoring it and exporting the polic
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,8 +39,8 @@ from . import algorithm as alg
 from .answers import answers_equivalent, extract_answer
 from .checkpoint import (check_resumable, checkpoint_state, export_policy, prepare_run_dir, restore, resume_settings,
                          save_checkpoint)
-from .config import TrainConfig, save_config
 from .batching import Sequences, dummy_micro_batch, micro_batches, resolve_layout
+from .config import TrainConfig, save_config
 from .distributed import full_tensors, init_distributed, local_tensor
 from .evaluation import evaluate, figures_line, no_answer_warning
 from .loading import TrainingError
@@ -47,6 +48,7 @@ from .logprobs import TokenScorer
 from .metrics import CollapseMonitor, MetricsLogger, format_metrics_line, peak_memory_gib
 from .rollout import RolloutEngine, SamplingParams, sampling_seed
 from .run import Run, report_memory, setup
+from .run_dir import RunDirLock
 
 __all__ = ["train", "TrainingError", "Run"]
 
@@ -337,6 +339,32 @@ def step_record(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: As
     }
 
 
+def rollout_rows(run: Run, batch: RolloutBatch, scored: ScoredBatch, assigned: Assignment) -> list:
+    """This rank's rollouts as rows (one per response) for rollouts/step_N.jsonl: what was sampled, by which
+    model, and what the vote, the filter and the rewards made of it."""
+    G, M = run.cfg.algorithm.group_size, run.cfg.algorithm.policy_samples
+    rows = []
+    for i, (problem, group, score_) in enumerate(zip(batch.problems, batch.groups, assigned.groups)):
+        keep = scored.trajectory_entropy[i * G:(i + 1) * G].double() >= score_.threshold   # as the filter compares
+        for j, completion in enumerate(group):
+            rows.append({"problem": problem.problem, "answer": problem.answer, "sampler": "policy" if j < M else
+                         "momentum", "text": completion.text, "token_ids": completion.token_ids,
+                         "entropy": float(scored.trajectory_entropy[i * G + j]), "pruned": not bool(keep[j]),
+                         "pseudo_label": score_.vote.pseudo_label,
+                         "reward": float(score_.rewards[j]) if j < M else None,
+                         "advantage": float(score_.advantages[j]) if j < M else None})
+    return rows
+
+
+def write_rollouts(run: Run, step: int, rows: list) -> None:
+    """rollouts/step_N.jsonl on rank 0, every rank's rows (a collective)."""
+    gathered = [row for part in run.dist.all_gather_object(rows) for row in part]
+    if run.dist.is_main:
+        folder = run.run_dir / "rollouts"
+        folder.mkdir(exist_ok=True)
+        (folder / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gathered))
+
+
 def validate(run: Run) -> Optional[dict]:
     """Held-out figures (eval/greedy, eval/avg@k, eval/maj@k) of the current policy; None without held-out data."""
     if not run.held_out:
@@ -375,7 +403,32 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
                             "ranks (every prompt's group stays on one rank): make it a multiple of the world size")
     log = log if dist.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir or dist.broadcast_object(f"runs/{datetime.now():%Y%m%d-%H%M%S}"))
-    resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist)
+    lock = lock_run_dir(run_dir, dist)                        # one writer per run directory, for the whole run
+    try:
+        return _train(cfg, dist, run_dir, log, stop_after_steps, engine)
+    finally:
+        lock.release()
+
+
+def lock_run_dir(run_dir: Path, dist) -> RunDirLock:
+    """Rank 0 takes the run directory's lock (every rank stops if it is held elsewhere)."""
+    lock, refused = RunDirLock(run_dir), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - told to every rank, raised on every rank
+            refused = e
+    refused = dist.broadcast_object(refused)
+    if refused is not None:
+        lock.release()
+        raise refused
+    return lock
+
+
+def _train(cfg: TrainConfig, dist, run_dir: Path, log, stop_after_steps: Optional[int],
+           engine: Optional[RolloutEngine]) -> dict:
+    algo = cfg.algorithm
+    resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist, cfg.resume_from, log)
     if resume_from is not None:
         check_resumable(resume_from, dist, resume_settings(cfg))          # before loading any model
     if dist.is_main:
@@ -424,6 +477,8 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
                                 f"{step + 1}): lower optim.lr, raise optim.max_grad_norm clipping, or check the data")
 
         record = step_record(run, batch, scored, assigned, result, time.perf_counter() - t_step)   # 5
+        if cfg.rollouts_every and (step + 1) % cfg.rollouts_every == 0:
+            write_rollouts(run, step + 1, rollout_rows(run, batch, scored, assigned))
         record.update(monitor.observe(step + 1, record))
         if record["no_answer_frac"] > 0.5 and not warned_no_answer:
             warned_no_answer = True
@@ -449,8 +504,9 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:
             trainer = {"step": step + 1, "data_position": run.stream.position, "nonfinite_in_a_row": nonfinite_in_a_row,
                        "before": before, "monitor": monitor.state()}
-            save_checkpoint(run_dir, step + 1, checkpoint_state(run, trainer),
-                            {"base_model": run.base_model, "settings": resume_settings(cfg)}, cfg.keep_checkpoints, dist)
+            save_checkpoint(run_dir, step + 1, checkpoint_state(run), {"base_model": run.base_model, "trainer": trainer,
+                            "settings": resume_settings(cfg)}, cfg.keep_checkpoints, dist,
+                            log=progress.write if progress is not None else log)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             export_policy(run, run_dir / "snapshots" / f"step_{step + 1:06d}")
     if progress is not None:

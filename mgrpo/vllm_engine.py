@@ -31,10 +31,11 @@ from typing import Iterable
 
 import torch
 
+from .errors import MgrpoError
 from .rollout import PROMPT_SEED_STRIDE, Completion, RolloutEngine, SamplingParams, check_push_coverage
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(MgrpoError, RuntimeError):
     """The engine could not be built; the message names the setting to change."""
 
 
@@ -75,6 +76,33 @@ def _keep_cpu_weights_updatable() -> None:
     vllm_layer_utils.dispatch_cpu_unquantized_gemm = plain_linear
 
 
+def model_positions(model_path: str):
+    """The model's max_position_embeddings (None when its config does not say)."""
+    from transformers import AutoConfig
+    try:
+        return getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - vLLM's own load reports a model that does not load
+        return None
+
+
+def build_failure_hint(text: str, max_model_len: int, gpu_memory_utilization: float) -> str:
+    """The setting that fixes vLLM's reason for refusing to build an engine, from its own message: the length,
+    the memory, the dtype or the architecture; else the fallback engine."""
+    lowered = text.lower()
+    if "max_model_len" in lowered and ("greater than" in lowered or "derived" in lowered or "exceed" in lowered):
+        return (f"the engine's length rollout.max_model_len={max_model_len} is longer than the model holds: lower "
+                "it, or the response budget (rollout.max_new_tokens / eval.max_new_tokens / --max-new-tokens)")
+    if "dtype" in lowered or "bfloat16" in lowered or "float16" in lowered:
+        return ("vLLM refused the weights' dtype on this device: set model.precision=fp32 (or bf16 on a GPU that "
+                "supports it)")
+    if "architecture" in lowered or "not supported" in lowered:
+        return "vLLM cannot load this architecture: set rollout.engine=hf to sample with transformers"
+    if any(w in lowered for w in ("memory", "kv cache", "blocks", "out of")):
+        return (f"the engine does not fit: raise rollout.gpu_memory_utilization (now {gpu_memory_utilization}) or "
+                f"lower rollout.max_model_len (now {max_model_len}); on a CPU set VLLM_CPU_KVCACHE_SPACE (GiB)")
+    return "set rollout.engine=hf to sample with transformers instead"
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, parameter_names: Iterable, *, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, max_model_len: int = 2048, gpu_memory_utilization: float = 0.35,
@@ -110,22 +138,21 @@ class VLLMEngine(RolloutEngine):
             return LLM(**kwargs)
         except Exception as e:  # noqa: BLE001 - translate into the setting to change
             text = str(e)
-            lowered = text.lower()
-            if "architecture" in lowered or "not supported" in lowered:
-                hint = "vLLM cannot load this architecture: set rollout.engine=hf to sample with transformers"
-            elif any(w in lowered for w in ("memory", "kv cache", "max_model_len", "max model len", "blocks")):
-                hint = ("the engine does not fit: raise rollout.gpu_memory_utilization (now "
-                        f"{gpu_memory_utilization}) or lower rollout.max_model_len (now {max_model_len}); on a CPU "
-                        "set VLLM_CPU_KVCACHE_SPACE (GiB)")
-            else:
-                hint = "set rollout.engine=hf to sample with transformers instead"
+            hint = build_failure_hint(text, max_model_len, gpu_memory_utilization)
             raise EngineBuildError(f"vLLM could not build an engine for {model_path}: {hint}. ({text[:500]})") from e
 
     @classmethod
     def from_config(cls, rollout_cfg, seed: int, model_path: str, dist, max_sequence_len: int, parameter_names,
                     dtype: torch.dtype, verbose: bool = False):
         """dtype: the engine's weights (bf16 in mixed precision, which on a CPU runs the GPU's numerics)."""
-        max_model_len = rollout_cfg.max_model_len or (max_sequence_len + 16)
+        positions = model_positions(model_path)
+        if rollout_cfg.max_model_len and positions is not None and rollout_cfg.max_model_len > positions:
+            raise EngineBuildError(f"rollout.max_model_len={rollout_cfg.max_model_len} is longer than {model_path} can "
+                                   f"hold (max_position_embeddings={positions}): set it to {positions} or less (0: "
+                                   "the longest prompt plus the response budget)")
+        # A small margin over the longest sequence, never past the model's positions (vLLM refuses a length the
+        # model cannot hold, and the caller has already checked that the sequences themselves fit).
+        max_model_len = rollout_cfg.max_model_len or min(max_sequence_len + 16, positions or max_sequence_len + 16)
         if dist.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         return cls(model_path, parameter_names, dtype=dtype, seed=seed + dist.rank, max_model_len=max_model_len,

@@ -10,10 +10,11 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from mgrpo.config import load_config  # noqa: E402
 from mgrpo.distributed import init_distributed  # noqa: E402
+from mgrpo.loading import parameter_names  # noqa: E402
 from mgrpo.run import measured_memory, setup  # noqa: E402
 from tests.scripted_engine import ScriptedEngine  # noqa: E402
 
@@ -22,10 +23,8 @@ def measure(model_dir: str, out: Path, overrides: list) -> dict:
     cfg = load_config(None, [f"model.path={model_dir}", f"run_dir={out / 'run'}", "data.num_eval=0", "rollout.engine=hf",
                              *overrides])
     dist = init_distributed(cfg.device, cfg.model.precision)
-    import torch
-    with torch.device("meta"):
-        names = [n for n, _ in AutoModelForCausalLM.from_config(
-            AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta").config).named_parameters()]
+    # the parameter names from the config alone (a meta-device model: shapes, no weights, no loader)
+    names = parameter_names(AutoConfig.from_pretrained(model_dir), cfg)
     engine = ScriptedEngine(AutoTokenizer.from_pretrained(model_dir), names, record_pushes=False)
     run = setup(cfg, dist, out / "run", lambda *a: None, engine)
     return {"rank": dist.rank, "world_size": dist.world_size, "parts": measured_memory(run)}

@@ -1,5 +1,6 @@
 """`mgrpo compare`: the summary statistics by hand, and the short preset end to end (CSV, PNG, skip, refusal)."""
 import csv
+import json
 import math
 import shutil
 
@@ -111,7 +112,7 @@ def read_csv(path):
 def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     out = tmp_path / "cmp"
     common = ["--preset", "short", "--seeds", "2", "--out", str(out), f"warm_start.cache_dir={tiny_cache}",
-              "warm_start.steps=150", "warm_start.batch_size=16", "rollout.engine=hf"]
+              "warm_start.steps=150", "warm_start.batch_size=16", "rollout.engine=hf", "rollouts_every=1"]
     assert main(["compare", *common]) == 0
     methods = ["srt", "mgrpo", "mgrpo_no_iqr"]
 
@@ -124,9 +125,14 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     # Every run starts from the same base model: the step-0 held-out figures are identical across runs.
     start = {r["eval/greedy"] for r in rows if r["step"] == "0"}
     assert len(start) == 1 and start != {""}
-    # Different seeds draw different rollouts.
-    reward = {(r["method"], r["seed"]): r["reward"] for r in rows if r["step"] == "1"}
-    assert reward[("mgrpo", "0")] != reward[("mgrpo", "1")] or reward[("srt", "0")] != reward[("srt", "1")]
+    # Different seeds draw different rollouts: the sampled token ids of step 1, response by response (a mean
+    # reward over 2 prompts x G = 4 takes a handful of values and can tie).
+    for method in methods:
+        sampled = [[json.loads(line)["token_ids"] for line in
+                    (out / f"{method}_seed{seed}" / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
+                   for seed in (0, 1)]
+        assert len(sampled[0]) == len(sampled[1]) == 2 * 4
+        assert sampled[0] != sampled[1], method
 
     summary = read_csv(out / "compare_summary.csv")
     assert {r["method"] for r in summary} == set(methods)
@@ -181,19 +187,19 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     assert (kept / "compare.md").read_text() == first
 
     # Other overrides on the same --out would mix two experiments in one table: refused.
-    assert main(["compare", *common, "optim.lr=1e-3"]) == 2
+    assert main(["compare", *common, "optim.lr=1e-3"]) == 1
     assert "holds a comparison" in capsys.readouterr().err
 
 
 def test_unknown_method_is_refused(capsys, tmp_path):
-    assert main(["compare", "--methods", "srt,ppo", "--out", str(tmp_path / "x")]) == 2
+    assert main(["compare", "--methods", "srt,ppo", "--out", str(tmp_path / "x")]) == 1
     assert "unknown ['ppo']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_zero_seeds_is_refused_before_any_work(tmp_path, capsys):
     from mgrpo.cli import main as cli
-    assert cli(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 2
+    assert cli(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 1
     assert "--seeds 0: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
 
@@ -212,12 +218,12 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
         sweep_methods(["mgrpo"], "algorithm.momentum")
     from mgrpo.cli import main as cli
     assert cli(["compare", "--methods", "mgrpo", "--sweep", "algorithm.momentum=1.5", "--out",
-                str(tmp_path / "c")]) == 2                       # an invalid value fails before any run
+                str(tmp_path / "c")]) == 1                       # an invalid value fails before any run
     with pytest.raises(ConfigError):
         load_config(None, run_overrides("default", "mgrpo+algorithm.momentum=1.5", 0, tmp_path, []))
     # a variant named in --methods is checked the same way (one --report over methods and sweeps)
-    assert cli(["compare", "--methods", "srt,mgrpo+algorithm.momentum=1.5", "--out", str(tmp_path / "d")]) == 2
-    assert cli(["compare", "--methods", "srt,ppo+algorithm.momentum=0.9", "--out", str(tmp_path / "e")]) == 2
+    assert cli(["compare", "--methods", "srt,mgrpo+algorithm.momentum=1.5", "--out", str(tmp_path / "d")]) == 1
+    assert cli(["compare", "--methods", "srt,ppo+algorithm.momentum=0.9", "--out", str(tmp_path / "e")]) == 1
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
-    assert cli(["compare", "--name", "../x", "--out", str(tmp_path / "f")]) == 2   # output names stay in --out
+    assert cli(["compare", "--name", "../x", "--out", str(tmp_path / "f")]) == 1   # output names stay in --out
     assert not (tmp_path / "f").exists()

@@ -82,7 +82,7 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     from mgrpo.cli import main
     broken = tmp_path / "broken.yaml"
     broken.write_text("steps: [\n")
-    assert main(["train", "--config", str(broken)]) == 2
+    assert main(["train", "--config", str(broken)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mgrpo train: error: config file") and "Traceback" not in err
 
@@ -102,6 +102,6 @@ def test_device_cuda_without_cuda_is_a_clear_error(capsys):
     from mgrpo.cli import main as cli
     with pytest.raises(ConfigError, match="device=cuda but no CUDA device"):
         load_config(None, ["device=cuda"])
-    assert cli(["train", "device=cuda"]) == 2
+    assert cli(["train", "device=cuda"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mgrpo train: error: device=cuda") and "Traceback" not in err

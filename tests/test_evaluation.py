@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from mgrpo.cli import main as cli
 from mgrpo.config import EvalConfig
@@ -133,14 +134,14 @@ def test_cli_errors_are_clear_and_early(tiny_model_dir, tmp_path, capsys):
         (["--data", str(good), "--max-new-tokens", "5000"], "exceeds what the model can hold"),
     ]
     for extra, message in cases:
-        assert cli(["eval", str(tiny_model_dir), *extra, "--engine", "hf", "--out", str(tmp_path / "o")]) == 2
+        assert cli(["eval", str(tiny_model_dir), *extra, "--engine", "hf", "--out", str(tmp_path / "o")]) == 1
         assert message in capsys.readouterr().err, extra
-    assert cli(["eval", str(tmp_path), "--data", str(good)]) == 2          # not a model
+    assert cli(["eval", str(tmp_path), "--data", str(good)]) == 1          # not a model
     assert "neither a Hugging Face model directory" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    assert cli(["eval", str(broken), "--data", str(good), "--engine", "hf"]) == 2
+    assert cli(["eval", str(broken), "--data", str(good), "--engine", "hf"]) == 1
     assert "does not load" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()                                  # nothing generated, nothing written
 
@@ -203,3 +204,36 @@ def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsy
         assert results[step]["maj@2"] == trained["eval/maj@k"] and results[step]["avg@2"] == trained["eval/avg@k"]
     assert "checkpoints/step_000002" in results[2]["weights"]
     assert "step 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_vllm_eval_with_the_default_budget_fits_the_model(tiny_model_dir, tmp_path, capsys):
+    """No --max-new-tokens: the preset-less default budget (3072) is capped to what the tiny model's 512
+    positions hold after the longest prompt, and the vLLM engine built for it never asks for more positions
+    than the model has (it asked for the budget plus a margin: 528 > 512, and failed)."""
+    pytest.importorskip("vllm")
+    data = write_jsonl(tmp_path / "few.jsonl", [{"problem": "Compute 3 + 4 - 2.", "answer": "5"},
+                                                {"problem": "Compute 9 - 1 + 1.", "answer": "9"}])
+    assert cli(["eval", str(tiny_model_dir), "--data", str(data), "--k", "2", "--engine", "vllm",
+                "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "the default budget of 3072 new tokens does not fit this model (512 positions" in printed
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    budget = report["benchmarks"]["few"]["max_new_tokens"]
+    assert 400 < budget < 512 and report["results"][0]["problems"] == 2
+
+
+@pytest.mark.slow
+def test_an_engine_longer_than_the_model_says_so(tiny_model_dir):
+    """vLLM's own refusal of a length past the model's positions is reported as the length, with the setting,
+    not as memory; and a rollout.max_model_len past the model is refused before vLLM is asked."""
+    pytest.importorskip("vllm")
+    from mgrpo.config import RolloutConfig
+    from mgrpo.distributed import Dist
+    from mgrpo.vllm_engine import EngineBuildError, VLLMEngine
+    with pytest.raises(EngineBuildError, match="max_model_len=600 is longer than the model holds") as raised:
+        VLLMEngine(str(tiny_model_dir), [], dtype=torch.float32, max_model_len=600)
+    assert "gpu_memory_utilization" not in str(raised.value).split("(")[0]
+    with pytest.raises(EngineBuildError, match="rollout.max_model_len=600 is longer than .* max_position_embeddings=512"):
+        VLLMEngine.from_config(RolloutConfig(max_model_len=600), 0, str(tiny_model_dir), Dist(), 100, [],
+                               torch.float32)

@@ -1,0 +1,112 @@
+"""How the loop wires the algorithm's parts together, checked on one process with the tiny model (2 ranks: the
+"wiring" scenario in tests/test_distributed.py). Each test names the mistake it exists to catch; each was
+planted once in mgrpo/trainer.py and seen to fail (README, "Development: a test must be able to fail").
+
+    the momentum samples come from the policy (the momentum push skipped)   -> test_each_sampler_draws_from_its_own_weights
+    the momentum samples reuse the policy's sampling seed                   -> test_each_sampler_draws_from_its_own_weights
+    stale weights pushed after an update                                    -> test_each_sampler_draws_from_its_own_weights
+    the momentum update skipped (theta_k frozen)                            -> test_the_momentum_model_is_the_ema_of_the_policy
+    gradient clipping by the global norm dropped                            -> test_the_optimizer_applies_clipped_gradients
+    the advantage's sign flipped (training away from the vote)              -> test_learning_goes_towards_the_vote
+"""
+import json
+
+import pytest
+import torch
+
+from mgrpo.config import load_config
+from mgrpo.trainer import train
+from tests.wiring import RecordingEngine, check_clipping, check_momentum_updates, check_samplers, spies
+
+pytestmark = pytest.mark.slow
+MAX_GRAD_NORM = 0.05            # below the tiny model's gradient norms (0.2-0.5): every step clips
+
+
+def wiring_config(cache, run_dir, *extra):
+    return load_config(None, [
+        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run_dir}",
+        "steps=3", "progress=false", "log_every=0", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
+        "rollout.max_new_tokens=32", "data.num_eval=0", "optim.lr=1e-3", "optim.warmup_steps=0",
+        f"optim.max_grad_norm={MAX_GRAD_NORM}", *extra])
+
+
+def recording_engine(cache):
+    from transformers import AutoModelForCausalLM
+
+    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
+    cfg = wiring_config(cache, "unused")
+    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
+    return RecordingEngine(build_tokenizer(), names)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8", "int8_adamw8bit"])
+def wired_run(request, tiny_cache, tmp_path_factory):
+    """3 steps on fixed rollouts with every spy on, per momentum storage (and optimizer)."""
+    dtype, _, optimizer = request.param.partition("_")
+    run_dir = tmp_path_factory.mktemp("wiring") / request.param
+    engine = recording_engine(tiny_cache)
+    cfg = wiring_config(tiny_cache, run_dir, f"algorithm.momentum_dtype={dtype}", f"optim.name={optimizer or 'adamw'}")
+    with spies() as obs:
+        summary = train(cfg, log=lambda *a: None, engine=engine)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"obs": obs, "engine": engine, "cfg": cfg, "int8": dtype == "int8", "summary": summary,
+            "grad_norms": [r["grad_norm"] for r in records if "grad_norm" in r]}
+
+
+def test_each_sampler_draws_from_its_own_weights(wired_run):
+    cfg = wired_run["cfg"].algorithm
+    assert check_samplers(wired_run["obs"], wired_run["engine"].events, cfg.policy_samples,
+                          cfg.momentum_samples) == []
+
+
+def test_the_momentum_model_is_the_ema_of_the_policy(wired_run):
+    obs = wired_run["obs"]
+    assert len(obs.updates) == 3
+    assert check_momentum_updates(obs, wired_run["int8"]) == []
+
+
+def test_the_optimizer_applies_clipped_gradients(wired_run):
+    assert check_clipping(wired_run["obs"], MAX_GRAD_NORM, wired_run["grad_norms"]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning goes the right way
+
+def response_logprobs(model_dir, rows, tokenizer, instruction, temperature) -> torch.Tensor:
+    """Each response's summed token log-prob at the sampling temperature, by a plain transformers forward
+    (independent of the trainer's scorers)."""
+    from transformers import AutoModelForCausalLM
+
+    from mgrpo.data import encode_prompt
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = encode_prompt(tokenizer, row["problem"], instruction, False)
+            ids = torch.tensor([prompt + row["token_ids"]])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature
+            out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(row["token_ids"])[:, None]).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
+    """One update on fixed rollouts, without the KL term: the policy's log-prob of the responses the vote
+    rewarded (advantage > 0) rises and of the others falls, response by response on average and as the
+    advantage-weighted sum the loss maximises."""
+    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
+    run_dir = tmp_path / "run"
+    cfg = wiring_config(tiny_cache, run_dir, "steps=1", "algorithm.kl_coef=0", "rollouts_every=1",
+                        f"algorithm.logprob_impl={impl}", "optim.max_grad_norm=0", "optim.lr=2e-4")
+    train(cfg, log=lambda *a: None, engine=recording_engine(tiny_cache))
+    rows = [json.loads(line) for line in (run_dir / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r["sampler"] == "policy" and not r["pruned"] and r["advantage"] != 0]
+    advantages = torch.tensor([r["advantage"] for r in trained], dtype=torch.float64)
+    assert (advantages > 0).any() and (advantages < 0).any(), "no learning signal in these rollouts"
+    base = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    args = (build_tokenizer(), cfg.data.instruction, cfg.rollout.temperature)
+    change = response_logprobs(run_dir / "final", trained, *args) - response_logprobs(base, trained, *args)
+    assert float(change[advantages > 0].mean()) > 0, "the rewarded responses became less likely"
+    assert float(change[advantages < 0].mean()) < 0, "the unrewarded responses became more likely"
+    assert float((advantages * change).sum()) > 0
