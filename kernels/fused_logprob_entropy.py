@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_logprob_entropy", "reference_logprob_entropy", "logprob_entropy", "triton_can_run"]
+__all__ = ["fused_logprob_entropy", "reference_logprob_entropy", "logprob_entropy", "triton_can_run",
+           "default_chunk_tokens", "WORKSPACE_BYTES", "chunked_reference_logprob_entropy", "reference_chunk_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,12 +297,20 @@ def _backward(hidden, weight, targets, grad_logprob, grad_entropy, temperature,
     return grad_hidden, grad_weight
 
 
-def _default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
-    # Keep the workspace (fp32 logits + their gradient in the compute dtype) near 256 MiB: 256 tokens at
-    # Qwen3's V = 151936 in bf16 (223 MiB).
-    budget = 256 * 2**20
+WORKSPACE_BYTES = 1 << 30
+"""The backward's bounded workspace per chunk of tokens: fp32 logits [chunk, V] and their gradient in the compute
+dtype. Its size sets the chunk, and the chunk sets the weight gradient's memory traffic: every chunk reads and
+writes the whole fp32 dW accumulator (2 x 1.45 GiB at Qwen3-4B's head), so a 16k-token backward in chunks of
+256 moved 186 GiB through it, in chunks of 1024 (this budget: 0.87 GiB of workspace at V = 151936 in bf16) 46 GiB,
+and the dW matmul's arithmetic intensity (chunk / 4 FLOPs per byte of accumulator) reaches 256, where an H100's
+tensor cores, not its memory, bound it."""
+
+
+def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per backward chunk: the largest power of two whose workspace fits WORKSPACE_BYTES (16 to 4096).
+    mgrpo plan counts the head's memory with this same function."""
     per_token = vocab * (4 + (0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8))
-    return max(16, min(4096, 2 ** int(math.log2(max(budget / per_token, 1)))))
+    return max(16, min(4096, 2 ** int(math.log2(max(WORKSPACE_BYTES / per_token, 1)))))
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
@@ -336,8 +345,10 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """Log-prob of each target and entropy of softmax(hidden @ weight.T / temperature), never forming the logits.
 
     hidden  [T, H] fp32 | fp16 | bf16 (any leading dims are flattened), weight [V, H] (tied or not; cast to
-    hidden's dtype for the matmuls), targets [T] int, mask [T] bool (False: skipped, outputs 0, zero gradient).
-    Returns logprob [T], entropy [T] in fp32, differentiable w.r.t. hidden and weight.
+    hidden's dtype here when it differs: a [V, H] copy, which the trainer avoids by handing both in its compute
+    dtype), targets [T] int, mask [T] bool (False: skipped, outputs 0, zero gradient).
+    Returns logprob [T], entropy [T] in fp32, differentiable w.r.t. hidden and weight (its gradient in weight's
+    own dtype, through the cast).
     """
     if not triton_can_run(hidden):
         raise RuntimeError("fused_logprob_entropy runs Triton: give CUDA tensors, or set TRITON_INTERPRET=1 "
@@ -347,6 +358,7 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     targets = targets.reshape(-1)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got {tuple(weight.shape)}")
+    weight = weight.to(hidden.dtype)          # the kernels read both in one dtype (a no-op when they agree)
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets [{targets.shape[0]}] must match hidden's {hidden.shape[0]} tokens")
     if not temperature > 0:
@@ -356,7 +368,7 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden, targets = hidden.index_select(0, index), targets.index_select(0, index)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}) (masked positions may hold anything)")
-    chunk = chunk_tokens or _default_chunk_tokens(weight.shape[0], hidden.dtype)
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.dtype)
     if hidden.shape[0] == 0:
         logprob = entropy = hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum() + 0 * hidden.sum()
     else:
@@ -369,8 +381,29 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return logprob.reshape(lead), entropy.reshape(lead)
 
 
+def reference_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the PyTorch path: its logits, log-probs, probabilities and their product are four
+    fp32 [chunk, V] tensors at once; they stay within WORKSPACE_BYTES (1024 tokens at a 49k vocabulary)."""
+    return max(16, min(4096, 2 ** int(math.log2(max(WORKSPACE_BYTES / (16 * vocab), 1)))))
+
+
+def chunked_reference_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                      temperature: float = 1.0, chunk_tokens: Optional[int] = None) -> tuple:
+    """The reference, a chunk of tokens at a time, each chunk recomputed in the backward (activation
+    checkpointing): the [tokens, vocab] logits never exist whole, on the CPU path too (a 135M model with a 49k
+    vocabulary took 0.8 GB per logits-sized tensor at 4096 tokens, several at once)."""
+    from torch.utils.checkpoint import checkpoint
+    chunk = chunk_tokens or reference_chunk_tokens(weight.shape[0])
+    if hidden.shape[0] <= chunk:
+        return reference_logprob_entropy(hidden, weight, targets, temperature)
+    parts = [checkpoint(reference_logprob_entropy, hidden[i:i + chunk], weight, targets[i:i + chunk], temperature,
+                        use_reentrant=False) for i in range(0, hidden.shape[0], chunk)]
+    return torch.cat([lp for lp, _ in parts]), torch.cat([ent for _, ent in parts])
+
+
 def logprob_entropy(hidden, weight, targets, temperature=1.0, mask=None, impl: str = "fused"):
-    """impl="fused" (Triton) or "torch" (reference): the switch every test and benchmark runs both ways."""
+    """impl="fused" (Triton) or "torch" (the reference in chunks): the switch every test and benchmark runs both
+    ways."""
     if impl == "fused":
         return fused_logprob_entropy(hidden, weight, targets, temperature, mask)
     if impl != "torch":
@@ -379,11 +412,11 @@ def logprob_entropy(hidden, weight, targets, temperature=1.0, mask=None, impl: s
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if mask is None:
-        logprob, entropy = reference_logprob_entropy(hidden, weight, targets, temperature)
+        logprob, entropy = chunked_reference_logprob_entropy(hidden, weight, targets, temperature)
         return logprob.reshape(lead), entropy.reshape(lead)
     index = mask.reshape(-1).nonzero().squeeze(-1)
-    lp, ent = reference_logprob_entropy(hidden.index_select(0, index), weight, targets.index_select(0, index),
-                                        temperature)
+    lp, ent = chunked_reference_logprob_entropy(hidden.index_select(0, index), weight,
+                                                targets.index_select(0, index), temperature)
     out_lp = lp.new_zeros(mask.numel()).index_put((index,), lp)
     out_ent = ent.new_zeros(mask.numel()).index_put((index,), ent)
     return out_lp.reshape(lead), out_ent.reshape(lead)

@@ -151,6 +151,27 @@ def momentum_reference(cache, out_dir):
     return {"kl": [r["kl"] for r in records if "kl" in r], "sharded": sharded, "reference_is_momentum": equal}
 
 
+def wiring(cache, out_dir, momentum_dtype):
+    """3 steps with the loop's spies on (tests/wiring.py): which weights each sampler drew from, the momentum
+    EMA after every optimizer step, and the gradient norm the optimizer applied, on this rank."""
+    from tests.wiring import RecordingEngine, check_clipping, check_momentum_updates, check_samplers, spies
+    import json
+    names = scripted(cache).expected
+    from mgrpo.tiny import build_tokenizer
+    engine = RecordingEngine(build_tokenizer(), names)
+    cfg = config(cache, out_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=3", "data.num_eval=0",
+                 "optim.max_grad_norm=0.05")
+    with spies() as obs:
+        train(cfg, log=lambda *a: None, engine=engine)
+    torch.distributed.barrier()
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    algo = cfg.algorithm
+    return {"samplers": check_samplers(obs, engine.events, algo.policy_samples, algo.momentum_samples),
+            "ema": check_momentum_updates(obs, momentum_dtype == "int8"),
+            "clipping": check_clipping(obs, 0.05, [r["grad_norm"] for r in records if "grad_norm" in r]),
+            "updates": len(obs.updates)}
+
+
 def bad_world_size(cache, out_dir):
     from mgrpo.trainer import TrainingError
     try:
@@ -163,20 +184,29 @@ def bad_world_size(cache, out_dir):
 if __name__ == "__main__":
     cache, out = sys.argv[1], Path(sys.argv[2])
     dist = init_distributed("cpu")
+    # MGRPO_SCENARIOS=wiring_fp32,wiring_int8: only these (a quick check while developing, e.g. a planted mistake)
+    only = set(filter(None, os.environ.get("MGRPO_SCENARIOS", "").split(",")))
 
     def save(name, value):
-        torch.save(value, out / f"{name}_rank{dist.rank}.pt")
+        torch.save(value() if callable(value) else value, out / f"{name}_rank{dist.rank}.pt")
 
-    save("bad_world_size", bad_world_size(cache, out))
-    save("fused", fused_through_fsdp(dist))
-    save("fused_bf16", fused_through_fsdp(dist, "bf16", cache))
-    for dtype in ("fp32", "int8"):
-        save(f"update_{dtype}", one_update(cache, out / f"update_{dtype}", dtype))
-    save("update_bf16_int8", one_update(cache, out / "update_bf16_int8", "int8", "bf16"))
-    save("resume", resume(cache, out / "resume"))
-    # bitsandbytes' 8-bit AdamW on the local shards, with the int8 momentum's delta kernel in its hook
-    save("resume_adamw8bit", resume(cache, out / "resume_adamw8bit", "optim.name=adamw8bit",
-                                    "algorithm.momentum_dtype=int8"))
-    save("update_adamw8bit", one_update(cache, out / "update_adamw8bit", "int8", extra=("optim.name=adamw8bit",)))
-    save("momentum_reference", momentum_reference(cache, out / "momentum_reference"))
+    scenarios = {
+        "bad_world_size": lambda: bad_world_size(cache, out),
+        "fused": lambda: fused_through_fsdp(dist),
+        "fused_bf16": lambda: fused_through_fsdp(dist, "bf16", cache),
+        "update_fp32": lambda: one_update(cache, out / "update_fp32", "fp32"),
+        "update_int8": lambda: one_update(cache, out / "update_int8", "int8"),
+        "update_bf16_int8": lambda: one_update(cache, out / "update_bf16_int8", "int8", "bf16"),
+        "resume": lambda: resume(cache, out / "resume"),
+        # bitsandbytes' 8-bit AdamW on the local shards, with the int8 momentum's delta kernel in its hook
+        "resume_adamw8bit": lambda: resume(cache, out / "resume_adamw8bit", "optim.name=adamw8bit",
+                                           "algorithm.momentum_dtype=int8"),
+        "update_adamw8bit": lambda: one_update(cache, out / "update_adamw8bit", "int8", extra=("optim.name=adamw8bit",)),
+        "momentum_reference": lambda: momentum_reference(cache, out / "momentum_reference"),
+        "wiring_fp32": lambda: wiring(cache, out / "wiring_fp32", "fp32"),
+        "wiring_int8": lambda: wiring(cache, out / "wiring_int8", "int8"),
+    }
+    for name, scenario in scenarios.items():
+        if not only or name in only:
+            save(name, scenario)
     torch.distributed.destroy_process_group()

@@ -119,6 +119,17 @@ def test_pushed_weights_are_the_full_weights_bit_for_bit(two_ranks, tiny_cache, 
         assert any(not torch.equal(got["momentum"][n], got["final_policy_push"][n]) for n in base)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_the_loop_is_wired_the_same_on_two_ranks(two_ranks, dtype):
+    """tests/test_wiring.py's contracts on every rank of 2: each sampler drew from its own weights and stream,
+    the momentum model is the EMA of the policy after every step (local shards), and the optimizer applied
+    gradients clipped to max_grad_norm by the global norm over both ranks."""
+    load, _ = two_ranks
+    for got in load(f"wiring_{dtype}"):
+        assert got["updates"] == 3
+        assert got["samplers"] == [] and got["ema"] == [] and got["clipping"] == []
+
+
 @pytest.mark.parametrize("scenario", ["resume", "resume_adamw8bit"])
 def test_resume_on_two_ranks_is_bit_exact(two_ranks, scenario):
     load, _ = two_ranks

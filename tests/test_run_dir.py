@@ -186,7 +186,7 @@ def test_a_live_run_holds_its_directory(tiny_cache, tmp_path):
             time.sleep(0.5)
         assert checkpoint_dirs(run), "the first run wrote no checkpoint"
         with pytest.raises(RunDirError, match=f"in use by a running job .*pid {first.pid}"):
-            train(tiny(tiny_cache, run, "steps=500", "resume=true"), log=lambda *a: None)
+            train(tiny(tiny_cache, run, "steps=500", "resume=true"), log=lambda *a: None, stop_after_steps=1)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -68,8 +68,9 @@ def gathered(run, local: list) -> dict:
 
 
 def grad_global_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    """The 2-norm over every rank's gradients (torch's get_total_norm reduces FSDP2's sharded DTensors)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
 
