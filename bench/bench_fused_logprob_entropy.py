@@ -9,14 +9,10 @@ Where a baseline computes only the log-prob (no entropy, no temperature), it is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import append_rows, environment, median_ms, peak_memory_mib, RESULTS  # noqa: E402
-
+from common import RESULTS, append_rows, environment, median_ms, peak_memory_mib  # noqa: E402
 from mgrpo_kernels.fused_logprob_entropy import fused_logprob_entropy, reference_logprob_entropy  # noqa: E402
 
 

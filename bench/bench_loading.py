@@ -5,18 +5,17 @@ Qwen3-0.6B-shaped random model built from a config in code (nothing downloaded).
     torchrun --nproc_per_node=2 bench/bench_loading.py --model /tmp/qwen3-0.6b [--precision bf16]
 
 Each rank reports its peak resident set (VmHWM) after setup (policy, KL reference, momentum model,
-optimizer: what loading costs) and after one step (the trainer's peak), plus the time to set up. Rollouts are
-scripted (fixed-length responses, no generation), so the figures are the trainer's alone. The script only
-uses `mgrpo.trainer.train` and config keys that exist in every version since the FSDP2 trainer, so the
-same command measures an older checkout (PYTHONPATH=<old checkout> ...) side by side: that is how the
-"before" rows were made. Appends to bench/results/loading.csv.
+optimizer: what loading costs) and after one step (the trainer's peak), plus the time to set up. Rollouts come
+from mgrpo's SyntheticEngine (fixed-length responses, no generation), so the figures are the trainer's alone.
+An older checkout is measured with that checkout's own copy of this script (PYTHONPATH=<old checkout>
+python <old checkout>/bench/bench_loading.py ...): that is how the "before" rows were made (907263d).
+Appends to bench/results/loading.csv.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ def build(path: Path) -> None:
     """A random Qwen3-0.6B-shaped model in bf16 (what real checkpoints store) with the tiny char tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     tokenizer = build_tokenizer()
     config = Qwen3Config(**QWEN3_06B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
@@ -52,36 +51,6 @@ def build(path: Path) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters written to {path}")
-
-
-class ScriptedEngine:
-    """Fixed-length random responses ending in a random boxed digit (so groups disagree and train)."""
-    weight_dtype = torch.float32
-
-    def __init__(self, tokenizer, length):
-        self.tok, self.length, self.rng = tokenizer, length, random.Random(0)
-
-    def push_weights(self, named_tensors):
-        for _ in named_tensors:   # the gathers happen (a collective per tensor); nothing is kept
-            pass
-
-    def wake_up(self):
-        pass
-
-    def sleep(self):
-        pass
-
-    def generate(self, prompts, params):
-        from mgrpo.rollout import Completion
-        out = []
-        for _ in prompts:
-            group = []
-            for _ in range(params.n):
-                tail = self.tok.encode(f"\\boxed{{{self.rng.randint(0, 3)}}}", add_special_tokens=False)
-                ids = [self.rng.randrange(2, 90) for _ in range(self.length - len(tail))] + tail
-                group.append(Completion(ids, self.tok.decode(ids), None, False))
-            out.append(group)
-        return out
 
 
 def main():
@@ -100,8 +69,9 @@ def main():
         return
     from transformers import AutoTokenizer
 
-    import mgrpo.trainer as trainer
+    import mgrpo.loop.trainer as trainer
     from mgrpo.config import load_config
+    from mgrpo.engines.synthetic import SyntheticEngine
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # one directory for all ranks of this job (the run directory is shared), removed at the end
     root = Path(tempfile.gettempdir()) / f"mgrpo-bench-loading-{os.environ.get('MASTER_PORT', os.getpid())}"
@@ -125,16 +95,17 @@ def main():
         marks["setup_s"], marks["after_setup_gib"] = time.perf_counter() - t, vm_hwm_gib()
         return run
     trainer.setup = timed_setup
-    summary = trainer.train(cfg, log=lambda *a: None, engine=ScriptedEngine(tokenizer, args.response_tokens))
-    rank = summary["run"].dist.rank
+    summary = trainer.train(cfg, log=lambda *a: None, engine=SyntheticEngine(tokenizer))
+    rank = summary["dist"].rank
     row = {"label": args.label, "world_size": world, "rank": rank, "precision": args.precision or "default",
            "momentum_dtype": args.momentum_dtype,
            "setup_s": round(marks["setup_s"], 1), "peak_after_setup_gib": round(marks["after_setup_gib"], 3),
            "peak_after_step_gib": round(vm_hwm_gib(), 3)}
-    rows = summary["run"].dist.all_gather_object(row)
+    rows = summary["dist"].all_gather_object(row)
     if rank == 0:
-        import datetime
         import csv
+        import datetime
+
         import transformers
         env = {"date": datetime.date.today().isoformat(), "device": "cpu (gloo ranks)", "torch": torch.__version__,
                "transformers": transformers.__version__, "model": "Qwen3-0.6B shape, random, bf16 files"}
@@ -149,7 +120,7 @@ def main():
                 writer.writerow({**env, **r})
                 print(r)
         sys.stdout.flush()
-    summary["run"].dist.barrier()
+    summary["dist"].barrier()
     if rank == 0:
         import shutil
         shutil.rmtree(root, ignore_errors=True)

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
 from common import append_rows, environment, median_ms  # noqa: E402
-
 from mgrpo_kernels.momentum_int8 import QUANT_BLOCK, FusedAdamWInt8Momentum  # noqa: E402
 
 

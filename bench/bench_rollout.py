@@ -8,23 +8,22 @@ Appends to bench/results/rollout.csv.
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
 import torch
+from common import append_rows, environment
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, os.path.dirname(__file__))
-from common import append_rows, environment  # noqa: E402
-
+from mgrpo.build import resolve_model_path
 from mgrpo.config import TrainConfig  # noqa: E402
-from mgrpo.data import PromptStream, encode_prompt  # noqa: E402
+from mgrpo.data.problems import PromptStream  # noqa: E402
+from mgrpo.data.prompts import encode_prompt
 from mgrpo.distributed import Dist  # noqa: E402
-from mgrpo.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
-from mgrpo.loading import load_tokenizer_and_config, resolve_model_path  # noqa: E402
-from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
+from mgrpo.engines.base import SamplingParams
+from mgrpo.engines.hf import HFGenerateEngine  # noqa: E402
+from mgrpo.engines.vllm import VLLMEngine  # noqa: E402
+from mgrpo.environment import configure_process
+from mgrpo.models.loading import load_tokenizer_and_config  # noqa: E402
 
 
 def throughput(engine, prompts, params, rounds=3):
@@ -38,6 +37,7 @@ def throughput(engine, prompts, params, rounds=3):
 
 
 def main():
+    configure_process()
     cfg = TrainConfig()
     from transformers import AutoModelForCausalLM
     path = resolve_model_path(cfg, Dist())

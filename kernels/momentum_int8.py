@@ -26,12 +26,13 @@ quantization blocks are blocks of the shard), with no communication.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from mgrpo_kernels import runtime
+from mgrpo_kernels.runtime import local_tensor
 
 QUANT_BLOCK = 256          # elements per fp32 scale: 4 / 256 = 0.016 bytes per parameter of overhead
 CODE_MAX = 127.0           # symmetric int8 codes in [-127, 127]
@@ -198,15 +199,6 @@ def _delta_ema_kernel(
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _can_launch(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under its interpreter."""
-    return device.type == "cuda" or _interpreting()
-
-
 def launch_config(interpreting: bool = False) -> dict:
     """Quantization blocks per program and warps (the compile tests build exactly this configuration)."""
     return dict(BLOCKS_PER_PROGRAM=64, num_warps=1) if interpreting else dict(BLOCKS_PER_PROGRAM=4, num_warps=4)
@@ -217,11 +209,11 @@ def launch_delta_ema(before: torch.Tensor, after: torch.Tensor, codes: torch.Ten
     """d <- m (d - (after - before)) for one tensor's int8 delta, in place (see _delta_ema_kernel)."""
     if after.numel() == 0:
         return
-    if not _can_launch(after.device):
+    if not runtime.triton_can_run(after):
         raise RuntimeError("the int8 momentum update runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
     if before.dtype != after.dtype or not (before.is_contiguous() and after.is_contiguous()):
         raise ValueError("before and after must be contiguous tensors of one dtype")
-    config = launch_config(_interpreting())
+    config = launch_config(runtime.interpreting())
     bpp = config["BLOCKS_PER_PROGRAM"]
     grid = (triton.cdiv(math.ceil(after.numel() / QUANT_BLOCK), bpp),)
     _delta_ema_kernel[grid](before, after, codes, scales, after.numel(), momentum, seed, tensor_id,
@@ -258,9 +250,9 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
     if not params:
         return 0
     device = params[0].device
-    if not _can_launch(device):
+    if not runtime.triton_can_run(params[0]):
         raise RuntimeError("the fused int8 momentum step runs Triton: CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
-    config = launch_config(_interpreting())
+    config = launch_config(runtime.interpreting())
     if blocks_per_program:
         config["BLOCKS_PER_PROGRAM"] = blocks_per_program
     launches = 0
@@ -301,11 +293,6 @@ def launch_fused_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: li
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 DTensor parameter or gradient (a view of its storage), else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class FusedAdamWInt8Momentum(torch.optim.Optimizer):
     """AdamW whose step also updates an 8-bit momentum model (EMA of the parameters), in one fused kernel.
 
@@ -329,7 +316,7 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
     def _init_state(self, p):
         state = self.state[p]
         if "codes" not in state:
-            local = _local(p.detach())
+            local = local_tensor(p.detach())
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(local, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(local, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -351,7 +338,7 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
             step = int(states[0]["step"].item())
             beta1, beta2 = group["betas"]
             launch_fused_step(
-                [_local(p.detach()) for p in params], [None if p.grad is None else _local(p.grad) for p in params],
+                [local_tensor(p.detach()) for p in params], [None if p.grad is None else local_tensor(p.grad) for p in params],
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["codes"] for s in states], [s["scales"] for s in states],
                 step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -374,7 +361,7 @@ class FusedAdamWInt8Momentum(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 s = self.state[p]
-                yield momentum_weight(_local(p.detach()), s["codes"], s["scales"], dtype)
+                yield momentum_weight(local_tensor(p.detach()), s["codes"], s["scales"], dtype)
 
     def momentum_state_bytes(self) -> int:
         return sum(s["codes"].numel() + 4 * s["scales"].numel() for s in self.state.values())

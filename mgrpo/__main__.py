@@ -1,6 +1,6 @@
 """`python -m mgrpo ...` (what torchrun launches: torchrun --nproc_per_node=8 -m mgrpo train ...)."""
 import sys
 
-from .cli import main
+from .commands import main
 
 sys.exit(main())

@@ -20,7 +20,6 @@ import torch
 
 from .answers import group_equivalent_answers
 
-
 # ---------------------------------------------------------------------------------------------------------
 # IQR entropy filter
 
@@ -59,38 +58,35 @@ class Vote:
     source of truth for the rewards, which are membership of this cluster."""
 
 
+def vote_counts(clusters: Sequence[Optional[int]], voting: Optional[Sequence[bool]] = None) -> dict:
+    """cluster id -> [votes, position of its first vote], over the responses that vote (voting mask) and have an
+    answer (a cluster id)."""
+    counts: dict = {}
+    for position, cluster in enumerate(clusters):
+        if cluster is not None and (voting is None or voting[position]):
+            counts.setdefault(cluster, [0, position])[0] += 1
+    return counts
+
+
+def winning_cluster(counts: dict) -> Optional[int]:
+    """Tie rule (deterministic): among clusters with the most votes, the one whose first vote comes earliest in
+    pool order wins. The pool lists the policy's responses before the momentum model's, so ties favour the
+    answer the policy produced first. None when nobody voted."""
+    return min(counts, key=lambda c: (-counts[c][0], counts[c][1])) if counts else None
+
+
 def majority_vote(answers: Sequence[Optional[str]], voting: Optional[Sequence[bool]] = None,
                   clusters: Optional[Sequence[Optional[int]]] = None) -> Vote:
     """Majority vote over equivalent answers. answers [G] (None = no answer, abstains); voting [G] mask;
     clusters [G]: cluster ids from `group_equivalent_answers(answers)` when the caller already has them.
-
-    Tie rule (deterministic): among clusters with the most votes, the one whose first vote comes earliest in
-    pool order wins. The pool lists the policy's responses before the momentum model's, so ties favour the
-    answer the policy produced first.
-    """
-    voting = [True] * len(answers) if voting is None else list(voting)
+    Ties: `winning_cluster`."""
     clusters = group_equivalent_answers(list(answers)) if clusters is None else clusters
-    counts: dict = {}
-    first_vote: dict = {}
-    for position, (cluster, votes) in enumerate(zip(clusters, voting)):
-        if cluster is None or not votes:
-            continue
-        counts[cluster] = counts.get(cluster, 0) + 1
-        first_vote.setdefault(cluster, position)
-    votes_cast = sum(counts.values())
-    if votes_cast == 0:
+    counts = vote_counts(clusters, None if voting is None else list(voting))
+    winner = winning_cluster(counts)
+    if winner is None:
         return Vote(None, 0.0, 0)
-    winner = min(counts, key=lambda c: (-counts[c], first_vote[c]))
-    return Vote(answers[first_vote[winner]], counts[winner] / votes_cast, votes_cast, winner)
-
-
-def _majority_cluster(clusters: Sequence[Optional[int]]) -> Optional[int]:
-    """The cluster id with the most members (earliest first member on ties); None when all abstain."""
-    counts: dict = {}
-    for position, cluster in enumerate(clusters):
-        if cluster is not None:
-            counts.setdefault(cluster, [0, position])[0] += 1
-    return min(counts, key=lambda c: (-counts[c][0], counts[c][1])) if counts else None
+    votes_cast = sum(votes for votes, _ in counts.values())
+    return Vote(answers[counts[winner][1]], counts[winner][0] / votes_cast, votes_cast, winner)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,7 +167,8 @@ def score_group(answers: Sequence[Optional[str]], entropies: torch.Tensor, num_p
     unanimous = G > 0 and clusters[0] is not None and all(c == clusters[0] for c in clusters)
     momentum_agrees = None
     if M < G:
-        policy_majority, momentum_majority = _majority_cluster(clusters[:M]), _majority_cluster(clusters[M:])
+        policy_majority = winning_cluster(vote_counts(clusters[:M]))
+        momentum_majority = winning_cluster(vote_counts(clusters[M:]))
         if policy_majority is not None and momentum_majority is not None:
             momentum_agrees = policy_majority == momentum_majority
     return GroupScore(advantages, in_loss, rewards, vote, threshold, int((~keep).sum()), unanimous, momentum_agrees)

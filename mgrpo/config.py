@@ -18,7 +18,6 @@ import yaml
 
 from .errors import MgrpoError
 
-
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -75,7 +74,7 @@ class WarmStartConfig:
     cache_dir: str = "~/.cache/mgrpo"
     """Where a warm-started base model is cached and reused (keyed by model, task and warm-start settings)."""
     remake: bool = False
-    """Train the base model here even when these are the settings of the shipped one (mgrpo/assets: the
+    """Train the base model here even when these are the settings of the shipped one (mgrpo/data/assets: the
     default trains from it, bit for bit the same on every machine). Any other warm-start settings always
     train (and cache) their own. A base trained here equals the shipped one only on a CPU that rounds like the
     one that made it (README, "The embedded default")."""

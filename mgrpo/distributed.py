@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
+from mgrpo_kernels.runtime import local_tensor  # noqa: F401  (the kernels' own: one definition)
 
 
 def launched_by_torchrun() -> bool:
@@ -143,11 +144,6 @@ def shard_model(module: torch.nn.Module, decoder_layers: list, dist: Dist,
 
 def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "to_local")
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -5,3 +5,11 @@ traceback."""
 
 class MgrpoError(Exception):
     """Something the user can fix; the message says what is wrong and how to fix it."""
+
+
+class DataError(MgrpoError, ValueError):
+    """The dataset or a prompt cannot be used; the message says what is wrong and how to fix it."""
+
+
+class TrainingError(MgrpoError, RuntimeError):
+    """Training cannot go on as configured; the message says why and what to change."""

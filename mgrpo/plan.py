@@ -25,6 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+from mgrpo_kernels.fused_logprob_entropy import default_chunk_tokens
+from mgrpo_kernels.momentum_int8 import QUANT_BLOCK
+
+from .config import load_config_from
+from .data.tiny import TINY_MODEL_CONFIG
 from .errors import MgrpoError
 
 GIB = 2 ** 30
@@ -41,6 +47,8 @@ BUILT_IN = {
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
                      max_position_embeddings=32768),
 }
+
+BNB_BLOCK = 256                      # bitsandbytes' 8-bit optimizer state: one fp32 absmax per 256 elements
 
 # Modeled constants (estimates until a GPU measures them).
 RUNTIME_BYTES = 1.5 * GIB            # CUDA context, NCCL, cuBLAS workspaces: outside torch's allocator
@@ -120,7 +128,6 @@ def model_config(path: Optional[str]):
     """(config, label): a directory's config.json, a built-in Qwen3 config by name, or the embedded default's."""
     from transformers import AutoConfig, Qwen3Config
     if path is None:
-        from .tiny import TINY_MODEL_CONFIG
         return Qwen3Config(**{k: v for k, v in TINY_MODEL_CONFIG.items() if k != "torch_dtype"}), "the embedded default"
     directory = Path(path).expanduser()
     if directory.is_dir():
@@ -140,7 +147,6 @@ def model_config(path: Optional[str]):
 
 def parameter_shapes(config) -> list:
     """(name, shape) of every parameter (tied ones once), from a meta-device model."""
-    import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -164,23 +170,18 @@ def _layer_of(name: str) -> Optional[int]:
 
 def optimizer_bytes(numels: list, name: str) -> int:
     """AdamW's moments: fp32 (8 bytes per element), or bitsandbytes' blockwise 8-bit (uint8 moments and an fp32
-    absmax per 256 elements each; tensors under 4096 elements keep fp32 moments) plus its two 256-entry maps."""
+    absmax per BNB_BLOCK elements each; tensors under 4096 elements keep fp32 moments) plus its two 256-entry maps."""
     if name == "adamw":
         return 8 * sum(numels)
     total = 0
     for n in numels:
-        total += 8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256)
+        total += 8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / BNB_BLOCK)
     return total + 2 * 256 * 4
 
 
 def int8_delta_bytes(numels: list) -> int:
-    return sum(n + 4 * math.ceil(n / 256) for n in numels)
-
-
-def head_chunk_tokens(vocab: int, compute_bytes: int) -> int:
-    """The fused kernel's backward chunk (mgrpo_kernels.fused_logprob_entropy._default_chunk_tokens)."""
-    per_token = vocab * (4 + (0 if compute_bytes == 4 else compute_bytes))
-    return max(16, min(4096, 2 ** int(math.log2(max(256 * 2 ** 20 / per_token, 1)))))
+    """int8 codes and one fp32 scale per QUANT_BLOCK elements (mgrpo_kernels.momentum_int8)."""
+    return sum(n + 4 * math.ceil(n / QUANT_BLOCK) for n in numels)
 
 
 def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True) -> Plan:
@@ -234,7 +235,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True) -> Pla
         how = f"{T} tokens, every layer's tensors (model.gradient_checkpointing=false)"
     parts.append(Part("activations", 0, activations, "modeled", how))
     V = config.vocab_size
-    chunk = head_chunk_tokens(V, compute)
+    chunk = default_chunk_tokens(V, torch.bfloat16 if compute == 2 else torch.float32)
     head = 4 * V * H + chunk * V * (4 + (0 if compute == 4 else compute)) + 2 * T * H * compute
     parts.append(Part("fused head workspace", 0, head, "computed",
                       f"fp32 dW accumulator V x H + [{chunk}, V] logits and gradient + hidden and its gradient"))
@@ -272,7 +273,6 @@ def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float) -> Plan:
     """The settings that would make a plan that does not fit fit, each checked by planning with it."""
     if plan.fits:
         return plan
-    from .config import load_config_from
     candidates = []
     if cfg.optim.name == "adamw":
         candidates.append(["optim.name=adamw8bit"])
@@ -312,15 +312,13 @@ def check_fits(cfg, gpus: int, gpu_memory_gib: float) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command
+# Printing it
 
-def main(args) -> int:
-    from .config import load_config
-    cfg = load_config(args.config, args.overrides)
-    gpus = args.gpus or 1
-    memory = args.gpu_memory
+def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None) -> int:
+    """`mgrpo plan` (mgrpo/commands/plan.py: its flags): the table, the host memory, the largest KV share, the
+    verdict; 0 if it fits, 1 if not."""
+    memory = gpu_memory_gib
     if memory is None:
-        import torch
         memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
     plan = with_suggestions(make_plan(cfg, gpus, memory), cfg, gpus, memory)
     print(f"[plan] {plan.model} on {gpus} x {memory:g} GiB (per GPU; computed = exact tensor bytes, "
@@ -331,12 +329,3 @@ def main(args) -> int:
     print(f"largest rollout.gpu_memory_utilization that fits: {plan.max_gpu_memory_utilization:.2f}")
     print(plan.verdict())
     return 0 if plan.fits else 1
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="YAML config (e.g. configs/qwen3_4b_1gpu.yaml)")
-    parser.add_argument("--gpus", type=int, help="GPUs (ranks) the run uses (default 1)")
-    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this machine's GPU, else 80)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, as mgrpo train takes them")
-
-

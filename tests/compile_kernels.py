@@ -6,26 +6,24 @@ are exactly those the launcher would give a GPU; then each one is compiled with 
 GPUTarget, specialised as Triton's JIT would specialise it. Runs in its own process without TRITON_INTERPRET
 (under the interpreter `triton.language` is patched for CPU execution and cannot lower to a GPU):
 
-    python tests/compile_kernels.py          (tests/test_kernels_compile.py starts it once and checks the results)
+    python -m tests.compile_kernels      (from the repository root; tests/test_kernels_compile.py starts it once and
+                                          checks the results)
 """
 import json
 import os
 import sys
 import traceback
 import types
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from mgrpo_kernels import fused_logprob_entropy as fused  # noqa: E402
+from mgrpo_kernels import momentum_int8, runtime  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
-
-from mgrpo_kernels import fused_logprob_entropy as fused  # noqa: E402
-from mgrpo_kernels import momentum_int8  # noqa: E402
 
 ARCHS = (80, 90)
 LAUNCHES = []          # (label, kernel, args, kwargs)
@@ -42,10 +40,8 @@ def recording(label):
 
 def our_launches():
     """Our launchers as on a GPU: the device checks pass, the GPU configurations are chosen."""
-    fused.triton_can_run = lambda tensor: True
-    fused._interpreting = lambda: False
-    momentum_int8._can_launch = lambda device: True
-    momentum_int8._interpreting = lambda: False
+    runtime.triton_can_run = lambda tensor: True
+    runtime.interpreting = lambda: False
     real_properties = torch.cuda.get_device_properties
     torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=132)
     try:

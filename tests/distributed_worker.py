@@ -1,6 +1,6 @@
 """Scenarios of the 2-rank tests (tests/test_distributed.py), run under torchrun with the gloo backend:
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/distributed_worker.py CACHE OUT
+    python -m torch.distributed.run --nproc_per_node=2 -m tests.distributed_worker CACHE OUT   (from the repository root)
 
 Each scenario writes what the tests check to OUT/<scenario>_rank<r>.pt. The one-rank references are computed
 by the same functions in the test process (world size 1, no process group).
@@ -9,16 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TRITON_INTERPRET", "1")     # before any kernel module is imported
 
 import torch  # noqa: E402
 
 from mgrpo.config import load_config  # noqa: E402
 from mgrpo.distributed import full_tensor, init_distributed, shard_model  # noqa: E402
-from mgrpo.logprobs import TokenScorer, score_padded  # noqa: E402
-from mgrpo.trainer import train  # noqa: E402
+from mgrpo.environment import configure_process  # noqa: E402
+from mgrpo.loop.trainer import train  # noqa: E402
+from mgrpo.models.logprobs import TokenScorer, score_padded  # noqa: E402
 from tests.scripted_engine import ScriptedEngine  # noqa: E402
 
 
@@ -31,8 +30,9 @@ def config(cache, run_dir, *overrides):
 
 
 def scripted(cache):
-    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
     from transformers import AutoModelForCausalLM
+
+    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
     cfg = config(cache, "unused")
     path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
@@ -45,17 +45,17 @@ def one_update(cache, run_dir, momentum_dtype, precision="fp32", extra=()):
     engine = scripted(cache)
     summary = train(config(cache, run_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=2",
                            f"model.precision={precision}", *extra), log=lambda *a: None, engine=engine)
-    run = summary["run"]
+    run, dist = summary["models"], summary["dist"]
     import json
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] \
-        if run.dist.is_main else []
+        if dist.is_main else []
     # the momentum model's local shards, gathered independently of the push path (all_gather_object)
     local_momentum = {n: w.clone() for n, w in zip(run.momentum.names, run.momentum.local_weights(torch.float32))}
     # what rollout() pushes for the momentum model, through the engine
     engine.push_weights(run.momentum.named_weights(engine.weight_dtype))
     return {
         "policy": {n: full_tensor(p).detach().clone() for n, p in run.policy.hf_named_parameters()},
-        "momentum": engine.pushes[-1], "momentum_local_parts": run.dist.all_gather_object(local_momentum),
+        "momentum": engine.pushes[-1], "momentum_local_parts": dist.all_gather_object(local_momentum),
         "final_policy_push": engine.pushes[-2],   # validate() after the last step pushed the trained policy
         "first_pushes": engine.pushes[1:3],       # step 1 (after the initial validation): policy, momentum
         "records": [r for r in records if "reward" in r],
@@ -74,7 +74,7 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
     logits on its confident tokens (where a bf16 head goes wrong); else a random model on random tokens.
     gold_head: the head in float64 on the same (bf16) hidden states and weight, by the PyTorch reference: the
     gold the fused head is measured against, with the backbone's own rounding the same on both sides."""
-    from mgrpo.tiny import build_tiny_model, build_tokenizer
+    from mgrpo.data.tiny import build_tiny_model, build_tokenizer
     tokenizer = build_tokenizer()
     if cache is None:
         model = build_tiny_model(tokenizer, seed=3)
@@ -85,8 +85,8 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
 
         from transformers import AutoModelForCausalLM
 
-        from mgrpo.data import format_prompt
-        from mgrpo.tiny import training_problem, warm_started_model_dir
+        from mgrpo.data.prompts import format_prompt
+        from mgrpo.data.tiny import training_problem, warm_started_model_dir
         cfg = config(cache, "unused")
         model = AutoModelForCausalLM.from_pretrained(
             warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None),
@@ -122,9 +122,9 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
 
 def resume(cache, out_dir, *overrides):
     """2 straight steps against 1 + resume + 1, with the real transformers engine."""
-    straight = train(config(cache, out_dir / "straight", "steps=2", *overrides), log=lambda *a: None)["run"]
+    straight = train(config(cache, out_dir / "straight", "steps=2", *overrides), log=lambda *a: None)["models"]
     train(config(cache, out_dir / "split", "steps=2", *overrides), log=lambda *a: None, stop_after_steps=1)
-    resumed = train(config(cache, out_dir / "split", "steps=2", "resume=true", *overrides), log=lambda *a: None)["run"]
+    resumed = train(config(cache, out_dir / "split", "steps=2", "resume=true", *overrides), log=lambda *a: None)["models"]
     return {"straight": {n: full_tensor(p) for n, p in straight.policy.hf_named_parameters()},
             "resumed": {n: full_tensor(p) for n, p in resumed.policy.hf_named_parameters()},
             "straight_momentum": dict(straight.momentum.named_weights(torch.float32)),
@@ -136,16 +136,16 @@ def momentum_reference(cache, out_dir):
     """kl_reference=momentum over 2 steps: the reference's shards take theta_k before every update."""
     summary = train(config(cache, out_dir, "steps=2", "algorithm.kl_reference=momentum",
                            "algorithm.momentum_dtype=int8"), log=lambda *a: None, engine=scripted(cache))
-    run = summary["run"]
+    run = summary["models"]
     import json
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] \
-        if run.dist.is_main else []
+        if summary["dist"].is_main else []
     from mgrpo.distributed import is_dtensor
-    from mgrpo.trainer import refresh_reference_from_momentum
+    from mgrpo.loop.stages import refresh_reference_from_momentum
     # the reference's last use was a no-grad forward: its root parameters must be shards again, or the next
     # refresh would copy a shard into a stale full copy
     sharded = all(is_dtensor(p) for p in run.reference.parameters())
-    refresh_reference_from_momentum(run)
+    refresh_reference_from_momentum(run.reference, run.momentum)
     equal = [torch.equal(full_tensor(p), k) for p, (_, k) in
              zip(run.reference.parameters(), run.momentum.named_weights(torch.float32))]
     return {"kl": [r["kl"] for r in records if "kl" in r], "sharded": sharded, "reference_is_momentum": equal}
@@ -154,10 +154,11 @@ def momentum_reference(cache, out_dir):
 def wiring(cache, out_dir, momentum_dtype):
     """3 steps with the loop's spies on (tests/wiring.py): which weights each sampler drew from, the momentum
     EMA after every optimizer step, and the gradient norm the optimizer applied, on this rank."""
-    from tests.wiring import RecordingEngine, check_clipping, check_momentum_updates, check_samplers, spies
     import json
+
+    from tests.wiring import RecordingEngine, check_clipping, check_momentum_updates, check_samplers, spies
     names = scripted(cache).expected
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     engine = RecordingEngine(build_tokenizer(), names)
     cfg = config(cache, out_dir, f"algorithm.momentum_dtype={momentum_dtype}", "steps=3", "data.num_eval=0",
                  "optim.max_grad_norm=0.05")
@@ -173,7 +174,7 @@ def wiring(cache, out_dir, momentum_dtype):
 
 
 def bad_world_size(cache, out_dir):
-    from mgrpo.trainer import TrainingError
+    from mgrpo.errors import TrainingError
     try:
         train(config(cache, out_dir / "bad", "algorithm.prompts_per_step=3"), log=lambda *a: None)
     except TrainingError as e:
@@ -182,6 +183,7 @@ def bad_world_size(cache, out_dir):
 
 
 if __name__ == "__main__":
+    configure_process()
     cache, out = sys.argv[1], Path(sys.argv[2])
     dist = init_distributed("cpu")
     # MGRPO_SCENARIOS=wiring_fp32,wiring_int8: only these (a quick check while developing, e.g. a planted mistake)

@@ -27,7 +27,7 @@ def build_bpe_tokenizer(vocab_size: int = 400):
     from transformers import PreTrainedTokenizerFast
 
     from mgrpo.config import PAPER_INSTRUCTION
-    from mgrpo.tiny import arithmetic_problem
+    from mgrpo.data.tiny import arithmetic_problem
 
     rng = random.Random(0)
     corpus = [PAPER_INSTRUCTION, "system user assistant think The answer is"]
@@ -68,8 +68,8 @@ def chat_sft(model, tokenizer, steps: int, seed: int = 0) -> float:
     """Supervised steps on the built-in task through the chat template (prompt = template with the generation
     prompt, target = the worked solution and <|im_end|>); returns the last loss."""
     from mgrpo.config import PAPER_INSTRUCTION
-    from mgrpo.data import encode_prompt
-    from mgrpo.tiny import training_problem
+    from mgrpo.data.prompts import encode_prompt
+    from mgrpo.data.tiny import training_problem
 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -3,7 +3,7 @@ the rank or the call order. So one rank and two ranks train on exactly the same 
 compute expected figures by hand. It records every weight push (name -> a copy of the tensor)."""
 import random
 
-from mgrpo.rollout import Completion, RolloutEngine, check_push_coverage
+from mgrpo.engines.base import Completion, RolloutEngine, check_push_coverage
 
 # Answers a group draws from: a vote with a majority, disagreements, and responses with no answer.
 ANSWERS = ("7", "7", "7", "5", "12", None)

@@ -6,7 +6,6 @@ import torch
 
 from mgrpo import algorithm as alg
 
-
 # ---- IQR filter ------------------------------------------------------------------------------------------
 
 def test_iqr_threshold_hand_computed():

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from mgrpo import tiny
-from mgrpo.cli import main as cli
+from mgrpo.build import resolve_model_path
+from mgrpo.commands import main as cli
 from mgrpo.config import load_config
+from mgrpo.data import tiny
 from mgrpo.distributed import Dist
-from mgrpo.loading import TrainingError, resolve_model_path
+from mgrpo.errors import TrainingError
 
 # The shipped base's weights (mgrpo/assets/tiny-qwen3-arith/model.safetensors). Changing the base is a decision:
 # re-measure the README's figures on the new one (`python -m mgrpo.tiny --ship` writes it and base.json), then

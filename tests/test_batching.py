@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from mgrpo.batching import Sequences, micro_batches, resolve_layout
-from mgrpo.logprobs import TokenScorer
+from mgrpo.models.batching import Sequences, micro_batches, resolve_layout
+from mgrpo.models.logprobs import TokenScorer
 
 
 def ragged_groups(seed=0, prompts=3, group=4, vocab=90):
@@ -68,8 +68,8 @@ def test_layouts_agree_forward_and_gradients(architecture, attn):
     grouped_tokens = scores_and_grads(scorer, seqs, "grouped")[3]
     assert grouped_tokens < padded[3]          # the shared prompts are computed once per group
     if attn == "sdpa":   # the blockwise attention of grouped rows (what training runs with sdpa)
-        from mgrpo import grouped_attention
-        scorer.causal_lm.config._attn_implementation = grouped_attention.NAME
+        from mgrpo.models import grouped_attention
+        scorer.causal_lm.config._attn_implementation = grouped_attention.register()
         for layout, blockwise in (("grouped", True), ("padded", False), ("packed", False)):
             logp, ent, grads, _ = scores_and_grads(scorer, seqs, layout, blockwise=blockwise)
             torch.testing.assert_close(logp, padded[0], atol=2e-5, rtol=1e-5, msg=f"blockwise {layout}")

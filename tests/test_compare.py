@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from mgrpo.cli import main
-from mgrpo.compare import markdown_tables, moving_average, run_report, summarize, warnings_only
+from mgrpo.commands import main
+from mgrpo.comparison import markdown_tables, moving_average, run_report, summarize, warnings_only
 
 
 def test_summarize_by_hand():
@@ -198,14 +198,14 @@ def test_unknown_method_is_refused(capsys, tmp_path):
 
 
 def test_zero_seeds_is_refused_before_any_work(tmp_path, capsys):
-    from mgrpo.cli import main as cli
+    from mgrpo.commands import main as cli
     assert cli(["compare", "--seeds", "0", "--out", str(tmp_path / "cmp")]) == 1
     assert "--seeds 0: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
 
 
 def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
-    from mgrpo.compare import CompareError, method_overrides, run_overrides, sweep_methods
+    from mgrpo.comparison import CompareError, method_overrides, run_overrides, sweep_methods
     from mgrpo.config import ConfigError, load_config
     methods = sweep_methods(["mgrpo", "srt"], "algorithm.momentum=0.9,0.999")
     assert methods == ["mgrpo+algorithm.momentum=0.9", "mgrpo+algorithm.momentum=0.999",
@@ -216,7 +216,7 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
     assert cfg.run_dir == str(tmp_path / "mgrpo+algorithm.momentum=0.999_seed2")
     with pytest.raises(CompareError, match="--sweep"):
         sweep_methods(["mgrpo"], "algorithm.momentum")
-    from mgrpo.cli import main as cli
+    from mgrpo.commands import main as cli
     assert cli(["compare", "--methods", "mgrpo", "--sweep", "algorithm.momentum=1.5", "--out",
                 str(tmp_path / "c")]) == 1                       # an invalid value fails before any run
     with pytest.raises(ConfigError):

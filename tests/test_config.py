@@ -79,7 +79,7 @@ def test_yaml_that_does_not_parse_or_is_not_a_mapping(tmp_path):
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
-    from mgrpo.cli import main
+    from mgrpo.commands import main
     broken = tmp_path / "broken.yaml"
     broken.write_text("steps: [\n")
     assert main(["train", "--config", str(broken)]) == 1
@@ -99,7 +99,7 @@ def test_eval_settings():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error(capsys):
-    from mgrpo.cli import main as cli
+    from mgrpo.commands import main as cli
     with pytest.raises(ConfigError, match="device=cuda but no CUDA device"):
         load_config(None, ["device=cuda"])
     assert cli(["train", "device=cuda"]) == 1

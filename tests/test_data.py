@@ -3,7 +3,8 @@ import json
 import pytest
 
 from mgrpo.config import DataConfig
-from mgrpo.data import DataError, PromptStream, load_problems
+from mgrpo.data.problems import PromptStream, load_problems
+from mgrpo.errors import DataError
 
 
 def write_jsonl(path, rows):
@@ -64,8 +65,8 @@ def test_builtin_task_routes_and_held_out_split():
     import random
     import re
 
-    from mgrpo.data import eval_problems
-    from mgrpo.tiny import arithmetic_problem, held_out_dataset, is_held_out
+    from mgrpo.data.problems import eval_problems
+    from mgrpo.data.tiny import arithmetic_problem, held_out_dataset, is_held_out
     rng = random.Random(0)
     orders = set()
     for _ in range(400):

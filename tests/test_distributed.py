@@ -27,7 +27,7 @@ def torchrun(*args, timeout=1200):
 @pytest.fixture(scope="module")
 def two_ranks(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("two-ranks")
-    torchrun(ROOT / "tests" / "distributed_worker.py", tiny_cache, out)
+    torchrun("-m", "tests.distributed_worker", tiny_cache, out)
 
     def load(name):
         return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -95,7 +95,7 @@ def test_pushed_weights_are_the_full_weights_bit_for_bit(two_ranks, tiny_cache, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.tiny import warm_started_model_dir
+    from mgrpo.data.tiny import warm_started_model_dir
     load, out = two_ranks
     ranks = load(f"update_{dtype}")
     base = dict(AutoModelForCausalLM.from_pretrained(
@@ -277,8 +277,8 @@ def test_world_size_must_divide_prompts_per_step(two_ranks):
 
 
 def test_resume_on_another_world_size_is_refused(two_ranks, tiny_cache):
-    from mgrpo.checkpoint import RunDirError
-    from mgrpo.trainer import train
+    from mgrpo.loop.trainer import train
+    from mgrpo.storage.run_dir import RunDirError
     load, _ = two_ranks
     run_dir = load("resume")[0]["run_dir"]
     with pytest.raises(RunDirError, match="written by 2 rank"):

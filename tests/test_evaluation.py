@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from mgrpo.cli import main as cli
+from mgrpo.commands import main as cli
 from mgrpo.config import EvalConfig
-from mgrpo.data import Problem
-from mgrpo.evaluation import EvalError, avg_at_k, evaluate, maj_at_k, pass_at_k
-from mgrpo.rollout import Completion, RolloutEngine
-
+from mgrpo.data.problems import Problem
+from mgrpo.engines.base import Completion, RolloutEngine
+from mgrpo.evaluation.harness import EvalError, avg_at_k, evaluate, maj_at_k, pass_at_k
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
@@ -61,7 +60,7 @@ class FixedEngine(RolloutEngine):
 
 
 def test_evaluate_figures_by_hand():
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     tok = build_tokenizer()
     problems = [Problem("A", "4"), Problem("B", "7"), Problem("C", "1")]
     greedy = {"A": "\\boxed{4}", "B": "\\boxed{6}", "C": "no box"}
@@ -84,7 +83,7 @@ def test_evaluate_figures_by_hand():
 
 def test_evaluate_with_answers_in_other_forms():
     """answer_format=math_verify grades responses that never box their answer (and boxed ones too)."""
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     tok = build_tokenizer()
     engine = FixedEngine(tok, {}, {"A": ["The answer is 4.", "It is 5.", "\\boxed{4}", "4"]})
     settings = EvalConfig(k=4, n=0, pass_k=[], temperature=0.6, greedy=False)
@@ -113,7 +112,7 @@ def test_bad_settings_fail_before_generation():
 @pytest.fixture
 def tiny_model_dir(tiny_cache):
     from mgrpo.config import load_config
-    from mgrpo.tiny import warm_started_model_dir
+    from mgrpo.data.tiny import warm_started_model_dir
     cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16"])
     return warm_started_model_dir(cfg.warm_start, cfg.data.instruction, log=lambda *a: None)
 
@@ -175,7 +174,7 @@ def test_cli_end_to_end_on_a_local_file(tiny_model_dir, tmp_path, capsys, engine
 @pytest.mark.slow
 def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsys):
     from mgrpo.config import load_config
-    from mgrpo.trainer import train
+    from mgrpo.loop.trainer import train
     run = tmp_path / "run"
     train(load_config(None, [
         f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run}",
@@ -230,10 +229,10 @@ def test_an_engine_longer_than_the_model_says_so(tiny_model_dir):
     pytest.importorskip("vllm")
     from mgrpo.config import RolloutConfig
     from mgrpo.distributed import Dist
-    from mgrpo.vllm_engine import EngineBuildError, VLLMEngine
+    from mgrpo.engines.vllm import EngineBuildError, VLLMEngine
     with pytest.raises(EngineBuildError, match="max_model_len=600 is longer than the model holds") as raised:
         VLLMEngine(str(tiny_model_dir), [], dtype=torch.float32, max_model_len=600)
     assert "gpu_memory_utilization" not in str(raised.value).split("(")[0]
-    with pytest.raises(EngineBuildError, match="rollout.max_model_len=600 is longer than .* max_position_embeddings=512"):
+    with pytest.raises(EngineBuildError, match="rollout.max_model_len=600 is longer than .*max_position_embeddings=512"):
         VLLMEngine.from_config(RolloutConfig(max_model_len=600), 0, str(tiny_model_dir), Dist(), 100, [],
                                torch.float32)

@@ -5,7 +5,6 @@ at Qwen3-4B's head runs where CUDA exists.
 """
 import pytest
 import torch
-
 from mgrpo_kernels.fused_logprob_entropy import fused_logprob_entropy, logprob_entropy, reference_logprob_entropy
 
 from .conftest import requires_gpu

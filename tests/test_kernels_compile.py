@@ -28,7 +28,7 @@ LAUNCHES = ([f"fused head {d}" for d in DTYPES] + [f"AdamW + int8 momentum {d}" 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_kernels.py"))], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.compile_kernels"], cwd=Path(__file__).resolve().parent.parent, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

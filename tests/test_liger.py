@@ -36,7 +36,7 @@ def logits_and_grads(model, ids, position_ids):
 
 
 def compare(architecture, device, dtype, atol, **kernels):
-    from mgrpo.liger import apply_liger
+    from mgrpo.models.liger import apply_liger
     plain = build_model(architecture, Vocab(), seed=2).to(device, dtype)
     patched = build_model(architecture, Vocab(), seed=2).to(device, dtype)
     apply_liger(patched, **kernels)
@@ -59,8 +59,9 @@ def test_liger_rope_under_the_interpreter_matches_the_unpatched_model(architectu
 
 def test_liger_settings_are_checked_before_loading(tmp_path):
     from mgrpo.config import ConfigError, load_config
-    from mgrpo.liger import LigerError, apply_liger, use_liger
-    from mgrpo.trainer import TrainingError, train
+    from mgrpo.errors import TrainingError
+    from mgrpo.loop.trainer import train
+    from mgrpo.models.liger import LigerError, apply_liger, use_liger
     assert use_liger("auto", torch.device("cpu")) is False and use_liger("false", torch.device("cuda")) is False
     with pytest.raises(LigerError, match="needs a CUDA GPU"):
         use_liger("true", torch.device("cpu"))

@@ -5,10 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from mgrpo_kernels.momentum_int8 import (QUANT_BLOCK, FusedAdamWInt8Momentum, dequantize_delta, launch_fused_step,
-                                         new_delta_state, quantize_delta_reference,
-                                         reference_adamw_int8_momentum_step)
+                                         new_delta_state, quantize_delta_reference, reference_adamw_int8_momentum_step)
 
 from .conftest import requires_gpu
 
@@ -110,13 +108,14 @@ def test_the_bar_holds_with_bitsandbytes_8bit_adamw():
     optimizer's per-parameter hook (before/after copies, the delta kernel) and must still track the exact EMA of
     what the policy stores. 8-bit moments make noisier steps, which the delta must follow all the same."""
     pytest.importorskip("bitsandbytes")
-    from mgrpo.config import OptimConfig
-    from mgrpo.momentum_int8 import Int8DeltaMomentum
+    from mgrpo.build import make_momentum_and_optimizer
+    from mgrpo.config import AlgorithmConfig, OptimConfig
     sizes = [1, 255, 257, 4099]   # 4099: prime, above bitsandbytes' 4096-element threshold for 8-bit state
     params = params_of(sizes, 10)
     m = 0.99
-    momentum = Int8DeltaMomentum([(str(i), p) for i, p in enumerate(params)], m, seed=3)
-    opt = momentum.make_optimizer(params, OptimConfig(name="adamw8bit", lr=1e-6, warmup_steps=0))
+    momentum, opt = make_momentum_and_optimizer([(str(i), p) for i, p in enumerate(params)],
+                                                AlgorithmConfig(momentum=m, momentum_dtype="int8"),
+                                                OptimConfig(name="adamw8bit", lr=1e-6, warmup_steps=0), seed=3)
     assert not momentum.optimizer_holds_state and len(opt.state) == len(params)
     ratios = bar_ratios(params, opt, m, lambda: momentum.local_weights(torch.float32))
     assert max(ratios) <= 0.05, ratios

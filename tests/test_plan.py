@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mgrpo.cli import main as cli
+from mgrpo.commands import main as cli
 from mgrpo.config import load_config
 from mgrpo.plan import GIB, PlanError, check_fits, make_plan
 from tests.real_models import save_qwen3_06b
@@ -31,14 +31,15 @@ def qwen3_06b(tmp_path_factory):
                                       ["optim.name=adamw8bit", "algorithm.mode=srt"]])
 def test_tiny_model_one_process_matches_the_plan(tiny_cache, tmp_path, settings):
     """One step of the embedded default (torch's AdamW allocates its moments at the first step)."""
-    from mgrpo.run import measured_memory
-    from mgrpo.trainer import train
+    from mgrpo.build import measured_memory
+    from mgrpo.loop.trainer import train
     cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16",
                              f"run_dir={tmp_path / 'run'}", "steps=1", "progress=false", "rollout.engine=hf",
                              "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=16",
                              "data.num_eval=0", *settings])
-    run = train(cfg, log=lambda *a: None)["run"]
-    assert_plan_matches(make_plan(cfg, 1, 80, on_gpu=False), measured_memory(run), " ".join(settings))
+    summary = train(cfg, log=lambda *a: None)
+    measured = measured_memory(summary["models"], summary["parts"].optimization.optimizer)
+    assert_plan_matches(make_plan(cfg, 1, 80, on_gpu=False), measured, " ".join(settings))
 
 
 def test_qwen3_06b_shaped_one_process_matches_the_plan(qwen3_06b, tmp_path):
@@ -52,9 +53,9 @@ def test_qwen3_06b_shaped_one_process_matches_the_plan(qwen3_06b, tmp_path):
 
 def test_qwen3_06b_shaped_two_ranks_in_bf16_match_the_plan(qwen3_06b, tmp_path):
     """FSDP2 on 2 gloo ranks in the GPU's mixed precision: rank 0's shards (the larger ones), bf16 reference."""
-    from tests.test_distributed import ROOT, torchrun
+    from tests.test_distributed import torchrun
     overrides = ["optim.name=adamw8bit", "algorithm.momentum_dtype=int8", "model.precision=bf16"]
-    torchrun(ROOT / "tests" / "plan_worker.py", qwen3_06b, tmp_path, *overrides)
+    torchrun("-m", "tests.plan_worker", qwen3_06b, tmp_path, *overrides)
     rank0 = json.loads((tmp_path / "memory_rank0.json").read_text())
     cfg = load_config(None, [f"model.path={qwen3_06b}", *overrides])
     plan = make_plan(cfg, 2, 80, on_gpu=False)
@@ -94,12 +95,13 @@ def test_eight_gpus_with_the_8bit_optimizer_shrink_the_state_and_auto_takes_the_
 
 
 def test_train_refuses_a_config_that_does_not_fit_before_loading_weights(qwen3_06b, tmp_path, monkeypatch):
-    from mgrpo import loading
-    from mgrpo.trainer import TrainingError, train
+    from mgrpo import build
+    from mgrpo.errors import TrainingError
+    from mgrpo.loop.trainer import train
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")
-    monkeypatch.setattr(loading, "load_policy", no_weights)
+    monkeypatch.setattr(build, "load_policy", no_weights)
     cfg = load_config(None, [f"model.path={qwen3_06b}", f"run_dir={tmp_path / 'run'}", "plan.gpu_memory_gib=20",
                              "rollout.engine=hf", "data.num_eval=0"])
     with pytest.raises(TrainingError, match="does not fit.*Would fit with: optim.name=adamw8bit"):

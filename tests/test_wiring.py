@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mgrpo.config import load_config
-from mgrpo.trainer import train
+from mgrpo.loop.trainer import train
 from tests.wiring import RecordingEngine, check_clipping, check_momentum_updates, check_samplers, spies
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def wiring_config(cache, run_dir, *extra):
 def recording_engine(cache):
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
     cfg = wiring_config(cache, "unused")
     path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
@@ -78,7 +78,7 @@ def response_logprobs(model_dir, rows, tokenizer, instruction, temperature) -> t
     (independent of the trainer's scorers)."""
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.data import encode_prompt
+    from mgrpo.data.prompts import encode_prompt
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     out = []
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     """One update on fixed rollouts, without the KL term: the policy's log-prob of the responses the vote
     rewarded (advantage > 0) rises and of the others falls, response by response on average and as the
     advantage-weighted sum the loss maximises."""
-    from mgrpo.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
     run_dir = tmp_path / "run"
     cfg = wiring_config(tiny_cache, run_dir, "steps=1", "algorithm.kl_coef=0", "rollouts_every=1",
                         f"algorithm.logprob_impl={impl}", "optim.max_grad_norm=0", "optim.lr=2e-4")

@@ -1,8 +1,8 @@
 """Spies on the training loop's stage boundaries, and the contracts the stages must keep between them
 (tests/test_wiring.py on one process; tests/distributed_worker.py's "wiring" scenario on 2 ranks).
 
-The loop (mgrpo.trainer) is run for real; the spies only look: before each rollout they take the policy's and
-the momentum model's weights (gathered here, independently of the push path), around each update the momentum
+The loop (mgrpo.loop.trainer) is run for real; the spies only look: before each rollout they take the policy's
+and the momentum model's weights (gathered here, independently of the push path), around each step the momentum
 model's local shards and the policy's, at each optimizer step the global gradient norm the optimizer is about to
 apply; the engine records every push and every generate call. The checks then say, per step:
 
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from mgrpo.distributed import full_tensor, local_tensor
-from mgrpo.rollout import PROMPT_SEED_STRIDE
+from mgrpo.engines.base import PROMPT_SEED_STRIDE
 from tests.scripted_engine import ScriptedEngine
 
 QUANT_BLOCK = 256          # the int8 storage's block (a format constant: mgrpo_kernels.momentum_int8.QUANT_BLOCK)
@@ -41,29 +41,27 @@ class RecordingEngine(ScriptedEngine):
         return super().generate(prompts, params)
 
 
-def momentum_local(run) -> list:
+def momentum_local(momentum) -> list:
     """theta_k's local shards in fp32, rebuilt from the storage itself (not through the momentum model's own
     accessors): the fp32 copy, or theta_q + codes * scales (blocks of QUANT_BLOCK) for the int8 delta."""
-    momentum = run.momentum
     if momentum.__class__.__name__ == "FP32Momentum":
         return [w.detach().clone() for w in momentum.weights]
     if momentum.optimizer_holds_state:
-        states = [momentum.optimizer.state[p] for p in run.params]
+        states = [momentum.fused_optimizer.state[p] for p in momentum.policy_params]
         codes, scales = [s["codes"] for s in states], [s["scales"] for s in states]
     else:
         codes, scales = momentum.codes, momentum.scales
     out = []
-    for p, c, s in zip(run.params, codes, scales):
+    for p, c, s in zip(momentum.policy_params, codes, scales):
         q = local_tensor(p.detach()).float()
         delta = c.float() * s.repeat_interleave(QUANT_BLOCK)[:c.numel()]
         out.append((q.reshape(-1) + delta).reshape(q.shape))
     return out
 
 
-def gathered(run, local: list) -> dict:
+def gathered(dist, names: list, local: list) -> dict:
     """Full tensors from every rank's local shards (dim-0 shards, as FSDP2 lays them out), by name."""
-    parts = run.dist.all_gather_object([t.cpu() for t in local])
-    names = [n for n, _ in run.policy.hf_named_parameters()]
+    parts = dist.all_gather_object([t.cpu() for t in local])
     return {n: torch.cat([part[i] for part in parts], dim=0) for i, n in enumerate(names)}
 
 
@@ -77,48 +75,53 @@ def grad_global_norm(params) -> float:
 class Observations:
     def __init__(self):
         self.policy_at_rollout, self.momentum_at_rollout = [], []     # per step: full weights, by name
-        self.updates = []                                             # per step: (k before, q after, k after)
+        self.updates = []                                             # per step: (k before, q after, k after, skipped)
         self.applied_grad_norms = []                                  # per optimizer step
         self.momentum = None
+        self.dist = None
 
 
 @contextmanager
 def spies():
-    """Patch the loop's stage functions with observers that call the real ones."""
-    import mgrpo.trainer as trainer
+    """Patch the loop's stage functions (as mgrpo.loop.trainer calls them) with observers that call the real ones."""
+    import mgrpo.loop.trainer as trainer
     obs = Observations()
-    real_rollout, real_update, real_setup = trainer.rollout, trainer.update, trainer.setup
+    real_rollout, real_step, real_setup = trainer.rollout, trainer.train_step, trainer.setup
 
-    def rollout(run, problems, step):
+    def rollout(engine, policy, momentum, *args, **kwargs):
+        names = [n for n, _ in policy.hf_named_parameters()]
         obs.policy_at_rollout.append({n: full_tensor(p.detach()).float().clone()
-                                      for n, p in run.policy.hf_named_parameters()})
-        obs.momentum_at_rollout.append(gathered(run, momentum_local(run)) if run.momentum is not None else None)
-        return real_rollout(run, problems, step)
+                                      for n, p in policy.hf_named_parameters()})
+        obs.momentum_at_rollout.append(gathered(obs.dist, names, momentum_local(momentum))
+                                       if momentum is not None else None)
+        return real_rollout(engine, policy, momentum, *args, **kwargs)
 
-    def update(run, scored, assigned):
-        before = momentum_local(run) if run.momentum is not None else None
-        result = real_update(run, scored, assigned)
-        if run.momentum is not None:
-            q_after = [local_tensor(p.detach()).float().clone() for p in run.params]
-            obs.updates.append((before, q_after, momentum_local(run), result.skipped))
-        return result
+    def train_step(parts, *args, **kwargs):
+        momentum = parts.models.momentum
+        before = momentum_local(momentum) if momentum is not None else None
+        outcome = real_step(parts, *args, **kwargs)
+        if momentum is not None:
+            q_after = [local_tensor(p.detach()).float().clone() for p in parts.models.params]
+            obs.updates.append((before, q_after, momentum_local(momentum), outcome.step.skipped))
+        return outcome
 
-    def setup(cfg, dist, run_dir, log, engine=None):
-        run = real_setup(cfg, dist, run_dir, log, engine)
-        obs.momentum = cfg.algorithm.momentum
-        optimizer_step = run.optimizer.step
+    def setup(cfg, dist, log, engine=None):
+        parts = real_setup(cfg, dist, log, engine)
+        obs.momentum, obs.dist = cfg.algorithm.momentum, dist
+        optimizer = parts.optimization.optimizer
+        optimizer_step = optimizer.step
 
-        def observed_step(*args, **kwargs):
-            obs.applied_grad_norms.append(grad_global_norm(run.params))
-            return optimizer_step(*args, **kwargs)
-        run.optimizer.step = observed_step
-        return run
+        def observed_step(*a, **k):
+            obs.applied_grad_norms.append(grad_global_norm(parts.models.params))
+            return optimizer_step(*a, **k)
+        optimizer.step = observed_step
+        return parts
 
-    trainer.rollout, trainer.update, trainer.setup = rollout, update, setup
+    trainer.rollout, trainer.train_step, trainer.setup = rollout, train_step, setup
     try:
         yield obs
     finally:
-        trainer.rollout, trainer.update, trainer.setup = real_rollout, real_update, real_setup
+        trainer.rollout, trainer.train_step, trainer.setup = real_rollout, real_step, real_setup
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""The command line: one entry point, the process's settings made once here, user errors caught once.
+
+    mgrpo train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default)
+    mgrpo eval MODEL_OR_RUN [--data [PRESET=]SOURCE ...] [--all-checkpoints] ...
+    mgrpo compare [--preset short|default|long] [--seeds N|A-B|A,B] ...   SRT vs M-GRPO vs M-GRPO without IQR
+    mgrpo plan [--config FILE] [--gpus N] [--gpu-memory GIB] [key=value ...]   will it fit? (exit 1 if not)
+    mgrpo plot RUN_DIR
+
+Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`).
+An error the user can fix (mgrpo.errors.MgrpoError: a setting, a file, a run directory, the disk) prints one line,
+`mgrpo <command>: error: ...`, and exits 1; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..environment import configure_process
+from ..errors import MgrpoError
+from . import compare, evaluate, plan, plot, train
+
+COMMANDS = {"train": train, "eval": evaluate, "compare": compare, "plan": plan, "plot": plot}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mgrpo", description="Momentum-anchored GRPO (label-free RL) trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.HELP))
+    args = parser.parse_args(argv)
+    configure_process(verbose=getattr(args, "verbose", False) or "verbose=true" in getattr(args, "overrides", []))
+    try:
+        return COMMANDS[args.command].run(args)
+    except MgrpoError as e:          # what the user can fix: one line; anything else is a bug (traceback)
+        print(f"mgrpo {args.command}: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,31 @@
+"""`mgrpo compare`: SRT vs M-GRPO vs M-GRPO without the IQR filter over seeds (mgrpo/comparison.py: the runs,
+tables and plots)."""
+from __future__ import annotations
+
+from ..comparison import METHODS, PRESETS, compare
+
+HELP = "SRT vs M-GRPO vs M-GRPO without the IQR filter, over seeds"
+
+
+def run(args) -> int:
+    return compare(args.preset, args.seeds, args.methods, args.sweep, args.out, args.name, args.report,
+                   tuple(args.overrides))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument("--seeds", help="seeds per method: a count N (0..N-1; default: the preset's), a range "
+                                        "A-B or a list A,B,C (e.g. tune on 100-102, claim on 0-2)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}; a sweep's variant is named "
+                                          "METHOD+KEY=VALUE (e.g. srt,mgrpo,mgrpo+algorithm.momentum=0.9: one report "
+                                          "over methods and sweeps)")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                        help="run every method once per value of one train setting, as extra methods named "
+                             "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")
+    parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
+    parser.add_argument("--name", default="compare",
+                        help="base name of the output files (default: compare), e.g. two reports of one --out: "
+                             "--report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the tables and plot from the runs of --out finished so far")
+    parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")

@@ -1,0 +1,415 @@
+"""SRT, M-GRPO and M-GRPO without the IQR filter from the same base, over seeds: what `mgrpo compare` runs
+(mgrpo/commands/compare.py: its flags).
+
+    mgrpo compare                        # preset "default": the embedded default's 30 steps, 3 seeds
+    mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
+    mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
+    mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
+    mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
+    mgrpo compare --methods mgrpo --sweep algorithm.momentum=0.9,0.999   # one method per value of a setting
+    mgrpo compare --methods srt,mgrpo,mgrpo+algorithm.momentum=0.9 ...   # methods and sweep variants together
+    mgrpo compare ... --report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum  # a 2nd report
+
+Every run is an ordinary `mgrpo train` run (its own run directory under --out, with metrics.jsonl,
+checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
+own evaluation. One rollout engine is built once and shared by the runs (weights are pushed from memory
+each step, so nothing carries over). Finished runs are skipped when the command is run again on the same
+--out, so an interrupted comparison continues where it stopped. A run counts as finished by its final model or
+by its metrics.jsonl alone (the end-of-run evaluation is logged there), so a comparison spread over several
+machines or days can keep only the runs' metrics.jsonl (bench/results/compare_long/ is one) and go on from them.
+
+Output in --out: compare.csv (every run's every logged step), compare_summary.csv (per method and step:
+mean, std, min and max over seeds), compare_runs.csv (per run: final and best held-out accuracy, the best's
+step, where held-out greedy first declined and when the collapse monitor first warned), compare.md (the two as
+markdown tables, mean ± std over seeds), compare.png (held-out accuracy, training reward, pseudo-label accuracy,
+majority ratio, entropy, entropy ratio and momentum agreement versus step; one line per method, the band is min-max
+over seeds).
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from .build import build_engine
+from .config import load_config
+from .distributed import init_distributed
+from .errors import MgrpoError
+from .loop.trainer import train
+from .metrics import CollapseMonitor, read_metrics, write_csv
+from .storage.checkpoint import latest_checkpoint
+
+# name -> overrides of the method (applied after the preset, before the user's)
+METHODS = {
+    "srt": ["algorithm.mode=srt"],
+    "mgrpo": ["algorithm.mode=mgrpo"],
+    "mgrpo_no_iqr": ["algorithm.mode=mgrpo", "algorithm.iqr_filter=false"],
+}
+
+# name -> (seeds, train overrides). "default" is the embedded default as `mgrpo train` runs it.
+PRESETS = {
+    "short": (2, ["steps=3", "data.num_eval=16", "data.eval_every=2", "eval.k=2", "algorithm.prompts_per_step=2",
+                  "algorithm.group_size=4", "rollout.max_new_tokens=48"]),
+    "default": (3, ["data.eval_every=10"]),
+    "long": (3, ["steps=300", "data.eval_every=30", "save_every=30", "snapshot_every=30"]),
+}
+
+PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),
+               ("reward", "training reward"), ("pseudo_label_accuracy", "pseudo-label accuracy"),
+               ("majority_ratio", "majority ratio"), ("entropy", "entropy"),
+               ("collapse/entropy_ratio", "entropy / its step-1 value"),
+               ("collapse/momentum_agreement", "momentum agreement (M-GRPO)"))
+# The trailing window of training steps whose mean is a run's final entropy ratio and momentum agreement in
+# compare_runs.csv (one step is a handful of groups: noisy); the collapse monitor's window.
+FINAL_WINDOW = 10
+
+
+class CompareError(MgrpoError, ValueError):
+    pass
+
+
+def method_overrides(method: str) -> list:
+    """A method's train overrides: a named method, or "NAME+key=value" (a --sweep variant of NAME)."""
+    name, _, setting = method.partition("+")
+    return [*METHODS[name], *([setting] if setting else [])]
+
+
+def sweep_methods(methods: list, sweep: str) -> list:
+    """--sweep key=v1,v2,...: every method once per value, named "method+key=value"."""
+    key, sep, values = sweep.partition("=")
+    if not sep or not key or not values:
+        raise CompareError(f"--sweep {sweep!r}: give one setting and its values, e.g. algorithm.momentum=0.9,0.99,0.999")
+    return [f"{m}+{key}={v}" for m in methods for v in values.split(",") if v]
+
+
+def run_overrides(preset: str, method: str, seed: int, out: Path, user: list) -> list:
+    return [*PRESETS[preset][1], *method_overrides(method), f"seed={seed}", f"run_dir={out / f'{method}_seed{seed}'}",
+            "progress=false", "log_every=0", *user]
+
+
+def warnings_only(log, run: str):
+    """A run's log for the comparison's terminal: its step lines are in metrics.jsonl; its warnings (the
+    collapse monitor's) are shown, naming the run."""
+    def filtered(*args, **kwargs):
+        text = " ".join(str(a) for a in args)
+        if text.startswith("[warning]"):
+            log(f"[compare]   {run}: {text}")
+    return filtered
+
+
+def finished(cfg) -> bool:
+    """A run is done when its final model is there, or when its metrics.jsonl holds the end-of-run evaluation
+    (logged at step `steps` after the last update; its checkpoints and models need not be kept)."""
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "final" / "config.json").is_file():
+        return True
+    if not (run_dir / "metrics.jsonl").is_file() or not cfg.data.num_eval:
+        return False
+    return any(r["step"] == cfg.steps and r.get("eval/greedy") is not None for r in read_metrics(run_dir))
+
+
+def parse_seeds(text: str) -> list:
+    """--seeds: N (seeds 0..N-1), A-B (A..B inclusive) or A,B,C: tune on some seeds, claim on others."""
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+        elif "-" in text.strip()[1:]:
+            first, last = text.split("-", 1) if not text.startswith("-") else (text, "")
+            seeds = list(range(int(first), int(last) + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise CompareError(f"--seeds {text}: give a count (3), a range (100-102) or a list (0,7,9)") from None
+    if not seeds:
+        raise CompareError(f"--seeds {text}: must be >= 1")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds {text}: seeds must be distinct and >= 0")
+    return seeds
+
+
+def seed_label(seeds: list) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ",".join(map(str, seeds))
+
+
+def run_all(preset: str, seeds: list, methods: list, out: Path, user: list, log=print) -> list:
+    """Train every (method, seed) not finished yet; returns their run directories."""
+
+    configs = [(m, s, load_config(None, run_overrides(preset, m, s, out, user))) for m in methods for s in seeds]
+    base = configs[0][2]
+    for _, _, cfg in configs:   # every run must start from the same base model and data
+        if (cfg.model.path, cfg.data.source, cfg.warm_start) != (base.model.path, base.data.source, base.warm_start):
+            raise CompareError("the runs of a comparison must share model.path, data.source and warm_start")
+    todo = [(m, s, cfg) for m, s, cfg in configs if not finished(cfg)]
+    engine = None
+    for i, (method, seed, cfg) in enumerate(todo):
+        if engine is None:   # built as train() would build it, once for every run
+            engine = build_engine(base, init_distributed(base.device, base.model.precision), log)
+        cfg.resume = latest_checkpoint(Path(cfg.run_dir)) is not None
+        cfg.overwrite = not cfg.resume
+        log(f"[compare] {i + 1}/{len(todo)}: {method} seed {seed} -> {cfg.run_dir}"
+            + (" (resuming)" if cfg.resume else ""))
+        summary = train(cfg, log=warnings_only(log, f"{method} seed {seed}"), engine=engine)
+        before, after = summary["before"] or {}, summary.get("after") or {}
+        del summary                # the run's models and optimizer: freed before the next run starts
+        log(f"[compare]   held-out greedy {before.get('greedy', float('nan')):.1%} -> "
+            f"{after.get('greedy', float('nan')):.1%}, maj@k {before.get(f'maj@{cfg.eval.k}', float('nan')):.1%} -> "
+            f"{after.get(f'maj@{cfg.eval.k}', float('nan')):.1%}")
+    return [Path(cfg.run_dir) for _, _, cfg in configs]
+
+
+def collect(out: Path, methods: list, seeds: list, runs=None) -> list:
+    """One row per (method, seed, step) with every metric logged at that step (eval lines merged in); `runs`:
+    only these (method, seed) pairs."""
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            if runs is not None and (method, seed) not in runs:
+                continue
+            by_step: dict = {}
+            for record in read_metrics(out / f"{method}_seed{seed}"):
+                by_step.setdefault(record["step"], {}).update(record)
+            rows += [{"method": method, "seed": seed, **r} for _, r in sorted(by_step.items())]
+    return rows
+
+
+def summarize(rows: list, keys=tuple(k for k, _ in PLOT_PANELS)) -> list:
+    """Per method and step: mean, std, min, max over the seeds that logged each key there (`seeds` counts
+    the runs with a line at that step)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        steps = sorted({r["step"] for r in rows if r["method"] == method})
+        for step in steps:
+            at = [r for r in rows if r["method"] == method and r["step"] == step]
+            row = {"method": method, "step": step, "seeds": len(at)}
+            for key in keys:
+                values = [r[key] for r in at if r.get(key) is not None]
+                if values:
+                    row.update({f"{key}/mean": statistics.fmean(values),
+                                f"{key}/std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                f"{key}/min": min(values), f"{key}/max": max(values)})
+            out.append(row)
+    return out
+
+
+def moving_average(values: list, window: int) -> list:
+    """Trailing mean over up to `window` points (the first points average what there is)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
+    """Held-out accuracy as measured; per-step training metrics (a few groups each: noisy) smoothed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}   # one color per method in every panel
+    for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
+        for method in methods:
+            pts = [r for r in summary if r["method"] == method and f"{key}/mean" in r]
+            if not pts:
+                continue
+            steps = [r["step"] for r in pts]
+            held_out = key.startswith("eval/")
+            scale, window = (100, 1) if held_out else (1, smooth)
+            series = [[scale * r[f"{key}/{s}"] for r in pts] for s in ("mean", "min", "max")]
+            mean, low, high = (moving_average(v, window) for v in series)
+            ax.plot(steps, mean, marker="o" if held_out else None, markersize=3, color=colors[method],
+                    label=f"{method} (n={pts[-1]['seeds']})")
+            ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
+        ax.set_title(label + (" (%)" if key.startswith("eval/") else f" ({smooth}-step moving average)"
+                              if smooth > 1 else ""), fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.lines:            # (an SRT-only comparison logs no momentum agreement)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# A held-out greedy accuracy this far below the run's best so far counts as its decline: about two standard
+# errors of an accuracy near 0.75 on 512 problems (sqrt(0.75 * 0.25 / 512) = 0.019 each), so sampling noise
+# between two evaluations rarely crosses it.
+DECLINE = 0.04
+
+
+def replay_monitor(run: list) -> dict:
+    """The collapse monitor's warnings of one run, replayed on its logged training metrics with the trainer's own
+    CollapseMonitor (same thresholds and window): sign -> step of its warning."""
+    monitor, steps = CollapseMonitor(log=lambda *a: None), {}
+    for record in run:
+        if record.get("entropy") is None:
+            continue
+        before = set(monitor.warned)
+        monitor.observe(record["step"], record)
+        steps.update({key: record["step"] for key in monitor.warned - before})
+    return steps
+
+
+def run_report(rows: list, decline: float = DECLINE) -> list:
+    """Per run (method, seed): final and best held-out accuracy and the step of the best, the final checkpoint's
+    distance below its best; the entropy ratio and momentum agreement at the end (mean of the last FINAL_WINDOW
+    steps); the first evaluation `decline` below the best so far (None: no decline); the
+    monitor's warnings, replayed, and how many steps the first came before the decline (negative: after it; a
+    warning in a run without a decline is a false alarm)."""
+    out = []
+    for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in rows):
+        run = sorted((r for r in rows if r["method"] == method and r["seed"] == seed), key=lambda r: r["step"])
+        evals = [r for r in run if r.get("eval/greedy") is not None]
+        if not evals:
+            continue
+        row = {"method": method, "seed": seed}
+        for key in ("eval/greedy", "eval/maj@k"):
+            if any(r.get(key) is None for r in evals):
+                continue
+            best = max(evals, key=lambda r: r[key])          # the first step reaching the maximum
+            name = key.split("/")[1]
+            row.update({f"{name}/final": evals[-1][key], f"{name}/best": best[key], f"{name}/best_step": best["step"],
+                        f"{name}/final_minus_best": evals[-1][key] - best[key]})
+        best_so_far, row["decline_step"] = float("-inf"), None
+        for r in evals:
+            if r["eval/greedy"] < best_so_far - decline:
+                row["decline_step"] = r["step"]
+                break
+            best_so_far = max(best_so_far, r["eval/greedy"])
+        for key in ("collapse/entropy_ratio", "collapse/momentum_agreement"):
+            values = [r[key] for r in run if r.get(key) is not None][-FINAL_WINDOW:]
+            if values:
+                row[f"{key.split('/')[1]}/final"] = statistics.fmean(values)
+        warnings = replay_monitor(run)
+        for key in sorted(warnings):
+            row[f"warning_step/{key.split('/')[1]}"] = warnings[key]
+        first = min(warnings.values()) if warnings else None
+        row["first_warning_step"] = first
+        row["warning_lead_steps"] = row["decline_step"] - first if first is not None and row["decline_step"] else None
+        row["false_alarm"] = first is not None and row["decline_step"] is None
+        out.append(row)
+    return out
+
+
+def report_table(report: list) -> str:
+    """One line per run: final vs best greedy (and the best's step), the decline and the first warning."""
+    lines = []
+    for r in report:
+        def pct(key):
+            return f"{100 * r[key]:.1f}" if r.get(key) is not None else "-"
+        lines.append(f"{r['method']:14s} seed {r['seed']}: greedy final {pct('greedy/final')} best "
+                     f"{pct('greedy/best')} (step {r.get('greedy/best_step')}), decline at step "
+                     f"{r['decline_step'] if r['decline_step'] is not None else '-'}, first monitor warning at step "
+                     f"{r['first_warning_step'] if r['first_warning_step'] is not None else '-'}"
+                     + (" (false alarm)" if r["false_alarm"] else "")
+                     + "".join(f", {label} at the end {r[key]:.2f}" for key, label in
+                               (("entropy_ratio/final", "entropy ratio"), ("momentum_agreement/final", "momentum agreement"))
+                               if r.get(key) is not None))
+    return "\n".join(lines)
+
+
+def final_table(summary: list) -> str:
+    """Held-out accuracy at the first and last evaluated step per method: mean +- std over seeds."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in summary):
+        evals = [r for r in summary if r["method"] == method and "eval/greedy/mean" in r]
+        if not evals:
+            continue
+        first, last = evals[0], evals[-1]
+        cells = []
+        for key in ("eval/greedy", "eval/maj@k"):
+            if f"{key}/mean" in last:
+                cells.append(f"{key.split('/')[1]} {100 * first[f'{key}/mean']:.1f} -> "
+                             f"{100 * last[f'{key}/mean']:.1f} +- {100 * last[f'{key}/std']:.1f}")
+        lines.append(f"{method:14s} step {first['step']} -> {last['step']}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def markdown_tables(summary: list, report: list) -> str:
+    """The README's tables: held-out greedy and maj@k per method at every evaluated step (mean ± std over seeds,
+    with the seeds' count), and per run the final checkpoint against its best, the decline and the first
+    warning, and the entropy ratio and momentum agreement at the end."""
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    steps = sorted({r["step"] for r in summary if "eval/greedy/mean" in r})
+    lines = ["| held-out greedy / maj@k (%), mean ± std (seeds) | " + " | ".join(str(s) for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for method in methods:
+        at = {r["step"]: r for r in summary if r["method"] == method and "eval/greedy/mean" in r}
+        cells = []
+        for step in steps:
+            r = at.get(step)
+            cells.append("-" if r is None else
+                         f"{100 * r['eval/greedy/mean']:.1f} ± {100 * r['eval/greedy/std']:.1f} / "
+                         f"{100 * r.get('eval/maj@k/mean', float('nan')):.1f} ± {100 * r.get('eval/maj@k/std', float('nan')):.1f}"
+                         f" ({r['seeds']})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def num(value, fmt="{:.2f}"):
+        return "-" if value is None else fmt.format(value)
+    lines += ["", "| run | greedy best (step) | final | final - best | maj@k final - best | decline first seen | "
+              "first monitor warning | entropy ratio at the end | momentum agreement at the end |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report:
+        warning = r.get("first_warning_step")
+        lines.append(f"| {r['method']} seed {r['seed']} | {pct(r.get('greedy/best'))} ({r.get('greedy/best_step')}) | "
+                     f"{pct(r.get('greedy/final'))} | {pct(r.get('greedy/final_minus_best'))} | "
+                     f"{pct(r.get('maj@k/final_minus_best'))} | {num(r.get('decline_step'), '{}')} | "
+                     + ("-" if warning is None else f"{warning}" + (" (false alarm)" if r.get("false_alarm") else ""))
+                     + f" | {num(r.get('entropy_ratio/final'))} | {num(r.get('momentum_agreement/final'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optional[str] = None,
+            sweep: Optional[str] = None, out: Optional[str] = None, name: str = "compare", report_only: bool = False,
+            overrides: tuple = ()) -> int:
+    """`mgrpo compare` (mgrpo/commands/compare.py: its flags): train every (method, seed) not finished yet in
+    `out`, or with report_only none, then write the tables and plot. seeds, methods, sweep: as the flags take them."""
+    overrides = list(overrides)
+    seeds = parse_seeds(seeds if seeds is not None else str(PRESETS[preset][0]))
+    methods = methods.split(",") if methods else list(METHODS)
+    unknown = [m for m in methods if m.partition("+")[0] not in METHODS]
+    if unknown:
+        raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise CompareError(f"--name {name!r}: a file name's stem (letters, digits, _ . -), e.g. compare_momentum")
+    if sweep:
+        methods = sweep_methods(methods, sweep)
+    out = Path(out or f"runs/compare-{preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    for method in methods:       # every config is checked before anything trains
+        load_config(None, run_overrides(preset, method, 0, out, overrides))
+    settings = {"preset": preset, "seeds": seeds, "methods": methods, "overrides": overrides}
+    if (out / "compare.json").is_file():      # continuing: the finished runs must be of these settings
+        before = json.loads((out / "compare.json").read_text())
+        if {k: before.get(k) for k in ("preset", "overrides")} != {k: settings[k] for k in ("preset", "overrides")}:
+            raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
+                               f"{before.get('overrides')}: continue it with those, or give a new --out")
+    if report_only:          # train nothing: the tables and plot of the runs finished so far
+        done = {(m, s) for m in methods for s in seeds
+                if finished(load_config(None, run_overrides(preset, m, s, out, overrides)))}
+        if not done:
+            raise CompareError(f"--report: no finished run of these methods and seeds in {out}")
+        print(f"[compare] --report: {len(done)} of {len(methods) * len(seeds)} runs finished in {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(settings, indent=1))
+        run_all(preset, seeds, methods, out, overrides)
+        done = None
+    rows = collect(out, methods, seeds, done)
+    summary = summarize(rows)
+    write_csv(out / f"{name}.csv", rows)
+    write_csv(out / f"{name}_summary.csv", summary)
+    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {preset} (seeds {seed_label(seeds)}) "
+         + " ".join(overrides))
+    report = run_report(rows)
+    write_csv(out / f"{name}_runs.csv", report)
+    (out / f"{name}.md").write_text(markdown_tables(summary, report))
+    print(final_table(summary))
+    print(report_table(report))
+    print(f"[compare] written to {out}: {name}.csv, {name}_summary.csv, {name}_runs.csv, {name}.md, {name}.png")
+    return 0

@@ -1,0 +1,141 @@
+"""Problems: the built-in arithmetic task, or MATH-style rows from a local jsonl/parquet file or a `datasets` name.
+
+Rows need a problem; an answer (or a solution whose last \\boxed{} is the answer) is optional and is used for
+monitoring only: it never enters the reward.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..answers import extract_boxed_answer
+from ..config import DataConfig
+from ..errors import DataError
+from .tiny import held_out_dataset, training_problem
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+
+
+@dataclass
+class Problem:
+    problem: str
+    answer: Optional[str]   # ground truth for monitoring, None when the data has none
+
+
+def _read_rows(source: str, split: str) -> list:
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"dataset file {source} does not exist")
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise DataError("reading parquet needs pyarrow: pip install pyarrow") from e
+            return pq.read_table(path).to_pylist()
+        text = path.read_text()
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return json.loads(text)
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source} line {n} is not valid JSON: {e}") from e
+        return rows
+    if path.exists():
+        raise DataError(f"dataset {source}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"dataset {source!r} is neither a local .jsonl/.parquet file nor loadable: "
+                        "install `datasets` (pip install datasets) to read a dataset by name") from e
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+
+
+def load_problems(source: str, cfg: DataConfig) -> list:
+    """Problems of a file or dataset; clear errors for empty data and rows without a problem."""
+    rows = _read_rows(source, cfg.split)
+    if not rows:
+        raise DataError(f"dataset {source} is empty: it needs rows with a {cfg.problem_field!r} field")
+    problems = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"dataset {source} row {i} is not an object with a {cfg.problem_field!r} field")
+        text = row.get(cfg.problem_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"dataset {source} row {i} has no {cfg.problem_field!r} text "
+                            f"(fields: {', '.join(sorted(row)) or 'none'}); set data.problem_field to the right field")
+        answer = row.get(cfg.answer_field)
+        if answer is None and isinstance(row.get(cfg.solution_field), str):
+            answer = extract_boxed_answer(row[cfg.solution_field])
+        problems.append(Problem(text, None if answer is None else str(answer)))
+    return problems
+
+
+class PromptStream:
+    """Endless, reproducible stream of training problems; its position is part of every checkpoint.
+
+    File data is shuffled once per epoch (permutation seeded by seed and epoch). The built-in task draws
+    problem i from its own seeded generator, so the stream is infinite and never repeats a draw.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed, self.position = cfg, seed, 0
+        self.builtin = cfg.source == BUILTIN_ARITHMETIC
+        self.problems = None if self.builtin else load_problems(cfg.source, cfg)
+        self._order: Optional[list] = None
+        self._order_epoch = -1
+
+    def __len__(self) -> int:
+        return 0 if self.builtin else len(self.problems)
+
+    def peek(self, index: int) -> Problem:
+        """Problem `index` of the stream (without moving it)."""
+        return self._get(index)
+
+    def _get(self, index: int) -> Problem:
+        if self.builtin:
+            row = training_problem(random.Random(f"{self.seed}-{index}"))
+            return Problem(row["problem"], row["answer"])
+        epoch, offset = divmod(index, len(self.problems))
+        if epoch != self._order_epoch:
+            self._order = list(range(len(self.problems)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            self._order_epoch = epoch
+        return self.problems[self._order[offset]]
+
+    def next_batch(self, size: int) -> list:
+        batch = [self._get(self.position + i) for i in range(size)]
+        self.position += size
+        return batch
+
+
+def eval_problems(cfg: DataConfig) -> list:
+    """Held-out problems for validation during and around training (empty when there are none)."""
+    if cfg.num_eval == 0:
+        return []
+    source = cfg.eval_source or (BUILTIN_ARITHMETIC if cfg.source == BUILTIN_ARITHMETIC else None)
+    return [] if source is None else benchmark_problems(source, cfg, cfg.num_eval)
+
+
+def benchmark_problems(source: str, cfg: DataConfig, limit: int = 0) -> list:
+    """Problems with answers to grade against: the built-in task's held-out set (`limit` of them,
+    data.num_eval when 0), or a file/dataset whose every row must have an answer (its field or its solution's last \\boxed{})."""
+    if source == BUILTIN_ARITHMETIC:
+        return [Problem(r["problem"], r["answer"]) for r in held_out_dataset(limit or cfg.num_eval or 512)]
+    problems = load_problems(source, cfg)
+    missing = [i for i, p in enumerate(problems) if p.answer is None]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} of {len(problems)} rows have no answer to grade against "
+                        f"(first: row {missing[0]}); rows need {cfg.answer_field!r}, or {cfg.solution_field!r} "
+                        "with a \\boxed{} answer (set the field names to match the file)")
+    return problems[:limit] if limit else problems
