@@ -67,6 +67,8 @@ def main():
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU (Triton interpreter)")
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--temperature", type=float, default=1.1)
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="a subset of fused, eager, torch.compile, F.linear_cross_entropy, liger, floor_matmul")
     args = parser.parse_args()
     if args.cpu_smoke:
         device, dtype, H, V, token_counts = "cpu", torch.float32, 64, 1000, [64, 128]
@@ -82,6 +84,8 @@ def main():
         w = (torch.randn(V, H, device=device, generator=g, dtype=torch.float32) * 0.02).to(dtype)
         t = torch.randint(0, V, (T,), device=device, generator=g)
         for name, fn in methods(args.temperature).items():
+            if args.methods and name not in args.methods:
+                continue
             try:
                 fwd, both, mem = bench_one(name, fn, h, w, t)
                 note = ""
@@ -95,15 +99,18 @@ def main():
                    "peak_extra_mib": None if mem is None else round(mem, 1),
                    "fp32_logits_mib": round(logits_mib, 1), "note": note}
             rows.append(row)
+            append_rows("fused_logprob_entropy", [row])       # each row as soon as it is measured
             print(f"T={T:6d} {name:24s} fwd {row['forward_ms']} ms  fwd+bwd {row['fwd_bwd_ms']} ms  "
                   f"peak {row['peak_extra_mib']} MiB {note}", flush=True)
-        floor = next(r for r in rows if r["T"] == T and r["method"] == "floor_matmul")["fwd_bwd_ms"]
-        fused = next(r for r in rows if r["T"] == T and r["method"] == "fused")["fwd_bwd_ms"]
+        floor = next((r["fwd_bwd_ms"] for r in rows if r["T"] == T and r["method"] == "floor_matmul"), None)
+        fused = next((r["fwd_bwd_ms"] for r in rows if r["T"] == T and r["method"] == "fused"), None)
         if floor and fused:
             print(f"T={T}: fused fwd+bwd / floor = {fused / floor:.2f}x", flush=True)
-    path = append_rows("fused_logprob_entropy", rows)
+        del h, w, t
+        if device == "cuda":
+            torch.cuda.empty_cache()
     plot(rows, RESULTS / "fused_logprob_entropy.png")
-    print(f"appended {len(rows)} rows to {path}")
+    print(f"appended {len(rows)} rows to {RESULTS / 'fused_logprob_entropy.csv'}")
 
 
 def plot(rows, out):

@@ -33,7 +33,7 @@ def int8_round_to_nearest(x):
     return (torch.round(blocks / scale).clamp(-127, 127) * scale).reshape(x.shape)
 
 
-def tracking_error(numel: int, steps: int, device: str, every: int) -> list:
+def tracking_error(numel: int, steps: int, device: str, every: int, record=lambda row: None) -> list:
     numel = math.ceil(numel / QUANT_BLOCK) * QUANT_BLOCK
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.nn.Parameter(torch.randn(numel, device=device, generator=g) * 0.02)
@@ -58,12 +58,55 @@ def tracking_error(numel: int, steps: int, device: str, every: int) -> list:
                          "bf16_theta": ((k_bf16.double() - k_ref).norm() / gap).item()})
             print("step {step:5d}  error/gap: int8 delta (ours) {int8_delta_stochastic:.4f}   int8 of theta "
                   "{int8_theta_nearest:.3f}   bf16 of theta {bf16_theta:.3f}".format(**rows[-1]), flush=True)
+            record(rows[-1])          # each row as soon as it is measured (a run cut short keeps them)
     return rows
 
 
-def step_timing(numel: int, device: str) -> list:
+BYTES_PER_PARAM = {   # what each method reads and writes per parameter (its memory traffic), and what the floor copies
+    "fused_int8": 17 + 13 + 8 / QUANT_BLOCK,      # reads p g m v codes (+scales), writes p m v codes (+scales)
+    "adamw_fused+lerp_fp32": 28 + 12,              # AdamW: reads p g m v, writes p m v; lerp: reads k p, writes k
+    "adamw8bit": 4 + 4 + 1 + 1 + 4 + 1 + 1,        # bitsandbytes: reads p g m8 v8 (+absmax), writes p m8 v8
+    "adamw8bit+int8_delta": 15 + 4 + 4 + 1 + 1,    # + the hook: a copy of p before, the delta kernel (before, after, codes)
+    "delta_ema": 4 + 4 + 1 + 1,                    # the delta-only kernel: reads before, after, codes; writes codes
+}
+
+
+def step_timing(numel: int, device: str, record=lambda rows: None) -> list:
+    """One step of each method on one tensor of `numel` parameters, and a device copy that moves as many bytes as
+    the fused step (read half, write half: the floor). Every size checked against free memory first. record(rows):
+    called with each group's rows as soon as it is measured (ours, torch's and the floor; then bitsandbytes')."""
+    need = numel * (17 + 20 + 15 + 15 + 12)     # ours, torch's AdamW + fp32 copy, the floor's src and dst, bnb's
+    if device == "cuda" and need > 0.9 * torch.cuda.mem_get_info()[0]:
+        raise SystemExit(f"--numel {numel} needs about {need / 2**30:.0f} GiB here, more than is free: lower it")
     p = torch.nn.Parameter(torch.randn(numel, device=device) * 0.02)
     p.grad = torch.randn(numel, device=device) * 1e-3
+    results = fused_and_torch_timing(p, device)         # their buffers are freed on return
+    rows = timing_rows(results, numel)
+    record(rows)
+    print(f"speed-up vs AdamW(fused) + fp32 lerp: {results['adamw_fused+lerp_fp32'] / results['fused_int8']:.2f}x; "
+          f"bandwidth vs copy floor: {rows[0]['GB_per_s'] / rows[2]['GB_per_s']:.0%}", flush=True)
+    extra = timing_rows(bitsandbytes_timing(p, device), numel)
+    if extra:
+        record(extra)
+    return rows + extra
+
+
+def timing_rows(results: dict, numel: int) -> list:
+    traffic = {**BYTES_PER_PARAM, "copy_floor": BYTES_PER_PARAM["fused_int8"]}
+    state = {"fused_int8": 1 + 4 / QUANT_BLOCK, "adamw_fused+lerp_fp32": 4.0, "copy_floor": None, "adamw8bit": None,
+             "adamw8bit+int8_delta": 1 + 4 / QUANT_BLOCK, "delta_ema": 1 + 4 / QUANT_BLOCK}
+    rows = []
+    for name, ms in results.items():
+        gbps = traffic[name] * numel / (ms / 1e3) / 1e9
+        rows.append({"method": name, "numel": numel, "median_ms": round(ms, 3), "GB_per_s": round(gbps, 1),
+                     "bytes_per_param_moved": round(traffic[name], 2), "momentum_bytes_per_param": state[name]})
+        print(f"{name:24s} {ms:9.3f} ms  {gbps:8.1f} GB/s  momentum state {state[name]} B/param", flush=True)
+    return rows
+
+
+def fused_and_torch_timing(p, device: str) -> dict:
+    """Our fused step, torch's fused AdamW + an fp32 lerp, and the copy floor."""
+    numel = p.numel()
     ours = FusedAdamWInt8Momentum([p], lr=1e-6, momentum=0.99)
     base_p = torch.nn.Parameter(p.detach().clone())
     base_p.grad = p.grad.clone()
@@ -74,22 +117,39 @@ def step_timing(numel: int, device: str) -> list:
         adamw.step()
         torch._foreach_lerp_([k_fp32], [base_p.detach()], 0.01)
 
-    src = torch.empty(numel * 30 // 4, dtype=torch.float32, device=device)   # the bytes our step moves
-    dst = torch.empty_like(src)
-    results = {"fused_int8": median_ms(ours.step), "adamw_fused+lerp_fp32": median_ms(baseline),
-               "copy_floor": median_ms(lambda: dst.copy_(src))}
-    # bytes per parameter moved: ours reads p g m v codes, writes p m v codes (+ scales: 8 B / 256)
-    moved = {"fused_int8": 30 + 8 / QUANT_BLOCK, "adamw_fused+lerp_fp32": 28 + 12, "copy_floor": 30 * 2 / 2}
-    state = {"fused_int8": 1 + 4 / QUANT_BLOCK, "adamw_fused+lerp_fp32": 4.0, "copy_floor": None}
-    rows = []
-    for name, ms in results.items():
-        gbps = moved[name] * numel / (ms / 1e3) / 1e9
-        rows.append({"method": name, "numel": numel, "median_ms": round(ms, 3), "GB_per_s": round(gbps, 1),
-                     "momentum_bytes_per_param": state[name]})
-        print(f"{name:24s} {ms:9.3f} ms  {gbps:8.1f} GB/s  momentum state {state[name]} B/param", flush=True)
-    print(f"speed-up vs AdamW(fused) + fp32 lerp: {results['adamw_fused+lerp_fp32'] / results['fused_int8']:.2f}x; "
-          f"bandwidth vs copy floor: {rows[0]['GB_per_s'] / rows[2]['GB_per_s']:.0%}")
-    return rows
+    src = torch.empty(int(numel * BYTES_PER_PARAM["fused_int8"] / 2) // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)                    # copying src reads half the step's bytes and writes half
+    return {"fused_int8": median_ms(ours.step), "adamw_fused+lerp_fp32": median_ms(baseline),
+            "copy_floor": median_ms(lambda: dst.copy_(src))}
+
+
+def bitsandbytes_timing(p, device: str) -> dict:
+    """bitsandbytes' 8-bit AdamW step, alone and with the int8 momentum's per-parameter hook (the one-GPU
+    config's path, built by mgrpo.build), and the delta-only kernel alone; {} without bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("bitsandbytes is not installed: its rows are skipped", flush=True)
+        return {}
+    from mgrpo.build import make_momentum_and_optimizer
+    from mgrpo.config import AlgorithmConfig, OptimConfig
+    from mgrpo_kernels.momentum_int8 import launch_delta_ema, new_delta_state
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    _, plain = make_momentum_and_optimizer([("w", q)], AlgorithmConfig(mode="srt"), OptimConfig(name="adamw8bit", lr=1e-6), 0)
+    out = {"adamw8bit": median_ms(plain.step)}
+    del plain
+    r = torch.nn.Parameter(p.detach().clone())
+    r.grad = p.grad.clone()
+    _, hooked = make_momentum_and_optimizer([("w", r)], AlgorithmConfig(momentum_dtype="int8"),
+                                            OptimConfig(name="adamw8bit", lr=1e-6), 0)
+    out["adamw8bit+int8_delta"] = median_ms(hooked.step)
+    del hooked
+    codes, scales = new_delta_state(p.detach())
+    after = p.detach() + 1e-6
+    out["delta_ema"] = median_ms(lambda: launch_delta_ema(p.detach(), after, codes, scales, momentum=0.99, seed=1,
+                                                          tensor_id=0))
+    return out
 
 
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -155,7 +215,8 @@ def host_time(kernel_file: str, label: str, reps: int) -> list:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true")
-    parser.add_argument("--numel", type=int, default=1_000_000_000, help="parameters for the timing (GPU)")
+    parser.add_argument("--numel", type=int, default=402_000_000,
+                        help="parameters of the timed tensor (GPU; default: Qwen3-4B's 4.02e8, about 33 GiB in all)")
     parser.add_argument("--host-time", action="store_true", help="host work per step at Qwen3-4B shapes (CPU)")
     parser.add_argument("--kernel-file", default="", help="with --host-time: another momentum_int8.py to time")
     parser.add_argument("--label", default="this commit")
@@ -170,10 +231,10 @@ def main():
         sys.exit("no GPU: run with --cpu-smoke (and TRITON_INTERPRET=1) on a CPU")
     env = environment()
     numel, steps, every = (16384, 1000, 250) if args.cpu_smoke else (4_000_000, 2000, 250)
-    rows = [{**env, "kind": "tracking", "numel": numel, **r} for r in tracking_error(numel, steps, device, every)]
-    append_rows("momentum_int8_tracking", rows)
-    timing = step_timing(65536 if args.cpu_smoke else args.numel, device)
-    append_rows("momentum_int8_timing", [{**env, **r} for r in timing])
+    tracking_error(numel, steps, device, every, lambda row: append_rows(
+        "momentum_int8_tracking", [{**env, "kind": "tracking", "numel": numel, **row}]))
+    step_timing(65536 if args.cpu_smoke else args.numel, device,
+                lambda rows: append_rows("momentum_int8_timing", [{**env, **r} for r in rows]))
 
 
 if __name__ == "__main__":

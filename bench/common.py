@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# bench/results, or where the GPU session script gathers one session's results (bench/run_gpu.py)
+RESULTS = Path(os.environ.get("MGRPO_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def environment() -> dict:
@@ -45,7 +47,8 @@ def peak_memory_mib(fn) -> float | None:
 
 
 def append_rows(name: str, rows: list) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    """Append rows to RESULTS/<name>.csv as they are measured (a run cut short keeps what it measured)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     fields = list(rows[0].keys())
     new = not path.exists()

@@ -223,9 +223,11 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
-def setup(cfg: TrainConfig, dist: Dist, log=print, engine: Optional[RolloutEngine] = None) -> Parts:
+def setup(cfg: TrainConfig, dist: Dist, log=print, engine: Optional[RolloutEngine] = None,
+          random_weights: Optional[tuple] = None) -> Parts:
     """Every part of a run, in the order memory needs (module docstring). engine: an engine built elsewhere
-    (tests inject fixed rollouts; mgrpo compare shares one)."""
+    (tests inject fixed rollouts; mgrpo compare shares one). random_weights=(model config, tokenizer): the
+    policy at that shape with random weights, nothing read (mgrpo plan --measure; give an engine too)."""
     algo = cfg.algorithm
     try:
         impl = resolve_logprob_impl(algo.logprob_impl, dist.device)
@@ -241,8 +243,11 @@ def setup(cfg: TrainConfig, dist: Dist, log=print, engine: Optional[RolloutEngin
                             "precision: start the run with init_distributed(..., precision=cfg.model.precision)")
     stream = PromptStream(cfg.data, cfg.seed)             # 1. reads and validates the data before any model work
     held_out = eval_problems(cfg.data)
-    model_path = resolve_model_path(cfg, dist, log)      # 2.
-    tokenizer, config = load_tokenizer_and_config(model_path)
+    if random_weights is None:                            # 2.
+        model_path = resolve_model_path(cfg, dist, log)
+        tokenizer, config = load_tokenizer_and_config(model_path)
+    else:
+        (config, tokenizer), model_path = random_weights, None
     encode = prompt_encoder(cfg, tokenizer)
     max_sequence_len = longest_sequence(cfg, encode, stream, held_out, config)   # checked before any weights
 
@@ -266,7 +271,7 @@ def setup(cfg: TrainConfig, dist: Dist, log=print, engine: Optional[RolloutEngin
     momentum, optimizer = make_momentum_and_optimizer(named, algo, cfg.optim, seed=cfg.seed * 1_000_003 + dist.rank)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, cfg.steps * algo.updates_per_batch)
     return Parts(Models(policy, reference, momentum), Optimization(optimizer, scheduler), engine, stream, held_out,
-                 tokenizer, encode, impl, dtype, model_path, stored_dtype(config), engine_gib)
+                 tokenizer, encode, impl, dtype, model_path or "random weights", stored_dtype(config), engine_gib)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ own evaluation. One rollout engine is built once and shared by the runs (weights
 each step, so nothing carries over). Finished runs are skipped when the command is run again on the same
 --out, so an interrupted comparison continues where it stopped. A run counts as finished by its final model or
 by its metrics.jsonl alone (the end-of-run evaluation is logged there), so a comparison spread over several
-machines or days can keep only the runs' metrics.jsonl (bench/results/compare_long/ is one) and go on from them.
+machines or days needs only the runs' metrics.jsonl to go on from them.
 
 Output in --out: compare.csv (every run's every logged step), compare_summary.csv (per method and step:
 mean, std, min and max over seeds), compare_runs.csv (per run: final and best held-out accuracy, the best's

@@ -86,7 +86,9 @@ def format_metrics_line(step: int, total: int, r: dict) -> str:
             f"kl {f('kl', '.4f')} gnorm {f('grad_norm', '.3f')} len {f('completions/mean_length', '.1f')} "
             f"tok/s {f('tokens_per_second', '.0f')} {f('step_time', '.1f')}s ("
             + " ".join(f"{short} {r[f'time/{stage}']:.2f}" for stage, short in STEP_LINE_STAGES
-                       if r.get(f"time/{stage}") is not None) + ")")
+                       if r.get(f"time/{stage}") is not None) + ")"
+            + (f" skipped {r['batch/skipped_micro_batches']}/{r.get('batch/micro_batches', '?')} micro-batches "
+               "(all advantages 0: no backward)" if r.get("batch/skipped_micro_batches") else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

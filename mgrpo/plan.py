@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from mgrpo_kernels.fused_logprob_entropy import default_chunk_tokens
-from mgrpo_kernels.momentum_int8 import QUANT_BLOCK
+from mgrpo_kernels.fused_logprob_entropy import default_chunk_tokens, reference_chunk_tokens
+from mgrpo_kernels.momentum_int8 import PUSH_CHUNK, QUANT_BLOCK
 
 from .config import load_config_from
 from .data.tiny import TINY_MODEL_CONFIG
@@ -55,19 +55,38 @@ RUNTIME_BYTES = 1.5 * GIB            # CUDA context, NCCL, cuBLAS workspaces: ou
 FRAGMENTATION = 0.05                 # the caching allocator's slack on top of the trainer's tensors
 ENGINE_ASLEEP_BYTES = 0.5 * GIB      # what a level-1 sleeping vLLM engine keeps on the GPU
 ENGINE_RUNTIME_BYTES = 2.0 * GIB     # vLLM's own activations and buffers inside its share (its profile run)
+ROW_TOKENS = 256                     # a micro-batch row's length the CPU attention's probabilities are counted for
 
 
 class PlanError(MgrpoError, ValueError):
     """The plan cannot be made; the message says what to fix."""
 
 
+PHASES = ("load", "rollout", "score", "backward", "gradients", "step")
+"""The phases of a step whose peaks the plan predicts (mgrpo/measure.py measures them): after setup; the rollouts
+(engine awake, weights pushed one tensor at a time); the no-grad scoring (and the KL reference's forward); the
+update, at its two peaks: the start of the backward (every layer's saved activations and the head's backward) and
+its end (every gradient made, the activations freed); the optimizer step (and the momentum update)."""
+UPDATE = ("backward", "gradients")        # one stage of the loop (its update), two peaks
+
+
 @dataclass
 class Part:
     name: str
-    rollout: float          # bytes per GPU during the rollout phase
-    update: float           # bytes per GPU during the update phase
+    bytes: dict             # phase -> bytes per GPU (a phase it is absent from: 0)
     kind: str               # computed | modeled
     note: str = ""
+
+    def at(self, phase: str) -> float:
+        return self.bytes.get(phase, 0.0)
+
+
+def size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
+def everywhere(value: float) -> dict:
+    return dict.fromkeys(PHASES, value)
 
 
 @dataclass
@@ -81,34 +100,51 @@ class Plan:
     max_gpu_memory_utilization: float
     host_per_rank: float
     suggestions: list = field(default_factory=list)
+    disk_per_checkpoint: int = 0       # bytes of one checkpoint, all ranks together
+    disk_final: int = 0                # bytes of the final export (the base model's dtype)
+
+    def disk_line(self, keep: int) -> str:
+        """A run directory's disk needs: keep_checkpoints of them, one more while a save is written (the oldest is
+        deleted only after the new one is complete), and the final export."""
+        one, final = self.disk_per_checkpoint, self.disk_final
+        need = f"{keep + 1} x {size(one)} + {size(final)} = {size((keep + 1) * one + final)}" if keep else \
+            "one more checkpoint per save (keep_checkpoints=0 keeps all)"
+        return (f"disk per run directory: a checkpoint is {size(one)} (all ranks), the final export {size(final)}; "
+                f"keep_checkpoints={keep} needs up to {need}")
 
     def phase(self, name: str) -> float:
-        return sum(getattr(p, name) for p in self.parts)
+        return sum(p.at(name) for p in self.parts)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.phase)
 
     @property
     def peak(self) -> float:
-        return max(self.phase("rollout"), self.phase("update"))
+        return self.phase(self.peak_phase)
 
     @property
     def fits(self) -> bool:
         return self.peak <= self.gpu_memory and self.kv_cache_tokens >= self.max_model_len
 
     def bytes_of(self, name: str) -> float:
-        """A part's larger phase, in bytes (0 for a part this run does not have)."""
-        return max((max(p.rollout, p.update) for p in self.parts if p.name == name), default=0.0)
+        """A part's largest phase, in bytes (0 for a part this run does not have)."""
+        return max((max(p.bytes.values(), default=0.0) for p in self.parts if p.name == name), default=0.0)
 
     def table(self) -> str:
-        rows = [(p.name, f"{p.rollout / GIB:.2f}", f"{p.update / GIB:.2f}", p.kind, p.note) for p in self.parts]
-        rows.append(("total per GPU", f"{self.phase('rollout') / GIB:.2f}", f"{self.phase('update') / GIB:.2f}", "", ""))
-        header = ("part (GiB per GPU)", "rollout", "update", "", "")
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i in (0, 3, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        rows = [(p.name, *(f"{p.at(ph) / GIB:.2f}" for ph in PHASES), p.kind, p.note) for p in self.parts]
+        rows.append(("total per GPU", *(f"{self.phase(ph) / GIB:.2f}" for ph in PHASES), "", ""))
+        header = ("part (GiB per GPU)", *PHASES, "", "")
+        n = len(header)
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(n)]
+        text = (0, n - 2, n - 1)
+        lines = ["  ".join(c.ljust(w) if i in text else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  .rstrip() for r in [header] + rows]
         return "\n".join(lines)
 
     def verdict(self) -> str:
         spare = self.gpu_memory - self.peak
-        where = "rollout" if self.phase("rollout") >= self.phase("update") else "update"
+        where = self.peak_phase
         kv = (f"; KV cache holds {self.kv_cache_tokens} tokens ({self.kv_cache_tokens // max(self.max_model_len, 1)} "
               f"full-length sequences of {self.max_model_len})")
         if self.fits:
@@ -179,14 +215,23 @@ def optimizer_bytes(numels: list, name: str) -> int:
     return total + 2 * 256 * 4
 
 
+def optimizer_phases(state: int, name: str, fused_int8: bool) -> dict:
+    """torch's AdamW makes its moments at the first step (not there after setup); ours and bitsandbytes' at build."""
+    lazy = name == "adamw" and not fused_int8
+    return {ph: 0 if (lazy and ph == "load") else state for ph in PHASES}
+
+
 def int8_delta_bytes(numels: list) -> int:
     """int8 codes and one fp32 scale per QUANT_BLOCK elements (mgrpo_kernels.momentum_int8)."""
     return sum(n + 4 * math.ceil(n / QUANT_BLOCK) for n in numels)
 
 
-def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True) -> Plan:
-    """The plan for TrainConfig `cfg` on `gpus` GPUs of `gpu_memory_gib` each (on_gpu=False: the CPU run's
-    dtypes, for comparing with a CPU measurement; its phases then say nothing about a GPU)."""
+def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
+              shape: Optional["MicroBatchShape"] = None) -> Plan:
+    """The plan for TrainConfig `cfg` on `gpus` GPUs of `gpu_memory_gib` each, phase by phase (PHASES). on_gpu=False:
+    the CPU run's dtypes and head (the PyTorch one, in chunks), no engine or CUDA runtime: what a CPU measurement
+    (mgrpo plan --measure) is compared with; its figures then say nothing about a GPU. shape: the micro-batch to
+    plan for (default: a full one, micro_batch_shape)."""
     if gpu_memory_gib <= 0:
         raise PlanError(f"--gpu-memory {gpu_memory_gib}: must be > 0 GiB")
     if gpus < 1:
@@ -196,77 +241,174 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True) -> Pla
     algo, optim, rollout = cfg.algorithm, cfg.optim, cfg.rollout
     bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and on_gpu)
     compute = 2 if bf16 else 4
+    sharded = gpus > 1 or bf16                   # FSDP2: torchrun, or one process in mixed precision
     local = [local_numel(s, gpus) for _, s in shapes]
     total = sum(math.prod(s) for _, s in shapes)
+    largest_full, largest_local = max(math.prod(s) for _, s in shapes), max(local)
+    train = ("gradients", "step")
     master = 4 * sum(local)
-    parts = [Part("master weights (fp32)", master, master, "computed", "the policy's shard on this GPU")]
-    parts.append(Part("gradients (fp32)", 0, master, "computed", "sharded; freed between steps"))
-    parts.append(Part("optimizer state", *[optimizer_bytes(local, optim.name)] * 2, "computed", optim.name))
+    parts = [Part("master weights (fp32)", everywhere(master), "computed", "the policy's shard on this GPU"),
+             Part("gradients (fp32)", dict.fromkeys(train, master), "computed",
+                  "sharded; made by the backward, freed after the optimizer step"),
+             Part("optimizer state", optimizer_phases(optimizer_bytes(local, optim.name), optim.name,
+                                                      algo.uses_momentum and algo.momentum_dtype == "int8"),
+                  "computed", optim.name)]
+    int8 = algo.uses_momentum and algo.momentum_dtype == "int8"
     if algo.uses_momentum:
-        momentum = int8_delta_bytes(local) if algo.momentum_dtype == "int8" else 4 * sum(local)
-        parts.append(Part("momentum model", momentum, momentum, "computed", f"{algo.momentum_dtype} "
-                          + ("delta, 1.016 B/param" if algo.momentum_dtype == "int8" else "copy")))
+        momentum = int8_delta_bytes(local) if int8 else 4 * sum(local)
+        parts.append(Part("momentum model", everywhere(momentum), "computed", f"{algo.momentum_dtype} "
+                          + ("delta, 1.016 B/param" if int8 else "copy")))
     if algo.kl_coef > 0:
-        reference = compute * sum(local)
-        parts.append(Part("KL reference", reference, reference, "computed", ("bf16" if bf16 else "fp32")
-                          + (" (refreshed from the momentum model)" if algo.kl_reference == "momentum" else "")))
-    # in flight during forwards and backwards (the update phase; the engine sleeps by then)
-    layers = {}
-    root = 0
-    for (name, s) in shapes:
+        parts.append(Part("KL reference", everywhere(compute * sum(local)), "computed",
+                          ("bf16" if bf16 else "fp32") + (" (refreshed from the momentum model)"
+                                                          if algo.kl_reference == "momentum" else "")))
+    # the weight pushes: one full tensor at a time in the engine's dtype (cast, then gathered); the int8 delta is
+    # dequantized in chunks into that one tensor (mgrpo_kernels.momentum_int8.momentum_weight)
+    copies = (compute != 4) + sharded           # a cast and/or a gather make new tensors; fp32 on one process none
+    push = compute * largest_full * copies
+    if int8:
+        push = max(push, compute * (largest_local + (largest_full if sharded else 0)) + 12 * min(PUSH_CHUNK, largest_local))
+    parts.append(Part("weight push", {"rollout": push}, "computed", "the largest tensor, cast and gathered"
+                      + (", int8 delta dequantized in chunks" if int8 else "")))
+    # forwards and backwards
+    layers, root = {}, 0
+    for name, s in shapes:
         layer = _layer_of(name)
         if layer is None:
             root += math.prod(s)
         else:
             layers[layer] = layers.get(layer, 0) + math.prod(s)
     layer_numel = max(layers.values(), default=0)
-    parts.append(Part("parameters in flight", 0, compute * (root + 2 * layer_numel), "modeled",
-                      "unsharded: root (embedding, head, norm) + 2 decoder layers (prefetch)"))
-    T, H = optim.micro_batch_tokens, config.hidden_size
-    I = getattr(config, "intermediate_size", 4 * H)
-    kv_dim = config.num_key_value_heads * getattr(config, "head_dim", H // config.num_attention_heads)
-    per_token_layer = (8 * H + 4 * I + 2 * kv_dim) * compute     # one layer's saved tensors, per token
-    n_layers = config.num_hidden_layers
+    if sharded:
+        parts.append(Part("parameters in flight", dict.fromkeys(("score", *UPDATE), compute * (root + 2 * layer_numel)),
+                          "modeled", "unsharded: root (embedding, head, norm) + 2 decoder layers (prefetch)"))
+    mb = shape or micro_batch_shape(cfg, config)
+    saved, transient = activation_bytes(config, compute, on_gpu, mb.row)   # per token: a layer's saved, one live
+    n_layers, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     if cfg.model.gradient_checkpointing:
-        activations = T * H * compute * n_layers + T * per_token_layer
-        how = f"{T} tokens: {n_layers} layer inputs + one layer recomputed"
+        backward_acts, how = mb.tokens * (H * compute * n_layers + saved), \
+            f"{mb.tokens} tokens: {n_layers} layer inputs + one layer recomputed"
     else:
-        activations = T * per_token_layer * n_layers
-        how = f"{T} tokens, every layer's tensors (model.gradient_checkpointing=false)"
-    parts.append(Part("activations", 0, activations, "modeled", how))
-    V = config.vocab_size
-    chunk = default_chunk_tokens(V, torch.bfloat16 if compute == 2 else torch.float32)
-    head = 4 * V * H + chunk * V * (4 + (0 if compute == 4 else compute)) + 2 * T * H * compute
-    parts.append(Part("fused head workspace", 0, head, "computed",
-                      f"fp32 dW accumulator V x H + [{chunk}, V] logits and gradient + hidden and its gradient"))
-    parts.append(Part("gradient reduce buffers", 0, (compute + 4) * (root + layer_numel), "modeled",
-                      "unsharded gradients of the root and one layer, cast to fp32 to reduce"))
-    if algo.uses_momentum and algo.momentum_dtype == "int8" and optim.name != "adamw":
-        parts.append(Part("optimizer step copy", 0, 4 * max(local), "computed",
-                          "the largest parameter before its 8-bit AdamW update, for the int8 momentum's step"))
+        backward_acts, how = mb.tokens * saved * n_layers, f"{mb.tokens} tokens, every layer's saved tensors"
+    parts.append(Part("activations", {"score": mb.tokens * transient, "backward": backward_acts}, "modeled", how))
+    head_score, head_backward, note = head_bytes(V, H, compute, mb.targets, on_gpu)
+    parts.append(Part("head workspace", {"score": max(0, head_score - mb.tokens * transient) + mb.tokens * H * compute,
+                                         "backward": head_backward}, "computed", note))
+    # the end of the backward: the embedding's dense gradient and, when it is the tied head's weight too, the sum
+    # of the two into its .grad (measured on the CPU: three [V, H] fp32 tensors at once)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tail = (3 if tied else 1) * V * H * (compute if sharded else 4)
+    parts.append(Part("embedding gradient", {"gradients": tail}, "modeled",
+                      "the embedding's dense gradient" + (" + the tied head's, summed" if tied else "")))
+    if sharded:
+        parts.append(Part("gradient reduce buffers", dict.fromkeys(UPDATE, (compute + 4) * (root + layer_numel)),
+                          "modeled", "unsharded gradients of the root and one layer, cast to fp32 to reduce"))
+    step = optimizer_step_bytes(optim.name, int8, largest_local, on_gpu)
+    if step:
+        parts.append(Part("optimizer step transients", {"step": step[0]}, step[1], step[2]))
     # the engine
     weights = 2 * total if on_gpu else 4 * total
+    kv_dim = config.num_key_value_heads * getattr(config, "head_dim", H // config.num_attention_heads)
     kv_per_token = 2 * n_layers * kv_dim * 2
     util = max_util = 0.0
-    trainer_rollout = sum(p.rollout for p in parts)
-    runtime = RUNTIME_BYTES + FRAGMENTATION * max(trainer_rollout, sum(p.update for p in parts))
+    trainer_peak = max(sum(p.at(ph) for p in parts) for ph in PHASES)
+    runtime = RUNTIME_BYTES + FRAGMENTATION * trainer_peak
     if on_gpu:
+        trainer_rollout = sum(p.at("rollout") for p in parts)
         max_util = max(0.0, min(0.95, (gpu_memory_gib * GIB - trainer_rollout - runtime) / (gpu_memory_gib * GIB)))
         max_util = math.floor(max_util * 100) / 100
         util = max_util if rollout.gpu_memory_utilization == "auto" else float(rollout.gpu_memory_utilization)
         engine = util * gpu_memory_gib * GIB
         kv_tokens = int(max(0.0, engine - weights - ENGINE_RUNTIME_BYTES) // kv_per_token)
-        parts.append(Part("vLLM engine", engine, ENGINE_ASLEEP_BYTES, "modeled",
+        parts.append(Part("vLLM engine", {**everywhere(ENGINE_ASLEEP_BYTES), "load": engine, "rollout": engine}, "modeled",
                           f"gpu_memory_utilization {util:.2f}: bf16 weights {weights / GIB:.1f} + KV cache "
-                          f"{kv_tokens} tokens; asleep (level {rollout.sleep_level}) in the update"))
+                          f"{kv_tokens} tokens; asleep (level {rollout.sleep_level}) outside the rollouts"))
+        parts.append(Part("CUDA runtime and fragmentation", everywhere(runtime), "modeled",
+                          "context, NCCL, cuBLAS; 5% allocator slack"))
     else:
         kv_tokens = 1 << 30
-    parts.append(Part("CUDA runtime and fragmentation", runtime if on_gpu else 0, runtime if on_gpu else 0,
-                      "modeled", "context, NCCL, cuBLAS; 5% allocator slack"))
     # the engine must hold one whole sequence: the longest prompt (unknown here: 1024 tokens assumed) + response
     max_model_len = rollout.max_model_len or (1024 + max(rollout.max_new_tokens, cfg.eval.max_new_tokens))
     host = (2 * total if rollout.sleep_level == 1 else 0) + 4 * GIB
-    return Plan(label, gpus, gpu_memory_gib * GIB, parts, kv_tokens, max_model_len, max_util, host)
+    plan = Plan(label, gpus, gpu_memory_gib * GIB, parts, kv_tokens, max_model_len, max_util, host)
+    plan.disk_per_checkpoint = checkpoint_bytes(cfg, [math.prod(s) for _, s in shapes], bf16)
+    stored = "float32" if cfg.model.path is None else str(getattr(config, "torch_dtype", None) or "bfloat16")
+    plan.disk_final = (4 if "float32" in stored else 2) * total          # exported in the base model's dtype
+    return plan
+
+
+def checkpoint_bytes(cfg, numels: list, bf16: bool) -> int:
+    """What one checkpoint holds on disk, all ranks together (mgrpo/storage/checkpoint.py): the fp32 policy, the
+    optimizer state, the momentum model, the KL reference when it is the initial policy (its own dtype)."""
+    algo = cfg.algorithm
+    total = 4 * sum(numels) + optimizer_bytes(numels, cfg.optim.name)
+    if algo.uses_momentum:
+        total += int8_delta_bytes(numels) if algo.momentum_dtype == "int8" else 4 * sum(numels)
+    if algo.kl_coef > 0 and algo.kl_reference == "initial":
+        total += (2 if bf16 else 4) * sum(numels)
+    return total
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    tokens: int     # tokens of a micro-batch, padding included (optim.micro_batch_tokens: a full one)
+    targets: int    # of which response tokens (what the head scores)
+    row: int        # a row's length (the attention's keys per query)
+
+
+def micro_batch_shape(cfg, config) -> MicroBatchShape:
+    """A full micro-batch: optim.micro_batch_tokens, its response share from the prompt length (the built-in task's
+    ~100 tokens; for file data unknown: 1024 assumed, as for max_model_len) and max_new_tokens."""
+    prompt = 100 if cfg.data.source == "builtin:arithmetic" else 1024
+    response = cfg.rollout.max_new_tokens
+    tokens = cfg.optim.micro_batch_tokens
+    return MicroBatchShape(tokens, tokens * response // (prompt + response), min(prompt + response, tokens))
+
+
+def activation_bytes(config, compute: int, on_gpu: bool, row: int) -> tuple:
+    """(bytes a decoder layer saves for its backward, bytes one layer's no-grad forward holds at once), per token.
+
+    What transformers' Qwen3/Llama layer keeps for autograd: each RMSNorm its input and normalised output, the
+    projections' inputs, q k v, the attention's output, the MLP's gate, up, activation and product: measured on the
+    CPU (mgrpo plan --measure, tests/test_plan.py) as 5 H + 4 I + 5 q + 4 kv values per token, within 3% for the
+    tiny model and a Qwen3-0.6B shape; the no-grad forward 2 H + 3 I + q + 2 kv at once. On the CPU the masked
+    attention takes the math path and keeps its probabilities for the backward (heads x the row's length per
+    token, fp32; the no-grad forward frees them block by block). On a GPU flash/memory-efficient attention keeps
+    O(tokens): modeled until a GPU measures it (bench/run_gpu.sh)."""
+    H = config.hidden_size
+    I = getattr(config, "intermediate_size", 4 * H)
+    head_dim = getattr(config, "head_dim", H // config.num_attention_heads)
+    q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    saved = (5 * H + 4 * I + 5 * q_dim + 4 * kv_dim) * compute
+    transient = (2 * H + 3 * I + q_dim + 2 * kv_dim) * compute
+    if not on_gpu:
+        saved += config.num_attention_heads * row * 4
+    return saved, transient
+
+
+def head_bytes(V: int, H: int, compute: int, targets: int, on_gpu: bool) -> tuple:
+    """(the head's no-grad scoring, its backward, a note): the fused kernel on a GPU, the PyTorch head in chunks on a
+    CPU. Scoring is bounded by whichever is larger, a layer's forward or this (not both: the head runs after)."""
+    if on_gpu:       # the fused kernel: per-token statistics forward; fp32 dW and a [chunk, V] workspace backward
+        chunk = min(default_chunk_tokens(V, torch.bfloat16 if compute == 2 else torch.float32), targets)
+        backward = 4 * V * H + chunk * V * (4 + (0 if compute == 4 else compute)) + 2 * targets * H * compute
+        return 16 * targets, backward, f"fused: fp32 dW V x H + [{chunk}, V] logits and gradient"
+    chunk = min(reference_chunk_tokens(V), targets)    # logits, log-probs, probabilities, their product: fp32
+    single = targets <= reference_chunk_tokens(V)
+    # measured: one chunk (no recomputation) peaks at its saved tensors with their gradient, or at dW beside one
+    # [chunk, V]; several chunks (each recomputed) at three [V, H] fp32 (dW accumulated) beside one [chunk, V]
+    backward = max(4.6 * chunk * V * 4, 4 * V * H + chunk * V * 4) if single else 3 * 4 * V * H + chunk * V * 4
+    return 4 * chunk * V * 4, backward, f"PyTorch in chunks of {chunk} tokens, each recomputed in the backward"
+
+
+def optimizer_step_bytes(name: str, int8: bool, largest_local: int, on_gpu: bool):
+    """(bytes, kind, note) the optimizer step allocates beyond the state, or None."""
+    if name != "adamw":
+        return (4 * largest_local, "computed", "the largest parameter before its 8-bit AdamW update (int8 momentum)") \
+            if int8 else None
+    if int8 or on_gpu:      # our fused kernel, or torch's fused AdamW on CUDA: in place
+        return None
+    return (2 * 4 * largest_local, "modeled", "torch's single-tensor AdamW on a CPU: temporaries of the largest parameter")
 
 
 def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float) -> Plan:
@@ -327,5 +469,6 @@ def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None) -> in
     print(f"host memory per rank: {plan.host_per_rank / GIB:.1f} GiB (pinned bf16 weights while vLLM sleeps at "
           "level 1, plus ~4 GiB for the process)")
     print(f"largest rollout.gpu_memory_utilization that fits: {plan.max_gpu_memory_utilization:.2f}")
+    print(plan.disk_line(cfg.keep_checkpoints))
     print(plan.verdict())
     return 0 if plan.fits else 1

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mgrpo"
 # Intra-package imports inside a function, each for a reason other than dodging a circle:
@@ -112,3 +114,34 @@ def test_the_kernels_folder_does_not_shadow_the_kernels_distribution(tmp_path):
     # and without one installed, bitsandbytes never loads ours either (what it says then is its own complaint)
     plain = run_from_root("import bitsandbytes")
     assert plain.returncode == 0 and str(ROOT / "kernels") not in plain.stderr
+
+
+FRAGMENTS = """
+import sys, torch
+if sys.argv[1] == "configured":
+    from mgrpo.environment import configure_process
+    configure_process()
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+freed = torch.ones(1 << 20); del freed          # a 4 MiB block freed: glibc's threshold rises past it
+before = resident_mib()
+large, small = [], []
+for _ in range(100):
+    large.append(torch.ones(1 << 19))           # 2 MiB activations ...
+    small.append(torch.ones(256))               # ... with 1 KiB tensors alive between them
+del large
+print(round(resident_mib() - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_activations_go_back_to_the_system():
+    """configure_process fixes glibc's mmap threshold: 200 MiB of freed 2 MiB tensors interleaved with live small
+    ones stay resident by default and are returned once configured (mgrpo/environment.py)."""
+    def kept(mode):
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        out = subprocess.run([sys.executable, "-c", FRAGMENTS, mode], capture_output=True, text=True, env=env,
+                             check=True).stdout
+        return int(out.split()[-1])
+    assert kept("default") > 150          # the fragmentation this guards against, on this machine's glibc
+    assert kept("configured") < 20

@@ -1,6 +1,8 @@
 """Liger-Kernel in the trained models (model.liger): its RoPE under the interpreter on this CPU against the
 unpatched model, forward and gradients, for both architectures; its RMSNorm and SwiGLU on a GPU (they do not
 run under the interpreter: tests/test_kernels_compile.py compiles them for sm_80/sm_90); the settings' errors."""
+import os
+
 import pytest
 import torch
 
@@ -35,23 +37,40 @@ def logits_and_grads(model, ids, position_ids):
     return logits.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
+def runs_plain_pytorch(model) -> bool:
+    """Whether `model` would run transformers' own RoPE, RMSNorm and MLP: Liger patches the rotary function in the
+    modeling module (module-wide) and the norm and MLP forwards of an instance."""
+    import importlib
+    modeling = importlib.import_module(type(model).__module__)
+    own = [modeling.apply_rotary_pos_emb]
+    for module in model.modules():
+        if type(module).__name__.endswith(("RMSNorm", "MLP")):
+            own.append(module.forward)
+    return all(getattr(f, "__module__", "").startswith("transformers") for f in own)
+
+
 def compare(architecture, device, dtype, atol, **kernels):
+    """The unpatched model's logits and gradients, computed first and checked to come from transformers' own ops
+    (a module-wide patch would otherwise reach the reference too), against the patched model's."""
     from mgrpo.models.liger import apply_liger
     plain = build_model(architecture, Vocab(), seed=2).to(device, dtype)
-    patched = build_model(architecture, Vocab(), seed=2).to(device, dtype)
-    apply_liger(patched, **kernels)
-    import importlib
-    modeling = importlib.import_module(type(patched).__module__)
-    assert modeling.apply_rotary_pos_emb.__module__.startswith("liger_kernel")    # Liger's RoPE is what runs
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 96, (2, 17), generator=g).to(device)
     positions = torch.cat([torch.arange(9), torch.arange(8)])[None].expand(2, -1).to(device)   # a restart
-    (a, ga), (b, gb) = logits_and_grads(plain, ids, positions), logits_and_grads(patched, ids, positions)
+    assert runs_plain_pytorch(plain), "the reference is patched: a module-wide patch leaked from an earlier test"
+    a, ga = logits_and_grads(plain, ids, positions)
+    patched = build_model(architecture, Vocab(), seed=2).to(device, dtype)
+    apply_liger(patched, **kernels)
+    assert not runs_plain_pytorch(patched)                          # Liger's kernels are what runs now
+    b, gb = logits_and_grads(patched, ids, positions)
     torch.testing.assert_close(b, a, atol=atol, rtol=atol)
     for name, grad in ga.items():
         torch.testing.assert_close(gb[name], grad, atol=atol, rtol=atol, msg=name)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Liger's RoPE on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1; a GPU box "
+                           "runs the GPU test below instead)")
 @pytest.mark.parametrize("architecture", ["qwen3", "llama"])
 def test_liger_rope_under_the_interpreter_matches_the_unpatched_model(architecture, restore_transformers):
     compare(architecture, "cpu", torch.float32, 1e-5, rope=True, rms_norm=False, swiglu=False)

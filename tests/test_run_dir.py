@@ -305,3 +305,15 @@ def test_loading_only_tensors_refuses_a_bytes_item_even_without_checkpoint_json(
     with pytest.raises(UnsafeCheckpointError, match="pickled object at w"):
         load_tensors(tmp_path / "c", {"w": torch.zeros(3)})
     assert not marker.exists()
+
+
+def test_the_plan_knows_what_a_run_directory_needs_on_disk(two_checkpoints, tiny_cache):
+    """`mgrpo plan`'s disk line (what the README's table quotes for real models) against the bytes really written."""
+    from mgrpo.plan import make_plan
+    cfg = tiny(tiny_cache, two_checkpoints, "steps=2", "save_every=1")
+    plan = make_plan(cfg, 1, 80, on_gpu=False)
+    newest = sorted((two_checkpoints / "checkpoints").glob("step_*"))[-1]
+    written = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    assert plan.disk_per_checkpoint == pytest.approx(written, rel=0.10)
+    exported = sum(p.stat().st_size for p in (two_checkpoints / "final").glob("*.safetensors"))
+    assert plan.disk_final == pytest.approx(exported, rel=0.05)

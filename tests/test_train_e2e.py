@@ -164,3 +164,27 @@ def test_first_run_output_is_the_projects_own(tmp_path, cache):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("answers,all_skipped", [(("7",), True), (("7", "7", "5", None), False)])
+def test_micro_batches_with_zero_advantage_run_no_backward(tmp_path, cache, answers, all_skipped):
+    """A unanimous vote gives every response advantage 0: no reward signal, so no forward or backward (counted in
+    the metrics and said in the step line); mixed answers train (only their all-zero micro-batches skipped)."""
+    from transformers import AutoModelForCausalLM
+
+    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from tests.scripted_engine import ScriptedEngine
+    cfg = tiny_config(tmp_path, cache, "steps=1", "data.num_eval=0", "optim.micro_batch_tokens=160",
+                      "optim.layout=padded", "log_every=1")
+    base = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(base).named_parameters()]
+    lines = []
+    train(cfg, log=lines.append, engine=ScriptedEngine(build_tokenizer(), names, answers=answers))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    total, skipped = row["batch/micro_batches"], row["batch/skipped_micro_batches"]
+    assert total > 1
+    if all_skipped:
+        assert skipped == total and row["grad_norm"] == 0.0
+        assert any(f"skipped {total}/{total} micro-batches" in str(line) for line in lines)
+    else:
+        assert skipped < total and row["grad_norm"] > 0.0

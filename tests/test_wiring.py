@@ -90,6 +90,34 @@ def response_logprobs(model_dir, rows, tokenizer, instruction, temperature) -> t
     return torch.stack(out)
 
 
+def assert_advantages_follow_the_vote(rows: list) -> None:
+    """The recorded advantages against a vote counted here from the texts (the last \\boxed{} of each unpruned
+    response, policy and momentum samples pooled; a tie is skipped): a rewarded response's advantage is positive,
+    the others' negative, so a mistake anywhere from the answers to the advantages shows."""
+    import re
+    from collections import Counter
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["problem"], []).append(row)
+    checked = 0
+    for group in groups.values():
+        def answer(row):
+            found = re.findall(r"\\boxed\{([^{}]*)\}", row["text"])
+            return found[-1].strip() if found else None
+        votes = Counter(a for r in group if not r["pruned"] and (a := answer(r)) is not None).most_common()
+        if not votes or (len(votes) > 1 and votes[0][1] == votes[1][1]):
+            continue
+        kept = [r for r in group if r["sampler"] == "policy" and not r["pruned"]]
+        rewarded = [answer(r) == votes[0][0] for r in kept]
+        if all(rewarded) or not any(rewarded):
+            continue                                      # no signal in this group: advantages 0
+        for row, good in zip(kept, rewarded):
+            assert (row["advantage"] > 0) == good, f"advantage {row['advantage']} for a response the vote " \
+                                                   f"{'rewards' if good else 'does not reward'}: {row['text']!r}"
+            checked += 1
+    assert checked > 0
+
+
 @pytest.mark.parametrize("impl", ["torch", "fused"])
 def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     """One update on fixed rollouts, without the KL term: the policy's log-prob of the responses the vote
@@ -102,6 +130,7 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     train(cfg, log=lambda *a: None, engine=recording_engine(tiny_cache))
     rows = [json.loads(line) for line in (run_dir / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["sampler"] == "policy" and not r["pruned"] and r["advantage"] != 0]
+    assert_advantages_follow_the_vote(rows)
     advantages = torch.tensor([r["advantage"] for r in trained], dtype=torch.float64)
     assert (advantages > 0).any() and (advantages < 0).any(), "no learning signal in these rollouts"
     base = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)

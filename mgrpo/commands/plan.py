@@ -1,18 +1,71 @@
-"""`mgrpo plan`: every part's GPU memory for a config, and whether it fits (exit 1 if not)."""
+"""`mgrpo plan`: every part's GPU memory for a config, phase by phase, and whether it fits (exit 1 if not);
+`--measure`: the phases run on this machine and measured against the plan (mgrpo/measure.py)."""
 from __future__ import annotations
 
-from ..config import load_config
-from ..plan import print_plan
+import csv
+import datetime
+import os
+from pathlib import Path
 
-HELP = "every part's GPU memory for a config, and whether it fits (exit 1 if not)"
+import torch
+
+from ..config import load_config
+from ..errors import MgrpoError
+from ..measure import MEASURED_PHASES, measure_phases, planned_for, planned_peak, report
+from ..plan import GIB, print_plan
+
+HELP = "every part's GPU memory for a config, and whether it fits (exit 1 if not); --measure: measured against it"
 
 
 def run(args) -> int:
-    return print_plan(load_config(args.config, args.overrides), args.gpus or 1, args.gpu_memory)
+    cfg = load_config(args.config, args.overrides)
+    if not args.measure:
+        return print_plan(cfg, args.gpus or 1, args.gpu_memory)
+    on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1" and cfg.algorithm.momentum_dtype == "int8":
+        raise MgrpoError("--measure on a CPU with algorithm.momentum_dtype=int8 runs Triton's interpreter: set "
+                         "TRITON_INTERPRET=1, or measure algorithm.momentum_dtype=fp32")
+    measurement = measure_phases(cfg, args.steps)
+    memory = args.gpu_memory or (torch.cuda.get_device_properties(0).total_memory / GIB if on_gpu else 80.0)
+    plans = planned_for(cfg, measurement, measurement_world(), memory, on_gpu)
+    largest = measurement.micro_batches
+    print(f"[plan --measure] {plans['update'].model}, random weights, {args.steps} steps on {measurement.device}; "
+          f"largest micro-batch {largest['update'].tokens} tokens in the update, {largest['score'].tokens} in the "
+          "scoring (each phase is planned for its own; the table: the update's)")
+    print(plans["update"].table())
+    print(report(plans, measurement))
+    if args.csv:
+        write_csv(args.csv, plans, measurement)
+    return 0
+
+
+def write_csv(path: str, plans: dict, measurement) -> None:
+    """Append one row per phase (bench/run_gpu.sh keeps them with the other benchmarks' rows)."""
+    path = Path(path)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["date", "device", "model", "phase", "planned_bytes", "measured_bytes", "micro_batch_tokens"])
+        for phase in MEASURED_PHASES:
+            shape = measurement.micro_batches.get("score" if phase == "score" else "update")
+            writer.writerow([datetime.datetime.now().isoformat(timespec="seconds"), measurement.device,
+                             plans[phase].model, phase, int(planned_peak(plans[phase], phase)),
+                             measurement.phases.get(phase, ""), shape.tokens if shape else ""])
+
+
+def measurement_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config (e.g. configs/qwen3_4b_1gpu.yaml)")
     parser.add_argument("--gpus", type=int, help="GPUs (ranks) the run uses (default 1)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this machine's GPU, else 80)")
+    parser.add_argument("--measure", action="store_true",
+                        help="run setup and --steps training steps here (random weights at the config's shape, "
+                             "synthetic rollouts) and print each phase's measured peak against the plan")
+    parser.add_argument("--steps", type=int, default=2, help="with --measure: steps to run (the last one is reported)")
+    parser.add_argument("--csv", help="with --measure: append planned and measured bytes per phase to this CSV")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as mgrpo train takes them")

@@ -178,10 +178,29 @@ def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, c
         raise TrainingError(str(e)) from None
 
 
-def load_policy(path: str, config, cfg: TrainConfig, dist: Dist, param_dtype: Optional[torch.dtype],
+@torch.no_grad()
+def random_init_(model: torch.nn.Module) -> None:
+    """Random weights for a materialized model (local shards under FSDP2): normal(0, 0.02) matrices, unit norm
+    weights. For measuring memory and speed at a model's shape without its weights (mgrpo plan --measure)."""
+    for param in model.parameters():
+        local = local_tensor(param)
+        local.fill_(1.0) if param.dim() == 1 else local.normal_(0.0, 0.02)
+
+
+def load_policy(path: Optional[str], config, cfg: TrainConfig, dist: Dist, param_dtype: Optional[torch.dtype],
                 log=print) -> TokenScorer:
     """The policy with fp32 master weights: whole on one process, this rank's FSDP2 shards under torchrun.
-    param_dtype: FSDP2's compute dtype (bf16 mixed precision) or None (the parameters' own)."""
+    param_dtype: FSDP2's compute dtype (bf16 mixed precision) or None (the parameters' own). path=None: random
+    weights at `config`'s shape (nothing is read)."""
+    if path is None:
+        model = empty_model(config, cfg, torch.float32)
+        prepare_for_training(model, cfg, dist)
+        policy = TokenScorer(model)
+        if dist.fsdp:
+            shard_model(policy, list(policy.decoder_layers), dist, param_dtype)
+        materialize(policy, dist.device)
+        random_init_(model)
+        return policy
     if not dist.fsdp:
         from transformers import AutoModelForCausalLM
         try:

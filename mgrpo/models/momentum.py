@@ -66,8 +66,12 @@ class MomentumModel(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
     @abstractmethod
+    def tensors(self) -> list:
+        """The tensors this storage holds itself (none when they live in the optimizer's state)."""
+
     def state_bytes(self) -> int:
         """Bytes of momentum state this rank holds."""
+        return tensor_bytes(self.tensors())
 
     def bytes_per_parameter(self) -> float:
         return self.state_bytes() / max(sum(local_tensor(p).numel() for p in self.policy_params), 1)
@@ -100,5 +104,5 @@ class FP32Momentum(MomentumModel):
         for name, w in zip(self.names, self.weights):
             w.copy_(local_tensor(state["weights"][name]))
 
-    def state_bytes(self) -> int:
-        return tensor_bytes(self.weights)
+    def tensors(self) -> list:
+        return list(self.weights)

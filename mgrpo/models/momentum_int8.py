@@ -79,7 +79,10 @@ class Int8DeltaMomentum(MomentumModel):
                 mine.copy_(saved)
             self.steps = int(state["steps"])
 
+    def tensors(self) -> list:
+        return self.codes + self.scales
+
     def state_bytes(self) -> int:
         if self.optimizer_holds_state:
             return self.fused_optimizer.momentum_state_bytes()
-        return sum(c.numel() + 4 * s.numel() for c, s in zip(self.codes, self.scales))
+        return super().state_bytes()
