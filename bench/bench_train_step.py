@@ -94,11 +94,11 @@ def main():
         memory_line = next((line for line in memory_lines if line.startswith("[memory]")), "")
         # the plan of the same config (mgrpo plan): the trainer's own parts against the measured peak (the engine
         # here is a stand-in: the plan's engine and runtime parts are left out of the comparison)
-        from mgrpo.plan import make_plan
+        from mgrpo.plan import UPDATE, make_plan
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if on_gpu else 80.0
         plan = make_plan(cfg, dist.world_size, memory, on_gpu=on_gpu)
         trainer_parts = [p for p in plan.parts if p.name not in ("vLLM engine", "CUDA runtime and fragmentation")]
-        planned_update = sum(p.update for p in trainer_parts) / 2**30
+        planned_update = max(sum(p.at(phase) for p in trainer_parts) for phase in UPDATE) / 2**30
         row = {**environment(), "shape": args.shape, "world_size": dist.world_size, "prompts_per_rank": args.prompts,
                "group_size": args.group_size, "response_tokens": args.response_tokens,
                "momentum_dtype": args.momentum_dtype, "params_b": round(sum(
