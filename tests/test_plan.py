@@ -109,7 +109,7 @@ def test_train_refuses_a_config_that_does_not_fit_before_loading_weights(qwen3_0
     with pytest.raises(PlanError, match="does not fit.*Would fit with: .*optim.name=adamw8bit.*2 GPUs"):
         check_fits(cfg, 1, 20)
     with pytest.raises(PlanError, match="Would fit with: optim.name=adamw8bit algorithm.momentum_dtype=int8 "
-                                        "model.gradient_checkpointing=true; 4 GPUs"):
+                                        "model.gradient_checkpointing=true; 8 GPUs"):
         check_fits(cfg, 1, 14)          # no single setting: several together
 
 
