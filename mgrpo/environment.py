@@ -12,11 +12,13 @@ session's conftest, a benchmark's main), never as a side effect of importing a l
   the terminal unless verbose, which then shows the project's own lines and progress bar;
 - bitsandbytes, on CPUs with AVX512-BF16, tries to fetch a kernel from the Hugging Face hub at import and logs a
   warning when it cannot (no network, no `kernels` package): kept to errors unless verbose;
-- glibc's malloc returns every block of 1 MiB or more to the system when it is freed (a fixed M_MMAP_THRESHOLD,
-  as MALLOC_MMAP_THRESHOLD_=1048576 would set): by default the threshold rises with each large block freed (up to
-  32 MiB), after which freed activations stay in the heap as fragments the process keeps. Measured at
-  SmolLM2-135M's shape training on this CPU (`mgrpo plan --measure`): 15.3 GiB resident for a 9.8 GiB peak of live
-  tensors by default, 10.1 GiB for 9.6 with the fixed threshold.
+- for a real model (`model.path` set: `mgrpo train`, `mgrpo plan --measure`), glibc's malloc returns every block
+  of 1 MiB or more to the system when it is freed (a fixed M_MMAP_THRESHOLD, as MALLOC_MMAP_THRESHOLD_=1048576
+  would set): by default the threshold rises with each large block freed (up to 32 MiB), after which freed
+  activations stay in the heap as fragments the process keeps. Measured at SmolLM2-135M's shape training on this
+  CPU (`mgrpo plan --measure`): 15.3 GiB resident for a 9.8 GiB peak of live tensors by default, 10.1 GiB for 9.6
+  with the fixed threshold. Not for the embedded default: its activations are small, and the fixed threshold
+  made its steps 15% slower (1.93 s against 1.65 s, bench/bench_step_time.py);
 An explicit environment variable always wins.
 """
 from __future__ import annotations
@@ -29,7 +31,6 @@ import warnings
 
 
 def configure_process(verbose: bool = False) -> None:
-    return_large_blocks_to_the_system()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

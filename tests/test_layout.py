@@ -119,8 +119,8 @@ def test_the_kernels_folder_does_not_shadow_the_kernels_distribution(tmp_path):
 FRAGMENTS = """
 import sys, torch
 if sys.argv[1] == "configured":
-    from mgrpo.environment import configure_process
-    configure_process()
+    from mgrpo.environment import return_large_blocks_to_the_system
+    assert return_large_blocks_to_the_system()
 def resident_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
 freed = torch.ones(1 << 20); del freed          # a 4 MiB block freed: glibc's threshold rises past it
@@ -136,8 +136,8 @@ print(round(resident_mib() - before))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_activations_go_back_to_the_system():
-    """configure_process fixes glibc's mmap threshold: 200 MiB of freed 2 MiB tensors interleaved with live small
-    ones stay resident by default and are returned once configured (mgrpo/environment.py)."""
+    """What `mgrpo train` does for a real model, glibc's mmap threshold fixed: 200 MiB of freed 2 MiB tensors
+    interleaved with live small ones stay resident by default and are returned once it is (mgrpo/environment.py)."""
     def kept(mode):
         env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
         out = subprocess.run([sys.executable, "-c", FRAGMENTS, mode], capture_output=True, text=True, env=env,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
+from ..environment import return_large_blocks_to_the_system
 from ..errors import MgrpoError
 from ..measure import MEASURED_PHASES, measure_phases, planned_for, planned_peak, report
 from ..plan import GIB, print_plan
@@ -21,6 +22,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if not args.measure:
         return print_plan(cfg, args.gpus or 1, args.gpu_memory)
+    if cfg.model.path is not None:
+        return_large_blocks_to_the_system()          # as mgrpo train does for a real model
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1" and cfg.algorithm.momentum_dtype == "int8":
         raise MgrpoError("--measure on a CPU with algorithm.momentum_dtype=int8 runs Triton's interpreter: set "

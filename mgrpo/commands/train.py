@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import load_config
+from ..environment import return_large_blocks_to_the_system
 from ..loop.trainer import train
 
 HELP = "train (no arguments: the embedded tiny default on the built-in task)"
@@ -14,5 +15,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.path is not None:
+        return_large_blocks_to_the_system()          # a real model's activations (mgrpo/environment.py)
     train(cfg)
     return 0
