@@ -86,7 +86,7 @@ EVAL_SETTING_NAMES = {"instruction": "--instruction", "chat_template": "--chat-t
 
 @dataclass
 class EvalRequest:
-    """What `mgrpo eval` was asked (mgrpo/commands/eval.py: the flags); None: the preset's or the run's value."""
+    """What `mgrpo eval` was asked (mgrpo/commands/evaluate.py: the flags); None: the preset's or the run's value."""
     model: str
     data: Optional[list] = None
     all_checkpoints: bool = False
