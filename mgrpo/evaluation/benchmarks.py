@@ -1,4 +1,4 @@
-"""Benchmarks and checkpoint sweeps: what `mgrpo eval` evaluates, and how (mgrpo/commands/eval.py: its arguments).
+"""Benchmarks and checkpoint sweeps: what `mgrpo eval` evaluates, and how (mgrpo/commands/evaluate.py: its arguments).
 
     mgrpo eval MODEL_OR_RUN --data math500=data/math500.jsonl --data aime24=data/aime24.jsonl
     mgrpo eval runs/X                                   # the run's final model on its held-out data
