@@ -39,7 +39,7 @@ from .models.logprobs import TokenScorer, resolve_logprob_impl, triton_can_run
 from .models.momentum import FP32Momentum, MomentumModel
 from .models.momentum_int8 import Int8DeltaMomentum
 from .models.optimizers import make_adamw8bit, make_optimizer
-from .plan import PlanError, check_fits, make_plan
+from .plan import PlanError, check_fits, plan_on_mesh
 from .storage.checkpoint import rng_state, set_rng_state
 
 
@@ -135,7 +135,9 @@ def plan_memory(cfg: TrainConfig, dist: Dist, log=print) -> RolloutConfig:
         return dataclasses.replace(cfg.rollout, gpu_memory_utilization=0.35) \
             if cfg.rollout.gpu_memory_utilization == "auto" else cfg.rollout
     try:
-        plan = check_fits(cfg, dist.world_size, memory) if cfg.plan.check else make_plan(cfg, dist.world_size, memory)
+        per_node = dist.world_size // dist.nodes
+        plan = check_fits(cfg, per_node, memory, nodes=dist.nodes, mesh=dist.mesh) if cfg.plan.check else \
+            plan_on_mesh(cfg, dist.nodes, per_node, memory, dist.mesh)
     except PlanError as e:
         raise TrainingError(str(e)) from None
     if cfg.rollout.gpu_memory_utilization == "auto":

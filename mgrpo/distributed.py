@@ -12,6 +12,11 @@ every rank runs the same loop on its own share of the step's prompts (every prom
 rank: the vote, the filter and the advantages stay local), with FSDP2 (`fully_shard`) sharding the policy
 and the KL reference: each decoder layer, then the root. The process group is nccl on GPUs, gloo on CPUs.
 
+On several nodes (`torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT ...`),
+distributed.mesh picks FSDP2's mesh: hsdp (auto's choice there) is a 2-D mesh, replicate across the N nodes x
+shard over a node's G ranks, so the parameter gathers of every forward and the engines' weight push stay inside a
+node and only the gradients' all-reduce crosses nodes; fsdp shards over all N x G ranks.
+
 The math never sees a rank: the trainer calls `Dist` for the few global quantities (token counts for the
 loss normalisation, the step's metrics) and `full_tensors` to feed the engines one full tensor at a time.
 """
@@ -37,6 +42,11 @@ class Dist:
     device: torch.device = torch.device("cpu")
     fsdp: bool = False
     """The model is sharded by FSDP2 (always under torchrun; on one process for mixed precision)."""
+    nodes: int = 1
+    """Nodes torchrun runs on (WORLD_SIZE / LOCAL_WORLD_SIZE)."""
+    mesh: str = "fsdp"
+    """FSDP2's mesh: fsdp (1-D, shard over every rank) or hsdp (2-D: replicate across nodes, shard within one)."""
+    _device_mesh: object = None
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +88,15 @@ class Dist:
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def device_mesh(self):
+        """FSDP2's device mesh, made once (a mesh makes process groups: every rank must ask for it together)."""
+        if self._device_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+            shape, names = ((self.nodes, self.world_size // self.nodes), ("replicate", "shard")) \
+                if self.mesh == "hsdp" else ((self.world_size,), ("shard",))
+            self._device_mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        return self._device_mesh
+
     def split_evenly(self, items: list) -> list:
         """This rank's share of a list of any length, strided (the first ranks take one more when it does not
         divide)."""
@@ -91,9 +110,26 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
+def node_count() -> int:
+    """Nodes of a torchrun job: its ranks over the ranks per node (torchrun's LOCAL_WORLD_SIZE)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if not local or world % local:
+        return 1
+    return world // local
+
+
+def choose_mesh(mesh: str, nodes: int) -> str:
+    """distributed.mesh resolved: auto = hsdp on more than one node, else fsdp; hsdp on one node is fsdp (a 1 x G
+    mesh replicates nothing)."""
+    if mesh == "auto":
+        return "hsdp" if nodes > 1 else "fsdp"
+    return "fsdp" if nodes == 1 else mesh
+
+
+def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = "auto") -> Dist:
     """The process group when launched by torchrun (reused if one exists), else world size 1. One process in
-    mixed precision (`precision` resolving to bf16) gets a one-rank group on an in-memory store, for FSDP2."""
+    mixed precision (`precision` resolving to bf16) gets a one-rank group on an in-memory store, for FSDP2.
+    `mesh`: distributed.mesh (auto, fsdp or hsdp), resolved by the node count."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
@@ -114,7 +150,9 @@ def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                              device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=True)
+    nodes = node_count()
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=True, nodes=nodes,
+                mesh=choose_mesh(mesh, nodes))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,12 +161,12 @@ def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
 def shard_model(module: torch.nn.Module, decoder_layers: list, dist: Dist,
                 param_dtype: Optional[torch.dtype]) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root `module` (which holds the rest: embedding = tied lm_head,
-    final norm). param_dtype=bf16 on GPUs computes in bf16 from fp32 master shards and reduces gradients in
-    fp32; None (CPU) computes in the parameters' dtype."""
-    from torch.distributed.device_mesh import init_device_mesh
+    final norm), on the run's mesh (a 2-D one is HSDP: sharded within a node, replicated across nodes).
+    param_dtype=bf16 on GPUs computes in bf16 from fp32 master shards and reduces gradients in fp32; None (CPU)
+    computes in the parameters' dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mesh = dist.device_mesh()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in decoder_layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -140,6 +178,14 @@ def shard_model(module: torch.nn.Module, decoder_layers: list, dist: Dist,
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
     return module
+
+
+def reduce_across_nodes(module: torch.nn.Module, dist: Dist, now: bool) -> None:
+    """HSDP: the next backward all-reduces the gradients across nodes only when `now` (the update's last
+    micro-batch). Every backward still reduce-scatters within the node, and FSDP2 accumulates those shards, so
+    the slow inter-node link carries one all-reduce per update, not one per micro-batch."""
+    if dist.fsdp and dist.mesh == "hsdp":
+        module.set_requires_all_reduce(now, recurse=True)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

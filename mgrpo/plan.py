@@ -2,6 +2,7 @@
 
     mgrpo plan --config configs/qwen3_4b_1gpu.yaml --gpus 1 --gpu-memory 80
     mgrpo plan --config configs/qwen3_4b.yaml --gpus 8 --gpu-memory 80 optim.name=adamw8bit
+    mgrpo plan --config configs/qwen3_4b.yaml --nodes 2 --gpus 8 --inter-node-gbps 400
 
 The model is built on the meta device (shapes and names, no storage), so the plan needs only config.json (for
 Qwen3-1.7B, 4B and 8B not even that: their configs are built in). Per GPU, for the two phases of a step:
@@ -17,6 +18,14 @@ the engine, the CUDA runtime; modeled until a GPU measures them, bench/run_gpu.s
 it fits and by how much; the exit status is 0 if it fits, 1 if not, with the settings that would make it fit,
 each checked by planning again with it. `mgrpo train` runs the same plan before any weights load on a GPU
 (plan.check) and refuses a config that does not fit.
+
+On several nodes (--nodes N, --gpus G per node) the table is per GPU under the run's mesh (distributed.mesh, or
+--mesh): fsdp shards every parameter over all N x G ranks, hsdp over the G GPUs of a node (replicated across the
+nodes, so its per-GPU state is the one-node G-GPU plan's). A traffic section then sets the two meshes side by side:
+the bytes per step per rank over the inter-node link and inside a node (the weight pushes, FSDP2's parameter
+gathers, the gradient reduce-scatter and, for hsdp, the gradients' all-reduce across the nodes), and the seconds
+they take at the given bandwidths: modeled (ring collectives, bandwidth only, nothing overlapped with compute).
+The mesh line says which pays: hsdp when it fits and crosses the nodes in less time, else fsdp.
 """
 from __future__ import annotations
 
@@ -102,6 +111,8 @@ class Plan:
     suggestions: list = field(default_factory=list)
     disk_per_checkpoint: int = 0       # bytes of one checkpoint, all ranks together
     disk_final: int = 0                # bytes of the final export (the base model's dtype)
+    replicas: int = 1                  # copies of each shard: the nodes under hsdp, 1 under fsdp (gpus: the shards)
+    mesh: str = "fsdp"                 # fsdp (1-D) or hsdp (replicas x gpus)
 
     def disk_line(self, keep: int) -> str:
         """A run directory's disk needs: keep_checkpoints of them, one more while a save is written (the oldest is
@@ -227,21 +238,24 @@ def int8_delta_bytes(numels: list) -> int:
 
 
 def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
-              shape: Optional["MicroBatchShape"] = None) -> Plan:
+              shape: Optional["MicroBatchShape"] = None, replicas: int = 1) -> Plan:
     """The plan for TrainConfig `cfg` on `gpus` GPUs of `gpu_memory_gib` each, phase by phase (PHASES). on_gpu=False:
     the CPU run's dtypes and head (the PyTorch one, in chunks), no engine or CUDA runtime: what a CPU measurement
     (mgrpo plan --measure) is compared with; its figures then say nothing about a GPU. shape: the micro-batch to
-    plan for (default: a full one, micro_batch_shape)."""
+    plan for (default: a full one, micro_batch_shape). gpus is the shard degree (the GPUs FSDP2 shards each
+    parameter over); replicas: the copies of each shard (hsdp's nodes; plan_on_mesh gives both from a mesh)."""
     if gpu_memory_gib <= 0:
         raise PlanError(f"--gpu-memory {gpu_memory_gib}: must be > 0 GiB")
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: must be >= 1")
+    if replicas < 1:
+        raise PlanError(f"{replicas} replicas: must be >= 1")
     config, label = model_config(cfg.model.path)
     shapes = parameter_shapes(config)
     algo, optim, rollout = cfg.algorithm, cfg.optim, cfg.rollout
     bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and on_gpu)
     compute = 2 if bf16 else 4
-    sharded = gpus > 1 or bf16                   # FSDP2: torchrun, or one process in mixed precision
+    sharded = gpus * replicas > 1 or bf16        # FSDP2: torchrun, or one process in mixed precision
     local = [local_numel(s, gpus) for _, s in shapes]
     total = sum(math.prod(s) for _, s in shapes)
     largest_full, largest_local = max(math.prod(s) for _, s in shapes), max(local)
@@ -330,7 +344,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
     # the engine must hold one whole sequence: the longest prompt (unknown here: 1024 tokens assumed) + response
     max_model_len = rollout.max_model_len or (1024 + max(rollout.max_new_tokens, cfg.eval.max_new_tokens))
     host = (2 * total if rollout.sleep_level == 1 else 0) + 4 * GIB
-    plan = Plan(label, gpus, gpu_memory_gib * GIB, parts, kv_tokens, max_model_len, max_util, host)
+    plan = Plan(label, gpus, gpu_memory_gib * GIB, parts, kv_tokens, max_model_len, max_util, host, replicas=replicas)
     plan.disk_per_checkpoint = checkpoint_bytes(cfg, [math.prod(s) for _, s in shapes], bf16)
     stored = "float32" if cfg.model.path is None else str(getattr(config, "torch_dtype", None) or "bfloat16")
     plan.disk_final = (4 if "float32" in stored else 2) * total          # exported in the base model's dtype
@@ -356,10 +370,16 @@ class MicroBatchShape:
     row: int        # a row's length (the attention's keys per query)
 
 
+def prompt_tokens(cfg) -> int:
+    """A prompt's length as planned: the built-in task's ~100 tokens; for file data unknown: 1024 assumed (as for
+    max_model_len)."""
+    return 100 if cfg.data.source == "builtin:arithmetic" else 1024
+
+
 def micro_batch_shape(cfg, config) -> MicroBatchShape:
-    """A full micro-batch: optim.micro_batch_tokens, its response share from the prompt length (the built-in task's
-    ~100 tokens; for file data unknown: 1024 assumed, as for max_model_len) and max_new_tokens."""
-    prompt = 100 if cfg.data.source == "builtin:arithmetic" else 1024
+    """A full micro-batch: optim.micro_batch_tokens, its response share from the prompt length (prompt_tokens) and
+    max_new_tokens."""
+    prompt = prompt_tokens(cfg)
     response = cfg.rollout.max_new_tokens
     tokens = cfg.optim.micro_batch_tokens
     return MicroBatchShape(tokens, tokens * response // (prompt + response), min(prompt + response, tokens))
@@ -411,10 +431,195 @@ def optimizer_step_bytes(name: str, int8: bool, largest_local: int, on_gpu: bool
     return (2 * 4 * largest_local, "modeled", "torch's single-tensor AdamW on a CPU: temporaries of the largest parameter")
 
 
-def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float) -> Plan:
-    """The settings that would make a plan that does not fit fit, each checked by planning with it."""
+# ---------------------------------------------------------------------------------------------------------
+# Several nodes: the mesh and the traffic
+
+MESHES = ("auto", "fsdp", "hsdp")
+INTER_NODE_GBPS = 400.0      # Gb/s each way per node, shared by its GPUs (e.g. one 400G NIC per node)
+INTRA_NODE_GBPS = 3600.0     # Gb/s each way per GPU: NVLink 4 (H100 SXM: 900 GB/s both ways = 450 GB/s = 3600 Gb/s)
+ALL_REDUCE_EVERY_BACKWARD = False
+"""Under hsdp the trainer has FSDP2 all-reduce the gradients across nodes after the update's last micro-batch only
+(mgrpo.distributed.reduce_across_nodes); every backward still reduce-scatters within the node."""
+
+
+def config_mesh(cfg) -> str:
+    """distributed.mesh of a config (auto where the config has no such setting)."""
+    return getattr(getattr(cfg, "distributed", None), "mesh", "auto")
+
+
+def resolve_mesh(mesh: str, nodes: int) -> str:
+    """fsdp or hsdp: auto = hsdp on more than one node, else fsdp; hsdp on one node is fsdp (a 1 x G mesh
+    replicates nothing), as the trainer resolves distributed.mesh (mgrpo/distributed.py)."""
+    if mesh not in MESHES:
+        raise PlanError(f"--mesh {mesh}: use auto, fsdp or hsdp")
+    if nodes < 1:
+        raise PlanError(f"--nodes {nodes}: must be >= 1")
+    if mesh == "auto":
+        return "hsdp" if nodes > 1 else "fsdp"
+    return "fsdp" if nodes == 1 else mesh
+
+
+def mesh_shape(mesh: str, nodes: int, gpus: int) -> tuple:
+    """(replicas, shard degree) of `gpus` GPUs per node on `nodes` nodes: hsdp (nodes, gpus), fsdp (1, nodes x gpus)."""
+    return (nodes, gpus) if resolve_mesh(mesh, nodes) == "hsdp" else (1, nodes * gpus)
+
+
+def plan_on_mesh(cfg, nodes: int, gpus: int, gpu_memory_gib: float, mesh: str = "auto", on_gpu: bool = True) -> Plan:
+    """make_plan for `nodes` nodes of `gpus` GPUs under `mesh`: per GPU, with the mesh's shard degree (hsdp: a node's
+    GPUs, so its per-GPU state is the one-node plan's; fsdp: every GPU)."""
+    replicas, shard = mesh_shape(mesh, nodes, gpus)
+    plan = make_plan(cfg, shard, gpu_memory_gib, on_gpu, replicas=replicas)
+    plan.mesh = "hsdp" if replicas > 1 else "fsdp"
+    return plan
+
+
+@dataclass
+class Traffic:
+    """One mesh's collectives in one training step, bytes each rank sends (a ring receives as many), split into
+    what crosses the inter-node link and what stays inside a node: modeled (ring algorithms, bandwidth only)."""
+    mesh: str
+    nodes: int
+    gpus: int                   # per node
+    rows: list                  # (name, inter-node bytes, intra-node bytes, note) per rank per step
+    micro_batches: dict         # per rank per step: score, reference, update (forward + backward)
+    prompts_per_rank: int
+    inter_node_gbps: float
+    intra_node_gbps: float
+
+    @property
+    def inter(self) -> float:
+        return sum(r[1] for r in self.rows)
+
+    @property
+    def intra(self) -> float:
+        return sum(r[2] for r in self.rows)
+
+    @property
+    def inter_seconds(self) -> float:
+        """The node's link carries its G ranks' inter-node bytes."""
+        return self.gpus * self.inter / (self.inter_node_gbps * 1e9 / 8)
+
+    @property
+    def intra_seconds(self) -> float:
+        return self.intra / (self.intra_node_gbps * 1e9 / 8)
+
+
+def micro_batch_counts(cfg, world: int) -> tuple:
+    """(prompts per rank, {score, reference, update: micro-batches per rank per step}), modeled: every response
+    max_new_tokens long after a prompt of prompt_tokens, micro_batch_tokens // that many sequences per micro-batch;
+    scoring runs all G responses of a prompt, the reference and the update at most its M policy responses (the IQR
+    filter may drop some), the update once per algorithm.updates_per_batch."""
+    algo = cfg.algorithm
+    prompts = math.ceil(algo.prompts_per_step / world)
+    per_micro_batch = max(1, cfg.optim.micro_batch_tokens // (prompt_tokens(cfg) + cfg.rollout.max_new_tokens))
+    trained = math.ceil(prompts * algo.policy_samples / per_micro_batch)
+    return prompts, dict(score=math.ceil(prompts * algo.group_size / per_micro_batch),
+                         reference=trained if algo.kl_coef > 0 else 0, update=trained * algo.updates_per_batch)
+
+
+def traffic(cfg, shapes: list, nodes: int, gpus: int, mesh: str, inter_node_gbps: float = INTER_NODE_GBPS,
+            intra_node_gbps: float = INTRA_NODE_GBPS, on_gpu: bool = True) -> Traffic:
+    """The bytes each rank moves per step under `mesh` (fsdp or hsdp), for `shapes` (parameter_shapes). A ring
+    all-gather or reduce-scatter over n ranks moves (n - 1) padded shards per rank, an all-reduce of D bytes
+    2 (n - 1) / n D. A group inside a node stays on its links (NVLink); hsdp's replica group (a rank per node) is all
+    inter-node; fsdp's group over every rank is a ring through each node's GPUs that crosses each node's link once
+    per direction: a rank's share of the inter-node bytes is 1/G of what it moves."""
+    mesh = resolve_mesh(mesh, nodes)
+    replicas, shard = mesh_shape(mesh, nodes, gpus)
+    compute = 2 if cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and on_gpu) else 4
+    dtype = "bf16" if compute == 2 else "fp32"
+    algo = cfg.algorithm
+    prompts, counts = micro_batch_counts(cfg, nodes * gpus)
+    root = sum(local_numel(s, shard) for name, s in shapes if _layer_of(name) is None)
+    layers = sum(local_numel(s, shard) for name, s in shapes if _layer_of(name) is not None)
+
+    def shard_group(moved: float) -> tuple:       # (inter, intra) of a collective over the shard group
+        if mesh == "hsdp" or nodes == 1:
+            return 0.0, moved
+        return moved / gpus, moved * (gpus - 1) / gpus
+
+    pushes = 1 + (algo.uses_momentum and algo.momentum_samples > 0)
+    rows = [("weight push", *shard_group(pushes * compute * (shard - 1) * (root + layers)),
+             f"{pushes} x {dtype}: the policy" + (" and the momentum model" if pushes > 1 else "")
+             + ", all-gathered for each rank's engine")]
+    # FSDP2 gathers each layer per forward and again for its backward; the root (embedding, head, norm) once per
+    # update micro-batch (it stays unsharded for the backward) and once for all the no-grad scoring forwards
+    gathered = counts["score"] * layers + root
+    if counts["reference"]:
+        gathered += counts["reference"] * layers + root
+    gathered += counts["update"] * (root + 2 * layers)
+    rows.append(("parameter gathers", *shard_group(compute * (shard - 1) * gathered),
+                 f"{dtype}, per micro-batch: scoring, "
+                 + ("reference, " if counts["reference"] else "") + "update forward + backward"))
+    rows.append(("gradient reduce-scatter", *shard_group(counts["update"] * 4 * (shard - 1) * (root + layers)),
+                 "fp32, after every update micro-batch's backward"))
+    if replicas > 1:
+        reductions = counts["update"] if ALL_REDUCE_EVERY_BACKWARD else algo.updates_per_batch
+        moved = reductions * 2 * (replicas - 1) / replicas * 4 * (root + layers)
+        rows.append(("gradient all-reduce", moved, 0.0,
+                     f"fp32, each rank's 1/{shard} shard across the {replicas} nodes, "
+                     + ("after every backward" if ALL_REDUCE_EVERY_BACKWARD else "once per optimizer step")))
+    else:
+        rows.append(("gradient all-reduce", 0.0, 0.0, "hsdp only"))
+    return Traffic(mesh, nodes, gpus, rows, counts, prompts, inter_node_gbps, intra_node_gbps)
+
+
+def traffic_table(fsdp: Traffic, hsdp: Traffic) -> str:
+    cols = ("fsdp inter", "fsdp intra", "hsdp inter", "hsdp intra")
+    rows = [(f[0], *(f"{v / GIB:.2f}" for v in (f[1], f[2], h[1], h[2])), h[3] if h[0] == "gradient all-reduce"
+             else f[3]) for f, h in zip(fsdp.rows, hsdp.rows)]
+    rows.append(("total", *(f"{v / GIB:.2f}" for v in (fsdp.inter, fsdp.intra, hsdp.inter, hsdp.intra)), ""))
+    rows.append(("seconds per step", *(f"{v:.2f}" for v in (fsdp.inter_seconds, fsdp.intra_seconds,
+                                                            hsdp.inter_seconds, hsdp.intra_seconds)),
+                 f"each link busy: inter-node {fsdp.inter_node_gbps:g} Gb/s per node, shared by its {fsdp.gpus} "
+                 f"GPUs; intra-node {fsdp.intra_node_gbps:g} Gb/s per GPU"))
+    header = ("traffic (GiB per rank per step)", *cols, "")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in [header] + rows)
+
+
+def _why_not(plan: Plan) -> str:
+    if plan.peak > plan.gpu_memory:
+        return f"peak {plan.peak / GIB:.1f} GiB of {plan.gpu_memory / GIB:g} GiB per GPU"
+    return f"the KV cache holds {plan.kv_cache_tokens} tokens, less than one sequence of {plan.max_model_len}"
+
+
+def mesh_verdict(plans: dict, traffics: dict, chosen: str) -> tuple:
+    """(the mesh that pays, a line saying why): hsdp when it fits and its inter-node seconds are fewer, fsdp when hsdp
+    does not fit (its shards are a node's, larger per GPU) or crosses the nodes for longer; each one's peak named."""
+    f, h = plans["fsdp"], plans["hsdp"]
+    ft, ht = traffics["fsdp"].inter_seconds, traffics["hsdp"].inter_seconds
+    peaks = (f"per-GPU peak {h.peak / GIB:.1f} GiB under hsdp ({h.gpus}-way shards), {f.peak / GIB:.1f} GiB under "
+             f"fsdp ({f.gpus}-way), of {f.gpu_memory / GIB:g} GiB")
+    seconds = (f"{ht:.2f} s per step across the nodes under hsdp, {ft:.2f} s under fsdp (modeled at "
+               f"{traffics['fsdp'].inter_node_gbps:g} Gb/s per node)")
+    if not f.fits and not h.fits:
+        return chosen, f"mesh: neither fits: {peaks}"
+    if h.fits and ht < ft:
+        best, line = "hsdp", f"mesh: hsdp pays: {seconds}; {peaks}"
+    elif not h.fits:
+        best, line = "fsdp", (f"mesh: fsdp: hsdp does not fit ({_why_not(h)}: its shards are only {h.gpus}-way, over "
+                              f"a node's GPUs), fsdp's {f.gpus}-way shards peak at {f.peak / GIB:.1f} GiB; {seconds}")
+    else:
+        best, line = "fsdp", f"mesh: fsdp pays: {seconds}; {peaks}"
+    if best != chosen:
+        line += f". This plan is for distributed.mesh={chosen}: set distributed.mesh={best} (or --mesh {best})"
+    return best, line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Suggestions
+
+def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float, nodes: int = 1, mesh: str = "auto") -> Plan:
+    """The settings that would make a plan that does not fit fit, each checked by planning with it (on `nodes`
+    nodes of `gpus` GPUs under `mesh`)."""
     if plan.fits:
         return plan
+
+    def fits(config, per_node: int = gpus, on: str = mesh) -> bool:
+        return plan_on_mesh(config, nodes, per_node, gpu_memory_gib, on).fits
+
     candidates = []
     if cfg.optim.name == "adamw":
         candidates.append(["optim.name=adamw8bit"])
@@ -428,25 +633,30 @@ def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float) -> Plan:
     if cfg.rollout.gpu_memory_utilization != "auto":
         candidates.append(["rollout.gpu_memory_utilization=auto"])
     for overrides in candidates:
-        if make_plan(load_config_from(cfg, overrides), gpus, gpu_memory_gib).fits:
+        if fits(load_config_from(cfg, overrides)):
             plan.suggestions.append(" ".join(overrides))
     if not plan.suggestions:   # no single setting: the fewest of them together, in the order above
         together = []
         for overrides in candidates:
             together += overrides
-            if make_plan(load_config_from(cfg, together), gpus, gpu_memory_gib).fits:
+            if fits(load_config_from(cfg, together)):
                 plan.suggestions.append(" ".join(together))
                 break
+    if resolve_mesh(mesh, nodes) == "hsdp" and fits(cfg, on="fsdp"):
+        plan.suggestions.append(f"distributed.mesh=fsdp (shards over all {nodes * gpus} GPUs)")
     for more in (2, 4, 8):
-        if more > gpus and make_plan(cfg, more, gpu_memory_gib).fits:
-            plan.suggestions.append(f"{more} GPUs (torchrun --nproc_per_node={more})")
+        if more > gpus and fits(cfg, more):
+            plan.suggestions.append(f"{more} GPUs (torchrun --nproc_per_node={more})" if nodes == 1 else
+                                    f"{more} GPUs per node (torchrun --nnodes={nodes} --nproc_per_node={more})")
             break
     return plan
 
 
-def check_fits(cfg, gpus: int, gpu_memory_gib: float) -> Plan:
-    """The plan `mgrpo train` makes before loading weights; a PlanError with the verdict if it does not fit."""
-    plan = with_suggestions(make_plan(cfg, gpus, gpu_memory_gib), cfg, gpus, gpu_memory_gib)
+def check_fits(cfg, gpus: int, gpu_memory_gib: float, nodes: int = 1, mesh: Optional[str] = None) -> Plan:
+    """The plan `mgrpo train` makes before loading weights; a PlanError with the verdict if it does not fit. gpus:
+    per node; mesh: distributed.mesh by default."""
+    mesh = config_mesh(cfg) if mesh is None else mesh
+    plan = with_suggestions(plan_on_mesh(cfg, nodes, gpus, gpu_memory_gib, mesh), cfg, gpus, gpu_memory_gib, nodes, mesh)
     if not plan.fits:
         raise PlanError(f"mgrpo plan: {plan.verdict()}. Run `mgrpo plan` with the same config for the table; "
                         "plan.check=false proceeds anyway")
@@ -456,19 +666,52 @@ def check_fits(cfg, gpus: int, gpu_memory_gib: float) -> Plan:
 # ---------------------------------------------------------------------------------------------------------
 # Printing it
 
-def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None) -> int:
-    """`mgrpo plan` (mgrpo/commands/plan.py: its flags): the table, the host memory, the largest KV share, the
-    verdict; 0 if it fits, 1 if not."""
+def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None, nodes: int = 1, mesh: Optional[str] = None,
+               inter_node_gbps: float = INTER_NODE_GBPS, intra_node_gbps: float = INTRA_NODE_GBPS) -> int:
+    """`mgrpo plan` (mgrpo/commands/plan.py: its flags): the table, the host memory, the largest KV share, on several
+    nodes the traffic of both meshes and the one that pays, the verdict; 0 if it fits, 1 if not. gpus: per node;
+    mesh: distributed.mesh by default."""
+    mesh = config_mesh(cfg) if mesh is None else mesh
+    chosen = resolve_mesh(mesh, nodes)
+    for flag, value in (("--inter-node-gbps", inter_node_gbps), ("--intra-node-gbps", intra_node_gbps)):
+        if not value > 0:
+            raise PlanError(f"{flag} {value:g}: must be > 0 (Gb/s)")
     memory = gpu_memory_gib
     if memory is None:
         memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
-    plan = with_suggestions(make_plan(cfg, gpus, memory), cfg, gpus, memory)
-    print(f"[plan] {plan.model} on {gpus} x {memory:g} GiB (per GPU; computed = exact tensor bytes, "
+    plan = with_suggestions(plan_on_mesh(cfg, nodes, gpus, memory, mesh), cfg, gpus, memory, nodes, mesh)
+    where = f"{gpus} x {memory:g} GiB" if nodes == 1 else (
+        f"{nodes} nodes x {gpus} GPUs x {memory:g} GiB, mesh {chosen} (" + (
+            f"sharded over the {gpus} GPUs of a node, replicated across the {nodes} nodes" if chosen == "hsdp" else
+            f"sharded over all {nodes * gpus} GPUs") + ")")
+    print(f"[plan] {plan.model} on {where} (per GPU; computed = exact tensor bytes, "
           "modeled = an estimate until measured on a GPU)")
     print(plan.table())
     print(f"host memory per rank: {plan.host_per_rank / GIB:.1f} GiB (pinned bf16 weights while vLLM sleeps at "
           "level 1, plus ~4 GiB for the process)")
     print(f"largest rollout.gpu_memory_utilization that fits: {plan.max_gpu_memory_utilization:.2f}")
     print(plan.disk_line(cfg.keep_checkpoints))
+    if nodes > 1:
+        print_traffic(cfg, plan, nodes, gpus, memory, chosen, inter_node_gbps, intra_node_gbps)
     print(plan.verdict())
     return 0 if plan.fits else 1
+
+
+def print_traffic(cfg, plan: Plan, nodes: int, gpus: int, memory: float, chosen: str, inter_node_gbps: float,
+                  intra_node_gbps: float) -> None:
+    """Both meshes' traffic per step side by side, and the line saying which pays."""
+    config, _ = model_config(cfg.model.path)
+    shapes = parameter_shapes(config)
+    plans = {m: plan if m == chosen else plan_on_mesh(cfg, nodes, gpus, memory, m) for m in ("fsdp", "hsdp")}
+    traffics = {m: traffic(cfg, shapes, nodes, gpus, m, inter_node_gbps, intra_node_gbps) for m in ("fsdp", "hsdp")}
+    t = traffics["fsdp"]
+    world, prompts = nodes * gpus, cfg.algorithm.prompts_per_step
+    print(f"traffic per step (modeled: ring collectives, bandwidth only, nothing overlapped with compute; per rank "
+          f"{t.prompts_per_rank} prompt{'s' * (t.prompts_per_rank > 1)}, {t.micro_batches['score']} scoring, {t.micro_batches['reference']} "
+          f"reference and {t.micro_batches['update']} update micro-batches of full-length sequences; intra-node "
+          f"{intra_node_gbps:g} Gb/s per GPU each way assumed: NVLink 4, 450 GB/s):")
+    print(traffic_table(traffics["fsdp"], traffics["hsdp"]))
+    if prompts % world:
+        print(f"note: algorithm.prompts_per_step={prompts} does not split over {world} ranks (mgrpo train refuses it: "
+              f"use a multiple of {world}); the traffic is planned for {t.prompts_per_rank} prompt{'s' * (t.prompts_per_rank > 1)} per rank")
+    print(mesh_verdict(plans, traffics, chosen)[1])

@@ -173,6 +173,43 @@ def wiring(cache, out_dir, momentum_dtype):
             "updates": len(obs.updates)}
 
 
+# Cross-size resume: the run's storages that keep per-rank state, and the one DCP reshards by itself.
+RESHARD_KINDS = {"fp32": ("algorithm.momentum_dtype=fp32",), "int8": ("algorithm.momentum_dtype=int8",),
+                 "adamw8bit": ("algorithm.momentum_dtype=int8", "optim.name=adamw8bit")}
+
+
+def reshard_write(cache, out_dir, kind):
+    """1 of 2 steps, checkpointed; what the checkpoint holds, as full tensors (tests/reshard_check.py)."""
+    from tests.reshard_check import full_state
+    summary = train(config(cache, out_dir, "steps=2", "data.num_eval=0", *RESHARD_KINDS[kind]), log=lambda *a: None,
+                    stop_after_steps=1, engine=scripted(cache))
+    return {"state": full_state(summary), "run_dir": str(out_dir)}
+
+
+def reshard_resume(cache, source, out_dir, kind):
+    """A copy of `source` (a run checkpointed at step 1 by another world size) resumed here: the state as
+    restored (steps=1: nothing to train), then step 2 trained on this world size; the steps logged."""
+    import json
+    import shutil
+
+    from mgrpo.distributed import Dist
+    from tests.reshard_check import full_state
+    dist = init_distributed("cpu")
+    if dist.is_main:
+        shutil.copytree(source, out_dir)
+        shutil.rmtree(Path(out_dir) / "final", ignore_errors=True)
+    Dist.barrier(dist)
+    restored = train(config(cache, out_dir, "steps=1", "resume=true", "data.num_eval=0", *RESHARD_KINDS[kind]),
+                     log=lambda *a: None, engine=scripted(cache))
+    state = full_state(restored)
+    shutil.rmtree(Path(out_dir) / "final", ignore_errors=True) if dist.is_main else None
+    Dist.barrier(dist)
+    train(config(cache, out_dir, "steps=2", "resume=true", "data.num_eval=0", *RESHARD_KINDS[kind]),
+          log=lambda *a: None, engine=scripted(cache))
+    steps = [json.loads(line)["step"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"state": state, "steps": steps}
+
+
 def bad_world_size(cache, out_dir):
     from mgrpo.errors import TrainingError
     try:
@@ -208,6 +245,17 @@ if __name__ == "__main__":
         "wiring_fp32": lambda: wiring(cache, out / "wiring_fp32", "fp32"),
         "wiring_int8": lambda: wiring(cache, out / "wiring_int8", "int8"),
     }
+    one, two = os.environ.get("MGRPO_RESHARD_FROM1"), os.environ.get("MGRPO_RESHARD_FROM2")
+    for kind in RESHARD_KINDS:
+        scenarios[f"reshard_write{dist.world_size}_{kind}"] = \
+            lambda kind=kind: reshard_write(cache, out / f"reshard_write{dist.world_size}_{kind}", kind)
+        if one:          # a checkpoint of one process (tests/test_distributed.py writes it first)
+            scenarios[f"reshard_from1_{kind}"] = \
+                lambda kind=kind: reshard_resume(cache, Path(one) / kind, out / f"reshard_from1_{kind}", kind)
+        if two:
+            scenarios[f"reshard_from2_{kind}"] = \
+                lambda kind=kind: reshard_resume(cache, Path(two) / f"reshard_write2_{kind}",
+                                                 out / f"reshard_from2_{kind}", kind)
     for name, scenario in scenarios.items():
         if not only or name in only:
             save(name, scenario)

@@ -3,6 +3,8 @@
 One torchrun job runs every 2-rank scenario once (module fixture); the 1-rank references run in this process.
 """
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +12,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_worker import config, fused_through_fsdp, one_update
+from tests.distributed_worker import (
+    RESHARD_KINDS,
+    config,
+    fused_through_fsdp,
+    one_update,
+    reshard_resume,
+    reshard_write,
+)
+from tests.reshard_check import compare
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(*args, timeout=1200):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+def torchrun(*args, timeout=1200, ranks=2, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_cache, tmp_path_factory):
+def one_rank_checkpoints(tiny_cache, tmp_path_factory):
+    """Runs of one process checkpointed at step 1 of 2 (one per storage kind), for the 2-rank job to resume."""
+    out = tmp_path_factory.mktemp("one-rank-checkpoints")
+    return out, {kind: reshard_write(tiny_cache, out / kind, kind)["state"] for kind in RESHARD_KINDS}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_cache, tmp_path_factory, one_rank_checkpoints):
     out = tmp_path_factory.mktemp("two-ranks")
-    torchrun("-m", "tests.distributed_worker", tiny_cache, out)
+    torchrun("-m", "tests.distributed_worker", tiny_cache, out, env={"MGRPO_RESHARD_FROM1": str(one_rank_checkpoints[0])})
 
     def load(name):
         return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -277,13 +294,87 @@ def test_world_size_must_divide_prompts_per_step(two_ranks):
         assert not got["run_dir_created"]      # refused before anything was written or loaded
 
 
-def test_resume_on_another_world_size_is_refused(two_ranks, tiny_cache):
-    from mgrpo.loop.trainer import train
-    from mgrpo.storage.run_dir import RunDirError
-    load, _ = two_ranks
-    run_dir = load("resume")[0]["run_dir"]
-    with pytest.raises(RunDirError, match="written by 2 rank"):
-        train(config(tiny_cache, run_dir, "steps=2", "resume=true"), log=lambda *a: None)
+@pytest.fixture(scope="module")
+def four_ranks(tiny_cache, tmp_path_factory, two_ranks):
+    """4 ranks: the 2-rank checkpoints resumed, and checkpoints of 4 written (for one process to resume)."""
+    _, two = two_ranks
+    out = tmp_path_factory.mktemp("four-ranks")
+    scenarios = [f"{s}_{kind}" for kind in PER_RANK_KINDS for s in ("reshard_from2", "reshard_write4")]
+    torchrun("-m", "tests.distributed_worker", tiny_cache, out, ranks=4,
+             env={"MGRPO_RESHARD_FROM2": str(two), "MGRPO_SCENARIOS": ",".join(scenarios)})
+    return lambda name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(4)], out
+
+
+# fp32 + torch's AdamW is resharded by DCP alone (checked 1 <-> 2); the per-rank states in every direction
+PER_RANK_KINDS = ("int8", "adamw8bit")
+RESHARD_CASES = [(sizes, kind) for kind in RESHARD_KINDS for sizes in ("1->2", "2->1", "2->4", "4->1")
+                 if kind in PER_RANK_KINDS or sizes in ("1->2", "2->1")]
+
+
+@pytest.mark.parametrize("sizes,kind", RESHARD_CASES)
+def test_resume_on_another_world_size(tiny_cache, tmp_path, one_rank_checkpoints, two_ranks, four_ranks, sizes, kind):
+    """A checkpoint written by N ranks resumes on M: the policy, the momentum model (fp32, or the int8 delta and its
+    scales), the optimizer's state (torch's AdamW, the fused int8 AdamW's moments, bitsandbytes' 8-bit moments) as
+    they were saved, element for element (within half a code step where an 8-bit block was requantized because
+    the shard boundaries moved); then the next step trains there and every step is logged once."""
+    load2, two = two_ranks
+    load4, four = four_ranks
+    saved = {"1": lambda: one_rank_checkpoints[1][kind], "2": lambda: load2(f"reshard_write2_{kind}")[0]["state"],
+             "4": lambda: load4(f"reshard_write4_{kind}")[0]["state"]}
+    source, target = sizes.split("->")
+    if target == "1":
+        run = (two if source == "2" else four) / f"reshard_write{source}_{kind}"
+        results = [reshard_resume(tiny_cache, run, tmp_path / "resumed", kind)]
+    else:
+        results = load2(f"reshard_from1_{kind}") if target == "2" else load4(f"reshard_from2_{kind}")
+    for got in results:
+        assert compare(got["state"], saved[source](), kind != "fp32", kind == "adamw8bit") == []
+        assert got["steps"] == [1, 2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_like_two_ranks_on_one_node(tiny_cache, tmp_path):
+    """torchrun --nnodes 2 --nproc_per_node 1 on localhost (two launchers, --node_rank 0 and 1, c10d rendezvous,
+    gloo): distributed.mesh=auto makes it HSDP (replicated across the 2 nodes, a shard of 1 within each), and
+    it trains to the end as FSDP over 2 ranks of one node does: the same rewards, gradient norms and weights
+    (tolerance 1e-6: the same sums of two ranks' gradients, reduced by an all-reduce instead of a reduce-scatter)."""
+    train_args = ["-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150",
+                  "warm_start.batch_size=16", "steps=3", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
+                  "rollout.max_new_tokens=48", "data.num_eval=4", "eval.k=2", "progress=false", "rollout.engine=hf"]
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", *train_args,
+         f"run_dir={tmp_path / 'nodes'}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "[distributed] 2 nodes x 1 ranks, mesh hsdp" in "".join(logs)
+    torchrun(*train_args, f"run_dir={tmp_path / 'one-node'}")
+
+    def steps(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    nodes, one_node = steps("nodes"), steps("one-node")
+    assert [r["step"] for r in nodes] == [r["step"] for r in one_node] == [0, 1, 2, 3, 3]
+    assert any(r.get("grad_norm", 0) > 0 for r in nodes)
+    for a, b in zip(nodes, one_node):
+        for key in ("reward", "majority_ratio", "eval/greedy", "eval/maj@k"):
+            assert a.get(key) == b.get(key), key
+        for key in ("grad_norm", "loss", "entropy"):
+            assert (key in a) == (key in b), key
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    from safetensors.torch import load_file
+    w_nodes, w_one = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("nodes", "one-node"))
+    # (the tied lm_head.weight is written by one export and deduplicated by the other: both load the same model)
+    assert set(w_nodes) - {"lm_head.weight"} == set(w_one) - {"lm_head.weight"}
+    for name, w in w_nodes.items():
+        torch.testing.assert_close(w, w_one[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_torchrun_cli_trains_to_the_end_in_bf16(tiny_cache, tmp_path):

@@ -1,12 +1,14 @@
 """`mgrpo plan`: the computed parts against the exact bytes the trainer allocates (tiny and Qwen3-0.6B-shaped
-models, 1 and 2 CPU ranks), the fit verdict and its suggestions, the one-GPU config, and bad input."""
+models, 1 and 2 CPU ranks), the fit verdict and its suggestions, the one-GPU config, several nodes (the mesh's shard
+degree, both meshes' traffic against a hand count, which mesh pays), and bad input."""
 import json
+import math
 
 import pytest
 
 from mgrpo.commands import main as cli
 from mgrpo.config import load_config
-from mgrpo.plan import GIB, PlanError, check_fits, make_plan
+from mgrpo.plan import GIB, PHASES, PlanError, check_fits, make_plan, parameter_shapes, plan_on_mesh, traffic
 from tests.real_models import save_qwen3_06b
 
 pytestmark = pytest.mark.slow
@@ -122,6 +124,119 @@ def test_bad_input(tmp_path, capsys):
     assert cli(["plan", "--gpu-memory", "0"]) == 1
     assert "--gpu-memory 0" in capsys.readouterr().err
     assert cli(["plan", "rollout.gpu_memory_utilization=lots"]) == 1
+    capsys.readouterr()
+    for args, says in ((["--nodes", "0"], "--nodes 0: must be >= 1"), (["--mesh", "bad"], "--mesh bad: use auto"),
+                       (["--nodes", "2", "--inter-node-gbps", "-400"], "--inter-node-gbps -400: must be > 0"),
+                       (["--intra-node-gbps", "0"], "--intra-node-gbps 0: must be > 0")):
+        assert cli(["plan", *args]) == 1, args
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several nodes: the mesh's shard degree, the traffic of both meshes, which pays
+
+def test_one_node_plans_and_prints_as_before(capsys):
+    """--nodes 1 (whatever --mesh or bandwidth) is the plan and the output there were before meshes: the 8-GPU
+    config's phase totals as printed then, and no traffic section."""
+    cfg = load_config("configs/qwen3_4b.yaml")
+    before = make_plan(cfg, 8, 80)
+    assert [round(before.phase(ph) / GIB, 2) for ph in PHASES] == [37.45, 38.90, 12.37, 21.37, 17.84, 11.83]
+    for mesh in ("auto", "fsdp", "hsdp"):
+        plan = plan_on_mesh(cfg, 1, 8, 80, mesh)
+        assert (plan.gpus, plan.replicas, plan.mesh) == (8, 1, "fsdp")
+        assert [(p.name, p.bytes, p.note) for p in plan.parts] == [(p.name, p.bytes, p.note) for p in before.parts]
+    assert cli(["plan", "--config", "configs/qwen3_4b.yaml", "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert cli(["plan", "--config", "configs/qwen3_4b.yaml", "--gpus", "8", "--gpu-memory", "80", "--nodes", "1",
+                "--mesh", "hsdp", "--inter-node-gbps", "1", "distributed.mesh=hsdp"]) == 0
+    assert capsys.readouterr().out == out
+    assert out.startswith("[plan] Qwen/Qwen3-4B-Base (built-in qwen3-4b config) on 8 x 80 GiB (per GPU;")
+    assert "traffic" not in out and "mesh" not in out and len(out.strip().splitlines()) == 20
+
+
+def test_hsdp_holds_per_gpu_what_one_node_does(capsys):
+    """hsdp on 2 nodes x 8 GPUs shards within a node: every part per GPU is the one-node 8-GPU plan's; fsdp over all
+    16 holds less."""
+    cfg = load_config("configs/qwen3_4b.yaml")
+    one_node, hsdp, fsdp = make_plan(cfg, 8, 80), plan_on_mesh(cfg, 2, 8, 80, "hsdp"), plan_on_mesh(cfg, 2, 8, 80, "fsdp")
+    assert (hsdp.gpus, hsdp.replicas, fsdp.gpus, fsdp.replicas) == (8, 2, 16, 1)
+    assert [(p.name, p.bytes) for p in hsdp.parts] == [(p.name, p.bytes) for p in one_node.parts]
+    assert hsdp.peak == one_node.peak > fsdp.peak
+    assert fsdp.bytes_of("master weights (fp32)") == pytest.approx(hsdp.bytes_of("master weights (fp32)") / 2,
+                                                                   rel=0.01)
+    assert plan_on_mesh(cfg, 2, 8, 80, "auto").peak == hsdp.peak           # auto: hsdp on more than one node
+    # the table follows distributed.mesh, and --mesh overrides it
+    assert cli(["plan", "--config", "configs/qwen3_4b.yaml", "--nodes", "2", "--gpus", "8", "--gpu-memory", "80",
+                "--mesh", "fsdp", "distributed.mesh=hsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes x 8 GPUs x 80 GiB, mesh fsdp (sharded over all 16 GPUs)" in out.splitlines()[0]
+    assert f"fits: peak {fsdp.peak / GIB:.1f} GiB" in out.splitlines()[-1]
+
+
+QWEN3_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True,
+                   max_position_embeddings=512)
+
+
+def test_traffic_matches_a_hand_count(tmp_path):
+    """2 nodes x 8 GPUs, a model whose every dim 0 divides by 16 (no padding), counted by hand: 1 prompt per rank,
+    G = 8 responses (M = 6 from the policy) of 100 + 28 tokens, 2 per 256-token micro-batch: 4 scoring, 3 reference,
+    3 update micro-batches per rank."""
+    from transformers import Qwen3Config
+    Qwen3Config(**QWEN3_SMALL).save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.path={tmp_path}", "algorithm.prompts_per_step=16", "algorithm.group_size=8",
+                             "algorithm.momentum_samples=2", "rollout.max_new_tokens=28", "optim.micro_batch_tokens=256"])
+    H, I, V, q, kv = 64, 128, 256, 4 * 16, 2 * 16
+    layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H + 2 * 16      # attention, MLP, 2 norms, q/k norms
+    root = V * H + H                                                     # tied embedding = head, final norm
+    P, layers = root + 2 * layer, 2 * layer
+    assert sum(math.prod(s) for _, s in parameter_shapes(Qwen3Config(**QWEN3_SMALL))) == P == 90_496
+    N, G, W = 2, 8, 16
+    fsdp = traffic(cfg, parameter_shapes(Qwen3Config(**QWEN3_SMALL)), N, G, "fsdp", 400, 3600)
+    hsdp = traffic(cfg, parameter_shapes(Qwen3Config(**QWEN3_SMALL)), N, G, "hsdp", 400, 3600)
+    assert fsdp.micro_batches == hsdp.micro_batches == dict(score=4, reference=3, update=3)
+    push = 2 * 2 * P                                       # policy and momentum model, bf16, full size
+    gathered = 2 * ((4 * layers + root) + (3 * layers + root) + 3 * (root + 2 * layers))   # bf16
+    grads = 3 * 4 * P                                      # one fp32 reduce-scatter per update backward
+    # fsdp: rings over all 16 ranks, each moving 15/16 of the tensor per rank; 1/8 of it on the node's link
+    expect = {"weight push": push, "parameter gathers": gathered, "gradient reduce-scatter": grads}
+    for name, inter, intra, _ in fsdp.rows:
+        full = expect.get(name, 0) * (W - 1) / W
+        assert (inter, intra) == (pytest.approx(full / G), pytest.approx(full * (G - 1) / G)), name
+    # hsdp: the same inside a node (8-way rings), and each rank's 1/8 fp32 gradient shard all-reduced across the 2
+    # nodes once per update (after its last backward): 2 (N - 1) / N of it per rank, all over the inter-node link
+    for name, inter, intra, _ in hsdp.rows:
+        if name == "gradient all-reduce":
+            assert (inter, intra) == (pytest.approx(2 * (N - 1) / N * 4 * P / G), 0)
+        else:
+            assert (inter, intra) == (0, pytest.approx(expect[name] * (G - 1) / G)), name
+    assert hsdp.inter == pytest.approx(4 * P / G)
+    assert hsdp.inter_seconds == pytest.approx(G * 4 * P / G / 50e9)            # 400 Gb/s = 50 GB/s per node
+    assert fsdp.inter_seconds == pytest.approx((push + gathered + grads) * 15 / 16 / 50e9)
+    assert hsdp.intra_seconds == pytest.approx((push + gathered + grads) * 7 / 8 / 450e9)   # 3600 Gb/s per GPU
+
+
+def test_hsdp_pays_on_two_nodes_and_fsdp_where_only_its_shards_fit(capsys):
+    """Qwen3-4B on 2 x 8 GPUs at 400 Gb/s: hsdp keeps the gathers and pushes on NVLink and fits 80 GiB; at 20 GiB
+    (the engine's share auto) only fsdp's 16-way shards fit."""
+    base, per_rank = ["plan", "--config", "configs/qwen3_4b.yaml", "--nodes", "2", "--gpus", "8",
+                      "--inter-node-gbps", "400"], "algorithm.prompts_per_step=16"
+    assert cli([*base, "--gpu-memory", "80", per_rank]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("mesh: hsdp pays: ") and "This plan is for" not in lines[-2]
+    assert "per-GPU peak 38.9 GiB under hsdp (8-way shards), 35.2 GiB under fsdp (16-way)" in lines[-2]
+    seconds = lines[[i for i, line in enumerate(lines) if line.startswith("seconds per step")][0]].split()[3:7]
+    fsdp_inter, hsdp_inter = float(seconds[0]), float(seconds[2])
+    assert hsdp_inter < fsdp_inter / 2 and f"{hsdp_inter:.2f} s per step across the nodes under hsdp" in lines[-2]
+    assert cli([*base, "--gpu-memory", "20", per_rank, "rollout.gpu_memory_utilization=auto"]) == 1   # auto: hsdp
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("mesh: fsdp: hsdp does not fit (peak 21.4 GiB of 20 GiB per GPU")
+    assert "fsdp's 16-way shards peak at 19.8 GiB" in lines[-2] and "set distributed.mesh=fsdp" in lines[-2]
+    assert lines[-1].startswith("does not fit") and "distributed.mesh=fsdp" in lines[-1]
+    assert cli([*base, "--gpu-memory", "20", "--mesh", "fsdp", per_rank, "rollout.gpu_memory_utilization=auto"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("mesh: fsdp: hsdp does not fit") and "This plan is for" not in lines[-2]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
     mgrpo train [--config FILE] [key.sub=value ...]     train (no arguments: the embedded default)
     mgrpo eval MODEL_OR_RUN [--data [PRESET=]SOURCE ...] [--all-checkpoints] ...
     mgrpo compare [--preset short|default|long] [--seeds N|A-B|A,B] ...   SRT vs M-GRPO vs M-GRPO without IQR
-    mgrpo plan [--config FILE] [--gpus N] [--gpu-memory GIB] [key=value ...]   will it fit? (exit 1 if not)
+    mgrpo plan [--config FILE] [--gpus G] [--nodes N] [--gpu-memory GIB] [key=value ...]   will it fit? (exit 1 if not)
     mgrpo plot RUN_DIR
 
-Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`).
+Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`); on several nodes
+`torchrun --nnodes N ... --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m mgrpo train ...` (README, "Many nodes").
+`mgrpo train` exits 75 when SIGTERM or SIGUSR1 stopped it after a checkpoint (resume=true continues).
 An error the user can fix (mgrpo.errors.MgrpoError: a setting, a file, a run directory, the disk) prints one line,
 `mgrpo <command>: error: ...`, and exits 1; anything else is a bug and keeps its traceback.
 """

@@ -1,4 +1,5 @@
 """`mgrpo plan`: every part's GPU memory for a config, phase by phase, and whether it fits (exit 1 if not);
+`--nodes N --gpus G`: under the run's mesh, with fsdp's and hsdp's traffic per step side by side and which pays;
 `--measure`: the phases run on this machine and measured against the plan (mgrpo/measure.py)."""
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ from ..config import load_config
 from ..environment import return_large_blocks_to_the_system
 from ..errors import MgrpoError
 from ..measure import MEASURED_PHASES, measure_phases, planned_for, planned_peak, report
-from ..plan import GIB, print_plan
+from ..plan import GIB, INTER_NODE_GBPS, INTRA_NODE_GBPS, print_plan
 
 HELP = "every part's GPU memory for a config, and whether it fits (exit 1 if not); --measure: measured against it"
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    gpus = 1 if args.gpus is None else args.gpus
     if not args.measure:
-        return print_plan(cfg, args.gpus or 1, args.gpu_memory)
+        return print_plan(cfg, gpus, args.gpu_memory, args.nodes, args.mesh, args.inter_node_gbps, args.intra_node_gbps)
+    if args.nodes != 1:
+        raise MgrpoError(f"--nodes {args.nodes} with --measure: the measurement runs on this machine (plan "
+                         "several nodes without --measure)")
     if cfg.model.path is not None:
         return_large_blocks_to_the_system()          # as mgrpo train does for a real model
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -64,7 +69,17 @@ def measurement_world() -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config (e.g. configs/qwen3_4b_1gpu.yaml)")
-    parser.add_argument("--gpus", type=int, help="GPUs (ranks) the run uses (default 1)")
+    parser.add_argument("--gpus", type=int, help="GPUs (ranks) the run uses, per node (default 1)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="nodes of --gpus GPUs each (default 1); more than one adds both meshes' traffic per step "
+                             "and which mesh pays")
+    parser.add_argument("--mesh", help="FSDP2's device mesh to plan the memory for: auto (hsdp on several nodes), fsdp "
+                                       "(sharded over every GPU) or hsdp (sharded within a node, replicated across "
+                                       "nodes); default: the config's distributed.mesh")
+    parser.add_argument("--inter-node-gbps", type=float, default=INTER_NODE_GBPS,
+                        help=f"the inter-node link, Gb/s per node shared by its GPUs (default {INTER_NODE_GBPS:g})")
+    parser.add_argument("--intra-node-gbps", type=float, default=INTRA_NODE_GBPS,
+                        help=f"a GPU's intra-node link, Gb/s each way (default {INTRA_NODE_GBPS:g}: NVLink 4)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this machine's GPU, else 80)")
     parser.add_argument("--measure", action="store_true",
                         help="run setup and --steps training steps here (random weights at the config's shape, "

@@ -24,7 +24,7 @@ import torch
 from .. import algorithm as alg
 from ..answers import answers_equivalent, extract_answer
 from ..config import AlgorithmConfig, EvalConfig
-from ..distributed import Dist, full_tensors, local_tensor
+from ..distributed import Dist, full_tensors, local_tensor, reduce_across_nodes
 from ..engines.base import RolloutEngine, SamplingParams
 from ..evaluation.harness import evaluate
 from ..models.batching import Sequences, dummy_micro_batch, micro_batches, resolve_layout
@@ -230,7 +230,9 @@ def policy_gradients(policy: TokenScorer, batch: TrainingBatch, ref_logp: Option
     which only pulls towards the reference where there is nothing to learn, goes with it."""
     device, result = scoring.dist.device, Gradients()
     loss_sum = kl_sum = 0.0
-    for mb in synced_micro_batches(batch.sequences, scoring):
+    micro = synced_micro_batches(batch.sequences, scoring)
+    for i, mb in enumerate(micro):
+        reduce_across_nodes(policy, scoring.dist, i == len(micro) - 1)
         b, l = mb.seq_index, mb.seq_pos                                                      # [N], [N]
         real = mb.targets.numel() > 0
         result.micro_batches += int(real)

@@ -39,12 +39,36 @@ from ..engines.base import RolloutEngine, SamplingParams, sampling_seed
 from ..errors import TrainingError
 from ..evaluation.harness import figures_line, no_answer_warning
 from ..metrics import CollapseMonitor, MetricsLogger, StageTimes, format_metrics_line, peak_memory_gib
-from ..storage.checkpoint import (check_resumable, checkpoint_state, export_policy, prepare_run_dir, restore,
-                                  resume_settings, save_checkpoint)
+from ..storage.checkpoint import (
+    check_resumable,
+    checkpoint_state,
+    export_policy,
+    prepare_run_dir,
+    restore,
+    resume_settings,
+    rng_state,
+    save_checkpoint,
+)
 from ..storage.run_dir import RunDirLock
+from .preemption import Preempted, PreemptionWatch, StepAbandoned, clear_marker, write_marker
 from .records import eval_metrics, no_answer_settings, padding_figures, rollout_rows, step_record, write_rollouts
-from .stages import (Assignment, Gradients, RolloutBatch, ScoredBatch, Scoring, Step, assign_rewards, momentum_update,
-                     optimizer_step, policy_gradients, reference_logprobs, rollout, score, training_batch, validate)
+from .stages import (
+    Assignment,
+    Gradients,
+    RolloutBatch,
+    ScoredBatch,
+    Scoring,
+    Step,
+    assign_rewards,
+    momentum_update,
+    optimizer_step,
+    policy_gradients,
+    reference_logprobs,
+    rollout,
+    score,
+    training_batch,
+    validate,
+)
 
 
 @dataclass
@@ -63,8 +87,11 @@ def scoring_for(cfg: TrainConfig, parts: Parts, dist: Dist) -> Scoring:
                    parts.tokenizer.pad_token_id, cfg.rollout.temperature, parts.impl, dist)
 
 
-def train_step(parts: Parts, scoring: Scoring, cfg: TrainConfig, step: int, times: StageTimes) -> StepOutcome:
-    """One step of M-GRPO (SRT without a momentum model) on the stream's next prompts (this rank's share)."""
+def train_step(parts: Parts, scoring: Scoring, cfg: TrainConfig, step: int, times: StageTimes,
+               preempted=lambda: False) -> StepOutcome:
+    """One step of M-GRPO (SRT without a momentum model) on the stream's next prompts (this rank's share).
+    preempted: a collective asked once the rewards are known; True abandons the step (StepAbandoned) before
+    anything is updated."""
     algo, dist, models = cfg.algorithm, scoring.dist, parts.models
     share = algo.prompts_per_step // dist.world_size
     problems = parts.stream.next_batch(algo.prompts_per_step)[dist.rank * share:(dist.rank + 1) * share]
@@ -78,6 +105,8 @@ def train_step(parts: Parts, scoring: Scoring, cfg: TrainConfig, step: int, time
         scored = score(models.policy, batch, scoring)                                                           # 2
     with times("rewards"):
         assigned = assign_rewards(batch, scored.trajectory_entropy, algo, cfg.data.answer_format)               # 3
+    if preempted():                                     # nothing updated yet: the step can be redone from its start
+        raise StepAbandoned
     trained = training_batch(scored, assigned, dist)
     ref_logp = None
     if models.reference is not None:
@@ -109,7 +138,7 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     stop_after_steps ends this invocation early (as an interruption would), leaving a resumable checkpoint.
     engine replaces the rollout engine (tests inject fixed rollouts).
     """
-    dist = init_distributed(cfg.device, cfg.model.precision)
+    dist = init_distributed(cfg.device, cfg.model.precision, cfg.distributed.mesh)
     if cfg.algorithm.prompts_per_step % dist.world_size:
         raise TrainingError(f"algorithm.prompts_per_step={cfg.algorithm.prompts_per_step} does not split over "
                             f"{dist.world_size} ranks (every prompt's group stays on one rank): make it a multiple "
@@ -142,8 +171,9 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
            engine: Optional[RolloutEngine]) -> dict:
     algo = cfg.algorithm
     resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist, cfg.resume_from, log)
+    written_by = None
     if resume_from is not None:
-        check_resumable(resume_from, dist, resume_settings(cfg))          # before loading any model
+        written_by = check_resumable(resume_from, dist, resume_settings(cfg))["world_size"]   # before any model
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     parts = setup(cfg, dist, log, engine)
@@ -162,7 +192,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
         parts.stream.position = trainer["data_position"]
         start_step, nonfinite_in_a_row = trainer["step"], trainer["nonfinite_in_a_row"]
         before, monitor_state = trainer.get("before"), trainer.get("monitor")
-        log(f"[resume] from {resume_from} at step {start_step}")
+        log(f"[resume] from {resume_from} at step {start_step}" + (
+            f" (written by {written_by} ranks, resharded to {dist.world_size})" if written_by != dist.world_size else ""))
     else:
         before = held_out_figures()
         if before is not None:
@@ -182,50 +213,77 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
         progress = tqdm(total=cfg.steps, initial=start_step, desc="M-GRPO" if algo.uses_momentum else "SRT",
                         dynamic_ncols=True)
     say = progress.write if progress is not None else log
-    for step in range(start_step, end_step):
-        t_step = time.perf_counter()
-        out = train_step(parts, scoring, cfg, step, times)                                              # 1-7
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if out.step.skipped else 0
-        if nonfinite_in_a_row >= algo.max_nonfinite_in_a_row:
-            raise TrainingError(f"the loss was not finite in {nonfinite_in_a_row} steps in a row (last at step "
-                                f"{step + 1}): lower optim.lr, raise optim.max_grad_norm clipping, or check the data")
+    if dist.nodes > 1 and start_step == 0:
+        log(f"[distributed] {dist.nodes} nodes x {dist.world_size // dist.nodes} ranks, mesh {dist.mesh}")
+    if dist.is_main:
+        clear_marker(run_dir)
 
-        record = step_record(out.batch, out.scored, out.assigned, out.gradients, out.step,              # metrics
-                             optimization.scheduler.get_last_lr()[0], out.padding, times.pop(), out.rollout_time,
-                             peak_memory_gib(dist.device), time.perf_counter() - t_step, algo, dist)
-        if cfg.rollouts_every and (step + 1) % cfg.rollouts_every == 0:
-            write_rollouts(run_dir, step + 1, rollout_rows(out.batch, out.scored.trajectory_entropy, out.assigned,
-                                                           algo.group_size, algo.policy_samples), dist)
-        record.update(monitor.observe(step + 1, record))
-        if record["no_answer_frac"] > 0.5 and not warned_no_answer:
-            warned_no_answer = True
-            say(no_answer_warning(f"step {step + 1}", record["no_answer_frac"], out.assigned.no_answer_example or "",
-                                  record["no_answer_cut_frac"], cfg.data.answer_format, no_answer_settings()))
-        if step == start_step and resume_from is None:
-            log(memory_report(parts, dist.device))
-        if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0 and step + 1 < cfg.steps:
-            with times("validation"):                                                                  # validation
-                figures = held_out_figures()
-            if figures is not None:
-                record.update(eval_metrics(figures, cfg.eval.k))
-            record.update(times.pop())
+    def checkpoint(steps_done: int, data_position: int, nonfinite: int, rng=None) -> Path:
+        trainer = {"step": steps_done, "data_position": data_position, "nonfinite_in_a_row": nonfinite,
+                   "before": before, "monitor": monitor.state()}
+        return save_checkpoint(run_dir, steps_done, checkpoint_state(models, optimization, dist, algo.kl_reference, rng),
+                               {"base_model": parts.base_model, "trainer": trainer, "settings": resume_settings(cfg)},
+                               cfg.keep_checkpoints, dist, log=say)
+
+    def stop_for(watch: PreemptionWatch, steps_done: int, saved: Path):
+        if dist.is_main:
+            write_marker(run_dir, watch.signal_name, steps_done, saved)
+        dist.barrier()                       # no rank exits (and has torchrun stop the others) before the marker
         if metrics is not None:
-            metrics.log(step + 1, record)
+            metrics.close()
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(reward=f"{record['reward']:.2f}", maj=f"{record['majority_ratio']:.2f}",
-                                 ent=f"{record['entropy']:.2f}")
-        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            say(format_metrics_line(step + 1, cfg.steps, record))
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:                # checkpoint
-            trainer = {"step": step + 1, "data_position": parts.stream.position,
-                       "nonfinite_in_a_row": nonfinite_in_a_row, "before": before, "monitor": monitor.state()}
-            save_checkpoint(run_dir, step + 1, checkpoint_state(models, optimization, dist, algo.kl_reference),
-                            {"base_model": parts.base_model, "trainer": trainer, "settings": resume_settings(cfg)},
-                            cfg.keep_checkpoints, dist, log=say)
-        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
-            export_policy(models.policy, parts.tokenizer, parts.export_dtype, dist,
-                          run_dir / "snapshots" / f"step_{step + 1:06d}")
+            progress.close()
+        say(f"[preempted] {watch.signal_name}: checkpoint {saved} ({steps_done} steps); continue with resume=true")
+        return Preempted(watch.signal_name, steps_done, saved)
+
+    with PreemptionWatch(dist) as watch:
+        for step in range(start_step, end_step):
+            t_step = time.perf_counter()
+            position, rng_at_start = parts.stream.position, rng_state()      # what an abandoned step restarts from
+            try:
+                out = train_step(parts, scoring, cfg, step, times, watch.requested)                       # 1-7
+            except StepAbandoned:
+                raise stop_for(watch, step, checkpoint(step, position, nonfinite_in_a_row, rng_at_start)) from None
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if out.step.skipped else 0
+            if nonfinite_in_a_row >= algo.max_nonfinite_in_a_row:
+                raise TrainingError(f"the loss was not finite in {nonfinite_in_a_row} steps in a row (last at step "
+                                    f"{step + 1}): lower optim.lr, raise optim.max_grad_norm clipping, or check the data")
+
+            record = step_record(out.batch, out.scored, out.assigned, out.gradients, out.step,              # metrics
+                                 optimization.scheduler.get_last_lr()[0], out.padding, times.pop(), out.rollout_time,
+                                 peak_memory_gib(dist.device), time.perf_counter() - t_step, algo, dist)
+            if cfg.rollouts_every and (step + 1) % cfg.rollouts_every == 0:
+                write_rollouts(run_dir, step + 1, rollout_rows(out.batch, out.scored.trajectory_entropy, out.assigned,
+                                                               algo.group_size, algo.policy_samples), dist)
+            record.update(monitor.observe(step + 1, record))
+            if record["no_answer_frac"] > 0.5 and not warned_no_answer:
+                warned_no_answer = True
+                say(no_answer_warning(f"step {step + 1}", record["no_answer_frac"], out.assigned.no_answer_example or "",
+                                      record["no_answer_cut_frac"], cfg.data.answer_format, no_answer_settings()))
+            if step == start_step and resume_from is None:
+                log(memory_report(parts, dist.device))
+            if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0 and step + 1 < cfg.steps:
+                with times("validation"):                                                                  # validation
+                    figures = held_out_figures()
+                if figures is not None:
+                    record.update(eval_metrics(figures, cfg.eval.k))
+                record.update(times.pop())
+            if metrics is not None:
+                metrics.log(step + 1, record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{record['reward']:.2f}", maj=f"{record['majority_ratio']:.2f}",
+                                     ent=f"{record['entropy']:.2f}")
+            if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                say(format_metrics_line(step + 1, cfg.steps, record))
+            stopping = watch.requested()                                                                   # preemption
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:    # checkpoint
+                saved = checkpoint(step + 1, parts.stream.position, nonfinite_in_a_row)
+            if stopping:
+                raise stop_for(watch, step + 1, saved)
+            if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
+                export_policy(models.policy, parts.tokenizer, parts.export_dtype, dist,
+                              run_dir / "snapshots" / f"step_{step + 1:06d}")
     if progress is not None:
         progress.close()
 

@@ -43,8 +43,17 @@ import numpy as np
 import torch
 
 from ..distributed import Dist
-from .run_dir import (RunDirError, clear_run, directory_bytes, disk_full_error, file_sha256, holds_a_run,
-                      is_out_of_space, space_warning)
+from .reshard import flatten, overlapping_ranks, reshard_rank_state, shard_layout
+from .run_dir import (
+    RunDirError,
+    clear_run,
+    directory_bytes,
+    disk_full_error,
+    file_sha256,
+    holds_a_run,
+    is_out_of_space,
+    space_warning,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META_FILE = "checkpoint.json"
@@ -171,13 +180,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: 
 
 
 def check_resumable(path: Path, dist: Dist, settings: dict) -> dict:
-    """A checkpoint resumes only on the world size that wrote it and with the settings that decide what it
-    holds (`settings`: name -> value, as saved in its checkpoint.json); returns that checkpoint.json."""
+    """A checkpoint resumes on any world size (restore reshards it), with the settings that decide what it holds
+    (`settings`: name -> value, as saved in its checkpoint.json); returns that checkpoint.json."""
     meta = read_meta(path)
-    if meta["world_size"] != dist.world_size:
-        raise RunDirError(f"checkpoint {path} was written by {meta['world_size']} rank(s) and this run has "
-                          f"{dist.world_size}: resume with the same torchrun --nproc_per_node (the momentum "
-                          "model's 8-bit blocks and the optimizer state are per-rank shards, not resharded)")
     saved = meta.get("settings", {})
     changed = [f"{k}={saved[k]} (now {v})" for k, v in settings.items() if k in saved and saved[k] != v]
     if changed:
@@ -502,14 +507,15 @@ def resume_settings(cfg) -> dict:
             "model.path": cfg.model.path, "model.precision": cfg.model.precision}
 
 
-def checkpoint_state(models, optimization, dist: Dist, kl_reference: str) -> dict:
+def checkpoint_state(models, optimization, dist: Dist, kl_reference: str, rng: Optional[dict] = None) -> dict:
     """The DCP state dict of a run's checkpoint, from its parts (mgrpo.build.Models and Optimization). Sharded
     tensors (policy, reference, fp32 momentum, AdamW states) are saved as shards; what is per rank by nature
-    (RNG, and an optimizer that holds the momentum model's per-rank blocks) under the rank's key."""
+    (RNG, and an optimizer that holds the momentum model's per-rank blocks) under the rank's key. rng: the
+    generators' states to save (default: now's; an abandoned step saves its start's)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     optimizer = optimization.optimizer
-    mine = {"rng": rng_state()}
+    mine = {"rng": rng if rng is not None else rng_state(), "layout": shard_layout(models.params)}
     state = {"policy": get_model_state_dict(models.policy), "scheduler": optimization.scheduler.state_dict(),
              "rank": {f"rank{dist.rank}": mine}}
     if getattr(optimizer, "per_rank_state", False):     # states of local shards (fused int8, 8-bit AdamW)
@@ -523,14 +529,55 @@ def checkpoint_state(models, optimization, dist: Dist, kl_reference: str) -> dic
     return state
 
 
+def load_rank_state_resharded(path: Path, meta: dict, mine: dict, params: list, dist: Dist) -> None:
+    """This rank's per-rank state (`mine`, in place) from a checkpoint written by another number of ranks: from
+    the old ranks whose shards overlap this rank's (mgrpo/storage/reshard.py)."""
+    old_world, objects = meta["world_size"], meta["objects"]
+    old_layouts = {r: objects.get(f"rank/rank{r}/layout") for r in range(old_world)}
+    if any(layout is None for layout in old_layouts.values()):
+        raise RunDirError(f"checkpoint {path} was written by {old_world} rank(s) by an mgrpo that did not record its "
+                          f"shards: resume it with {old_world} rank(s) (torchrun --nproc_per_node)")
+    layout = shard_layout(params)
+    if len(layout) != len(old_layouts[0]):
+        raise RunDirError(f"checkpoint {path} holds {len(old_layouts[0])} parameters, this model {len(layout)}")
+    src = dist.rank if dist.rank < old_world else None
+    wanted = sorted(set(overlapping_ranks(layout, old_layouts)) | ({src} if src is not None else set()))
+    index = read_index(Path(path) / ".metadata")
+    flat = {r: {} for r in wanted}
+    for fqn, item in index.state_dict_metadata.items():
+        head, _, rest = fqn.partition(".")
+        rank_key, _, suffix = rest.partition(".")
+        if head == "rank" and rank_key.startswith("rank") and int(rank_key[4:]) in flat:
+            flat[int(rank_key[4:])][suffix] = torch.empty(item.size, dtype=item.properties.dtype)
+    load_tensors(path, {f"rank.rank{r}.{k}": t for r, tensors in flat.items() for k, t in tensors.items()})
+    template = flatten(split_objects(mine)[0])
+    resharded = reshard_rank_state(template, layout, {r: old_layouts[r] for r in wanted}, flat, src)
+    prefix = f"rank/rank{src if src is not None else wanted[0]}/"
+    merge_objects(mine, {k[len(prefix):]: v for k, v in objects.items() if k.startswith(prefix)})
+    for key, tensor in resharded.items():            # into the nested dicts the optimizer and momentum model load
+        node, parts = mine, key.split(".")
+        for part in parts[:-1]:
+            node = node[part] if isinstance(node, dict) and part in node else node[int(part)]
+        last = parts[-1]
+        if isinstance(node, dict):
+            node[last if last in node else int(last)] = tensor
+        else:
+            node[int(last)] = tensor
+
+
 def restore(path: Path, models, optimization, dist: Dist, kl_reference: str) -> dict:
     """Load a checkpoint into the parts in place; returns the trainer counters saved with it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = checkpoint_state(models, optimization, dist, kl_reference)
-    meta = load_checkpoint(path, state, dist)
-    set_model_state_dict(models.policy, state["policy"])   # in place already; this also resets FSDP2's views
     mine = state["rank"][f"rank{dist.rank}"]
+    if read_meta(path)["world_size"] == dist.world_size:
+        meta = load_checkpoint(path, state, dist)
+    else:                                  # DCP reshards the DTensors; the per-rank states are resharded here
+        del state["rank"]
+        meta = load_checkpoint(path, state, dist)
+        load_rank_state_resharded(path, meta, mine, models.params, dist)
+    set_model_state_dict(models.policy, state["policy"])   # in place already; this also resets FSDP2's views
     if "optimizer" in mine:
         optimization.optimizer.load_state_dict(mine["optimizer"])
     else:

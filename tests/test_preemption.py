@@ -1,0 +1,184 @@
+"""Preemption (mgrpo/loop/preemption.py): SIGTERM or SIGUSR1 during a step ends the run with a checkpoint and
+exit code 75; resume=true continues, losing nothing beyond the step in flight and logging each step once.
+
+The signals are real (os.kill of this process, or of a torchrun worker in test_distributed.py), sent at a known
+point of a step: during the rollout (the step is abandoned) or during the update (the step is finished)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mgrpo.loop.trainer as trainer_module
+from mgrpo.loop.preemption import PREEMPTED_EXIT_CODE, Preempted
+from mgrpo.loop.trainer import train
+from tests.scripted_engine import ScriptedEngine
+from tests.test_train_e2e import tiny_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+
+
+def engine_for(cache):
+    from transformers import AutoModelForCausalLM
+
+    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    cfg = tiny_config(Path("unused"), cache)
+    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
+    return ScriptedEngine(build_tokenizer(), names, record_pushes=False)
+
+
+class SignalDuringRollout(ScriptedEngine):
+    """Sends `sig` to this process from inside the rollout of training step `at_step` (1-based)."""
+
+    def __init__(self, base: ScriptedEngine, sig, at_step: int):
+        super().__init__(base.tokenizer, base.expected, record_pushes=False)
+        self.sig, self.at_step, self.training_calls = sig, at_step, 0
+
+    def generate(self, prompts, params):
+        self.training_calls += 1                             # no validation here: every call is a rollout
+        if self.training_calls == 2 * self.at_step - 1:              # the policy's samples of that step
+            os.kill(os.getpid(), self.sig)
+        return super().generate(prompts, params)
+
+
+def config(tmp_path, cache, run, *overrides):
+    return tiny_config(tmp_path, cache, f"steps={STEPS}", "data.num_eval=0", *overrides, run=run)
+
+
+def final_weights(summary) -> dict:
+    return {n: p.detach().clone() for n, p in summary["models"].policy.hf_named_parameters()}
+
+
+def logged_steps(run_dir: Path) -> list:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    return final_weights(train(config(tmp, tiny_cache, "run"), log=lambda *a: None, engine=engine_for(tiny_cache)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1])       # SIGTERM: test_mgrpo_train_exits_75_on_sigterm_and_resumes
+def test_a_signal_during_the_rollout_abandons_the_step_and_resume_redoes_it(tmp_path, tiny_cache, straight, sig):
+    engine = SignalDuringRollout(engine_for(tiny_cache), sig, at_step=2)
+    before = signal.getsignal(sig)
+    with pytest.raises(Preempted) as stopped:
+        train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
+    run_dir = tmp_path / "run"
+    assert stopped.value.step == 1 and stopped.value.signal_name == sig.name      # step 2 abandoned, step 1 kept
+    assert signal.getsignal(sig) is before                                          # the handler is put back
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker["step"] == 1 and marker["signal"] == sig.name
+    assert (run_dir / "checkpoints" / "step_000001" / "checkpoint.json").is_file()
+    assert logged_steps(run_dir) == [1]
+    resumed = train(config(tmp_path, tiny_cache, "run", "resume=true"), log=lambda *a: None,
+                    engine=engine_for(tiny_cache))
+    assert logged_steps(run_dir) == [1, 2, 3]
+    assert not (run_dir / "preempted.json").exists()
+    for name, w in final_weights(resumed).items():       # the abandoned step was redone exactly (data, RNG)
+        assert torch.equal(w, straight[name]), name
+
+
+def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, straight, monkeypatch):
+    real = trainer_module.policy_gradients
+    calls = []
+
+    def update_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "policy_gradients", update_then_signal)
+    with pytest.raises(Preempted) as stopped:
+        train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine_for(tiny_cache))
+    assert stopped.value.step == 2                      # the step in flight was finished and checkpointed
+    assert logged_steps(tmp_path / "run") == [1, 2]
+    monkeypatch.setattr(trainer_module, "policy_gradients", real)
+    resumed = train(config(tmp_path, tiny_cache, "run", "resume=true"), log=lambda *a: None,
+                    engine=engine_for(tiny_cache))
+    assert logged_steps(tmp_path / "run") == [1, 2, 3]
+    for name, w in final_weights(resumed).items():
+        assert torch.equal(w, straight[name]), name
+
+
+def test_mgrpo_train_exits_75_on_sigterm_and_resumes(tmp_path, tiny_cache):
+    """The command itself: SIGTERM from outside while it trains; exit status 75, then resume=true finishes."""
+    run_dir = tmp_path / "cli"
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150",
+            "warm_start.batch_size=16", f"run_dir={run_dir}", "steps=40", "rollout.engine=hf", "progress=false",
+            "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    for line in proc.stdout:                              # a step line: it is training
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and 1 <= marker["step"] < 40
+    assert "resume=true" in err
+    assert logged_steps(run_dir) == list(range(1, marker["step"] + 1))
+    done = subprocess.run([*args, "steps=" + str(marker["step"] + 1), "resume=true"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, marker["step"] + 2))
+    assert metrics.is_file()
+
+
+def children(pid: int) -> list:
+    """Processes whose parent is `pid` (torchrun's workers), from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("ranks_signalled", ["one", "all"])
+def test_torchrun_ranks_stop_together_and_resume(tmp_path, tiny_cache, ranks_signalled):
+    """2 torchrun ranks; SIGUSR1 to one of them (the other learns it at the next check) or to both: each writes its
+    shards of one checkpoint, rank 0 the marker, all exit 75 (torchrun reports a failed worker: exit 1); resume=true
+    on 2 ranks continues and every step is logged once. Nothing hangs (timeouts)."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mgrpo", "train",
+            f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16",
+            f"run_dir={run_dir}", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=4",
+            "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*args, "steps=40"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 1/"):
+            break
+    workers = children(proc.pid)
+    assert len(workers) == 2, "".join(seen)[-3000:]
+    for pid in workers[-1:] if ranks_signalled == "one" else workers:
+        os.kill(pid, signal.SIGUSR1)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "exitcode" in out and ": 75" in out, out[-3000:]
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker["signal"] in ("SIGUSR1", "a signal on another rank") and 1 <= marker["step"] < 40
+    assert (run_dir / "checkpoints" / f"step_{marker['step']:06d}" / "checkpoint.json").is_file()
+    assert logged_steps(run_dir) == list(range(1, marker["step"] + 1))
+    done = subprocess.run([*args, f"steps={marker['step'] + 1}", "resume=true"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, marker["step"] + 2))
