@@ -133,22 +133,35 @@ def resume(cache, out_dir, *overrides):
 
 
 def momentum_reference(cache, out_dir):
-    """kl_reference=momentum over 2 steps: the reference's shards take theta_k before every update."""
-    summary = train(config(cache, out_dir, "steps=2", "algorithm.kl_reference=momentum",
-                           "algorithm.momentum_dtype=int8"), log=lambda *a: None, engine=scripted(cache))
-    run = summary["models"]
+    """kl_reference=momentum over 2 steps: the reference's shards take theta_k before every update. A spy on the
+    trainer's own refresh compares, right after each one, the reference's full weights with the momentum model's
+    (both gathered; the momentum model through its storage's decoder, tests/wiring.py)."""
     import json
+
+    import mgrpo.loop.stages as stages
+    from mgrpo.distributed import Dist, is_dtensor
+    from tests.wiring import gathered, momentum_local
+    real, checks = stages.refresh_reference_from_momentum, []
+
+    def spy(reference, momentum):
+        real(reference, momentum)
+        dist = Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+        k = gathered(dist, momentum.names, momentum_local(momentum))
+        checks.append([torch.equal(full_tensor(p), k[n]) for n, p in zip(momentum.names, reference.parameters())])
+
+    stages.refresh_reference_from_momentum = spy
+    try:
+        summary = train(config(cache, out_dir, "steps=2", "algorithm.kl_reference=momentum",
+                               "algorithm.momentum_dtype=int8"), log=lambda *a: None, engine=scripted(cache))
+    finally:
+        stages.refresh_reference_from_momentum = real
+    run = summary["models"]
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] \
         if summary["dist"].is_main else []
-    from mgrpo.distributed import is_dtensor
-    from mgrpo.loop.stages import refresh_reference_from_momentum
     # the reference's last use was a no-grad forward: its root parameters must be shards again, or the next
     # refresh would copy a shard into a stale full copy
     sharded = all(is_dtensor(p) for p in run.reference.parameters())
-    refresh_reference_from_momentum(run.reference, run.momentum)
-    equal = [torch.equal(full_tensor(p), k) for p, (_, k) in
-             zip(run.reference.parameters(), run.momentum.named_weights(torch.float32))]
-    return {"kl": [r["kl"] for r in records if "kl" in r], "sharded": sharded, "reference_is_momentum": equal}
+    return {"kl": [r["kl"] for r in records if "kl" in r], "sharded": sharded, "refreshes": checks}
 
 
 def wiring(cache, out_dir, momentum_dtype):

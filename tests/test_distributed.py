@@ -283,8 +283,9 @@ def test_momentum_as_kl_reference_on_two_ranks(two_ranks):
     load, _ = two_ranks
     rank0, rank1 = load("momentum_reference")
     assert len(rank0["kl"]) == 2 and rank0["kl"][1] > 0      # step 2: the policy has moved from theta_k
-    for got in (rank0, rank1):
-        assert got["sharded"] and all(got["reference_is_momentum"]) and len(got["reference_is_momentum"]) > 10
+    for got in (rank0, rank1):       # the trainer refreshed the reference before each of the 2 updates, to theta_k
+        assert got["sharded"] and len(got["refreshes"]) == 2
+        assert all(all(equal) and len(equal) > 10 for equal in got["refreshes"])
 
 
 def test_world_size_must_divide_prompts_per_step(two_ranks):
