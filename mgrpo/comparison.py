@@ -3,6 +3,7 @@
 
     mgrpo compare                        # preset "default": the embedded default's 30 steps, 3 seeds
     mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
+    mgrpo compare --preset collapse      # a task where the vote is confidently wrong on one family of problems
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
     mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
     mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
@@ -55,6 +56,11 @@ PRESETS = {
                   "algorithm.group_size=4", "rollout.max_new_tokens=48"]),
     "default": (3, ["data.eval_every=10"]),
     "long": (3, ["steps=300", "data.eval_every=30", "save_every=30", "snapshot_every=30"]),
+    # Where the vote is confidently wrong on part of the data (README, "Collapse"): the built-in task with 5-term
+    # problems added, on which the shipped base's majority is wrong 95% of the time; twice the default's lr, so that
+    # SRT's rise and fall fit in 120 steps (~7 minutes a run on 2 cores); held-out figures per family.
+    "collapse": (3, ["data.source=builtin:arithmetic-long", "rollout.max_new_tokens=96", "optim.lr=1e-4", "steps=120",
+                     "data.eval_every=10"]),
 }
 
 PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),
@@ -175,9 +181,20 @@ def collect(out: Path, methods: list, seeds: list, runs=None) -> list:
     return rows
 
 
-def summarize(rows: list, keys=tuple(k for k, _ in PLOT_PANELS)) -> list:
+def families(rows: list) -> list:
+    """The held-out problems' families logged in `rows` (eval/<family>/greedy), in order."""
+    return sorted({key.split("/")[1] for r in rows for key in r
+                   if key.startswith("eval/") and key.count("/") == 2 and key.endswith("/greedy")})
+
+
+def family_keys(rows: list) -> tuple:
+    return tuple(f"eval/{family}/{name}" for family in families(rows) for name in ("greedy", "maj@k"))
+
+
+def summarize(rows: list, keys=None) -> list:
     """Per method and step: mean, std, min, max over the seeds that logged each key there (`seeds` counts
-    the runs with a line at that step)."""
+    the runs with a line at that step). keys: the plot's, and the held-out figures per family."""
+    keys = keys or tuple(k for k, _ in PLOT_PANELS) + family_keys(rows)
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         steps = sorted({r["step"] for r in rows if r["method"] == method})
@@ -200,16 +217,23 @@ def moving_average(values: list, window: int) -> list:
             for i in range(len(values))]
 
 
-def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
-    """Held-out accuracy as measured; per-step training metrics (a few groups each: noisy) smoothed."""
+def plot(summary: list, path: Path, title: str, smooth: int = 5, warnings: Optional[dict] = None) -> None:
+    """Held-out accuracy as measured (per family too, a third row, when the problems have families); per-step
+    training metrics (a few groups each: noisy) smoothed. warnings: method -> the steps its runs' collapse
+    warnings fired, marked on the held-out panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
+    fams = sorted({key.split("/")[1] for r in summary for key in r
+                   if key.startswith("eval/") and key.count("/") == 3 and key.endswith("/greedy/mean")})[:4]
+    panels = list(PLOT_PANELS) + [(f"eval/{f}/greedy", f"held-out greedy accuracy, {f} problems") for f in fams]
+    fig, axes = plt.subplots(3 if fams else 2, 4, figsize=(19, 11.25 if fams else 7.5))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     methods = list(dict.fromkeys(r["method"] for r in summary))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}   # one color per method in every panel
-    for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
+    for ax, (key, label) in zip(axes.flat, panels):
         for method in methods:
             pts = [r for r in summary if r["method"] == method and f"{key}/mean" in r]
             if not pts:
@@ -222,6 +246,8 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5) -> None:
             ax.plot(steps, mean, marker="o" if held_out else None, markersize=3, color=colors[method],
                     label=f"{method} (n={pts[-1]['seeds']})")
             ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
+            for step in (warnings or {}).get(method, []) if held_out else []:
+                ax.axvline(step, color=colors[method], linestyle=":", linewidth=1.2, alpha=0.8)
         ax.set_title(label + (" (%)" if key.startswith("eval/") else f" ({smooth}-step moving average)"
                               if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("step", fontsize=8)
@@ -266,11 +292,11 @@ def run_report(rows: list, decline: float = DECLINE) -> list:
         if not evals:
             continue
         row = {"method": method, "seed": seed}
-        for key in ("eval/greedy", "eval/maj@k"):
+        for key in ("eval/greedy", "eval/maj@k", *family_keys(run)):     # greedy/best, 5-term/greedy/best, ...
             if any(r.get(key) is None for r in evals):
                 continue
             best = max(evals, key=lambda r: r[key])          # the first step reaching the maximum
-            name = key.split("/")[1]
+            name = key.partition("/")[2]
             row.update({f"{name}/final": evals[-1][key], f"{name}/best": best[key], f"{name}/best_step": best["step"],
                         f"{name}/final_minus_best": evals[-1][key] - best[key]})
         best_so_far, row["decline_step"] = float("-inf"), None
@@ -362,7 +388,22 @@ def markdown_tables(summary: list, report: list) -> str:
                      f"{pct(r.get('maj@k/final_minus_best'))} | {num(r.get('decline_step'), '{}')} | "
                      + ("-" if warning is None else f"{warning}" + (" (false alarm)" if r.get("false_alarm") else ""))
                      + f" | {num(r.get('entropy_ratio/final'))} | {num(r.get('momentum_agreement/final'))} |")
+    fams = [f for f in families_of_report(report)]
+    if fams:                 # where the mean hides it: each family's best and final
+        lines += ["", "| run | " + " | ".join(f"{f} greedy best (step) / final | {f} maj@k best / final" for f in fams)
+                  + " |", "|---|" + "---|---|" * len(fams)]
+        for r in report:
+            cells = []
+            for f in fams:
+                cells.append(f"{pct(r.get(f'{f}/greedy/best'))} ({r.get(f'{f}/greedy/best_step')}) / "
+                             f"{pct(r.get(f'{f}/greedy/final'))}")
+                cells.append(f"{pct(r.get(f'{f}/maj@k/best'))} / {pct(r.get(f'{f}/maj@k/final'))}")
+            lines.append(f"| {r['method']} seed {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def families_of_report(report: list) -> list:
+    return sorted({key.split("/")[0] for r in report for key in r if key.count("/") == 2 and key.endswith("/greedy/best")})
 
 
 def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optional[str] = None,
@@ -404,9 +445,13 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
     summary = summarize(rows)
     write_csv(out / f"{name}.csv", rows)
     write_csv(out / f"{name}_summary.csv", summary)
-    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {preset} (seeds {seed_label(seeds)}) "
-         + " ".join(overrides))
     report = run_report(rows)
+    warned = {}
+    for r in report:
+        if r.get("first_warning_step") is not None:
+            warned.setdefault(r["method"], []).append(r["first_warning_step"])
+    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {preset} (seeds {seed_label(seeds)}) "
+         + " ".join(overrides) + ("; dotted: a run's first collapse warning" if warned else ""), warnings=warned)
     write_csv(out / f"{name}_runs.csv", report)
     (out / f"{name}.md").write_text(markdown_tables(summary, report))
     print(final_table(summary))

@@ -126,10 +126,12 @@ class CollapseMonitor:
     }
 
     def __init__(self, log=print, start_entropy: Optional[float] = None, warned: Optional[list] = None,
-                 recent: Optional[dict] = None, window: int = 10):
+                 recent: Optional[dict] = None, window: int = 10, thresholds: Optional[dict] = None):
         self.log, self.start_entropy, self.warned = log, start_entropy, set(warned or [])
         self.recent = {k: list(v) for k, v in (recent or {}).items()}
         self.window = window
+        # signal -> (side, limit); other thresholds than THRESHOLDS: what bench/collapse_detector.py tunes
+        self.thresholds = dict(self.THRESHOLDS if thresholds is None else thresholds)
 
     @classmethod
     def from_state(cls, state: Optional[dict], log=print) -> "CollapseMonitor":
@@ -145,7 +147,7 @@ class CollapseMonitor:
         if self.start_entropy is None and record.get("entropy"):
             self.start_entropy = record["entropy"]
         out = {"collapse/entropy_ratio": record["entropy"] / self.start_entropy if self.start_entropy else None}
-        for key, (side, limit) in self.THRESHOLDS.items():
+        for key, (side, limit) in self.thresholds.items():
             value = out.get(key, record.get(key))
             if value is None:
                 continue
@@ -158,7 +160,7 @@ class CollapseMonitor:
             if (mean < limit) if side == "below" else (mean > limit):
                 self.warned.add(key)
                 self.log(f"[warning] step {step}: {key} = {mean:.2f} over the last {self.window} steps, {side} "
-                         f"{limit}: {self.MEANING[key]}")
+                         f"{limit}: {self.MEANING.get(key, 'a sign of collapse. ' + self._ACT)}")
         return out
 
 

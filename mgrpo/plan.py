@@ -373,7 +373,7 @@ class MicroBatchShape:
 def prompt_tokens(cfg) -> int:
     """A prompt's length as planned: the built-in task's ~100 tokens; for file data unknown: 1024 assumed (as for
     max_model_len)."""
-    return 100 if cfg.data.source == "builtin:arithmetic" else 1024
+    return 100 if cfg.data.source.startswith("builtin:") else 1024
 
 
 def micro_batch_shape(cfg, config) -> MicroBatchShape:

@@ -88,3 +88,42 @@ def test_builtin_task_routes_and_held_out_split():
     assert [p.problem for p in eval_problems(DataConfig(num_eval=256))] == [r["problem"] for r in held]
     stream = PromptStream(DataConfig(), seed=5)
     assert not any(is_held_out(p.problem) for p in stream.next_batch(500))   # never trained on
+
+
+def test_long_task_adds_five_term_problems_and_leaves_the_default_unchanged():
+    """builtin:arithmetic-long (the collapse preset's task) draws 3-, 4- and 5-term problems, labelled by family,
+    never a held-out one; the default task's training stream and held-out set are exactly what they were before
+    families existed (every README figure rests on them: the hash is of the stream as it was at e7e4ad3)."""
+    import hashlib
+    import re
+
+    from mgrpo.config import ConfigError
+    from mgrpo.data.problems import eval_problems
+    from mgrpo.data.tiny import is_held_out
+    long = DataConfig(source="builtin:arithmetic-long", num_eval=300)
+    train = PromptStream(long, seed=5).next_batch(600)
+    held = eval_problems(long)
+
+    def terms(text):
+        return len(re.findall(r"\d+", text))
+    for rows in (train, held):
+        assert {terms(p.problem) for p in rows} == {3, 4, 5}
+        assert all(p.family == f"{terms(p.problem)}-term" for p in rows)
+        assert all(sum(int(t.replace(" ", "")) for t in re.findall(r"[+-]? ?\d+", p.problem[8:])) == int(p.answer)
+                   for p in rows)
+    assert not any(is_held_out(p.problem) for p in train) and all(is_held_out(p.problem) for p in held)
+    assert len({p.problem for p in held}) == 300
+    default = PromptStream(DataConfig(), seed=3).next_batch(200) + eval_problems(DataConfig(num_eval=100))
+    assert {terms(p.problem) for p in default} == {3, 4}
+    digest = hashlib.sha256(repr([(p.problem, p.answer) for p in default]).encode()).hexdigest()
+    assert digest == "9053664d3418286c9081d9b12c101ec0249229101ddb51ee1b5d8a0a8cfacc18"
+    with pytest.raises(ConfigError, match="no such built-in task"):
+        DataConfig(source="builtin:arithmetic-hard")
+
+
+def test_family_field_of_a_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"problem": "1+1", "answer": "2", "topic": "algebra"}) + "\n"
+                    + json.dumps({"problem": "2+2", "answer": "4"}) + "\n")
+    assert [p.family for p in load_problems(str(path), DataConfig(family_field="topic"))] == ["algebra", None]
+    assert [p.family for p in load_problems(str(path), DataConfig())] == [None, None]

@@ -81,6 +81,29 @@ def test_evaluate_figures_by_hand():
     assert [r.index for r in results] == [0, 1, 2] and results[1].samples[0]["answer"] == "7"
 
 
+def test_figures_per_family_by_hand():
+    """Problems with families: each family's greedy, avg@k and maj@k over its own problems (by hand), the mean
+    over all of them unchanged, and the trainer's eval/<family>/... keys."""
+    from mgrpo.data.tiny import build_tokenizer
+    from mgrpo.loop.records import eval_metrics
+    tok = build_tokenizer()
+    problems = [Problem("A", "4", "short"), Problem("B", "7", "long"), Problem("C", "1", "long")]
+    greedy = {"A": "\\boxed{4}", "B": "\\boxed{7}", "C": "\\boxed{2}"}
+    samples = {"A": ["\\boxed{4}", "\\boxed{4}"], "B": ["\\boxed{7}", "\\boxed{6}"], "C": ["\\boxed{2}", "\\boxed{2}"]}
+    settings = EvalConfig(k=2, n=0, pass_k=[], temperature=0.6, greedy=True)
+    figures, _ = evaluate(FixedEngine(tok, greedy, samples), problems, lambda text: tok.encode(text), settings, 16)
+    assert figures["greedy"] == pytest.approx(2 / 3) and figures["avg@2"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert figures["short/problems"] == 1 and figures["long/problems"] == 2
+    assert figures["short/greedy"] == 1.0 and figures["long/greedy"] == 0.5
+    assert figures["short/avg@2"] == 1.0 and figures["long/avg@2"] == pytest.approx(0.25)
+    assert figures["short/maj@2"] == 1.0 and figures["long/maj@2"] == pytest.approx(0.5)   # B: 7 first of a tie
+    logged = eval_metrics(figures, 2)
+    assert logged["eval/long/maj@k"] == figures["long/maj@2"] and logged["eval/maj@k"] == figures["maj@2"]
+    one_family = [Problem("A", "4", "short"), Problem("B", "7", "short")]
+    figures, _ = evaluate(FixedEngine(tok, greedy, samples), one_family, lambda text: tok.encode(text), settings, 16)
+    assert not any("/" in key for key in figures)             # one family: its figures are the mean's
+
+
 def test_evaluate_with_answers_in_other_forms():
     """answer_format=math_verify grades responses that never box their answer (and boxed ones too)."""
     from mgrpo.data.tiny import build_tokenizer

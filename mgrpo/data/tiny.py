@@ -80,8 +80,9 @@ def build_tiny_model(tokenizer, seed: int = 0):
 # ---------------------------------------------------------------------------------------------------------
 # Built-in task: multi-step integer arithmetic with worked steps
 
-def arithmetic_problem(rng: random.Random) -> dict:
-    """One problem with a worked solution that adds its signed terms in a random order.
+def arithmetic_problem(rng: random.Random, num_terms_choices: tuple = (3, 4)) -> dict:
+    """One problem of 3 or 4 terms (or one of `num_terms_choices`) with a worked solution that adds its signed
+    terms in a random order.
 
     'Compute 7 + 8 - 9.' -> '8 - 9 = -1. -1 + 7 = 6. \\boxed{6}' (or any of the other 5 orders).
 
@@ -92,7 +93,7 @@ def arithmetic_problem(rng: random.Random) -> dict:
     README, "The embedded default"). Single-digit operands keep the table of facts small enough for a
     tiny model to learn in minutes.
     """
-    num_terms = rng.choice((3, 4))
+    num_terms = rng.choice(num_terms_choices)
     terms = [rng.randint(1, 9)] + [rng.choice((1, -1)) * rng.randint(1, 9) for _ in range(num_terms - 1)]
     expression = str(terms[0]) + "".join(f" {'+' if t > 0 else '-'} {abs(t)}" for t in terms[1:])
     order = terms[:]
@@ -103,7 +104,7 @@ def arithmetic_problem(rng: random.Random) -> dict:
         steps.append(f"{value} {'+' if term > 0 else '-'} {abs(term)} = {new_value}.")
         value = new_value
     return {"problem": f"Compute {expression}.", "solution": " ".join(steps) + f" \\boxed{{{value}}}",
-            "answer": str(value)}
+            "answer": str(value), "family": f"{num_terms}-term"}
 
 
 def is_held_out(problem: str) -> bool:
@@ -112,10 +113,10 @@ def is_held_out(problem: str) -> bool:
     return int(hashlib.sha256(problem.encode()).hexdigest()[:8], 16) % 10 == 0
 
 
-def training_problem(rng: random.Random) -> dict:
+def training_problem(rng: random.Random, num_terms_choices: tuple = (3, 4)) -> dict:
     """A problem that is not held out (drawn again until so)."""
     while True:
-        row = arithmetic_problem(rng)
+        row = arithmetic_problem(rng, num_terms_choices)
         if not is_held_out(row["problem"]):
             return row
 
@@ -125,10 +126,10 @@ def training_problem(rng: random.Random) -> dict:
 HELD_OUT_SEED = 1_000_003
 
 
-def held_out_dataset(num: int) -> list:
+def held_out_dataset(num: int, num_terms_choices: tuple = (3, 4)) -> list:
     rng, rows, seen = random.Random(HELD_OUT_SEED), [], set()
     while len(rows) < num:
-        row = arithmetic_problem(rng)
+        row = arithmetic_problem(rng, num_terms_choices)
         if is_held_out(row["problem"]) and row["problem"] not in seen:
             seen.add(row["problem"])
             rows.append(row)

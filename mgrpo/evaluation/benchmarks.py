@@ -26,7 +26,7 @@ import torch
 
 from ..build import make_engine
 from ..config import DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
-from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems
+from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems, is_builtin
 from ..data.prompts import check_prompt_ids, encode_prompt
 from ..distributed import compute_dtype, init_distributed
 from ..errors import DataError
@@ -137,8 +137,8 @@ def parse_data(spec: str) -> tuple:
         return name, source
     if spec in PRESETS:
         return spec, PRESETS[spec].source
-    if spec == BUILTIN_ARITHMETIC:
-        return "arithmetic", spec
+    if is_builtin(spec):
+        return spec.partition(":")[2], spec
     return None, spec
 
 
@@ -168,8 +168,7 @@ def load_benchmarks(args, run_cfg: Optional[TrainConfig]) -> list:
         if run_cfg is None:
             raise EvalError("give at least one --data (a preset, PRESET=FILE, or a file); see mgrpo eval --help")
         # the run's own held-out set, with the run's eval settings: what its in-training validation measured
-        source = run_cfg.data.eval_source or (BUILTIN_ARITHMETIC if run_cfg.data.source == BUILTIN_ARITHMETIC
-                                              else None)
+        source = run_cfg.data.eval_source or (run_cfg.data.source if is_builtin(run_cfg.data.source) else None)
         if source is None:
             raise EvalError("the run has no held-out set (data.eval_source): give --data to evaluate on")
         try:
@@ -408,9 +407,15 @@ def run_evaluation(args: "EvalRequest") -> int:
                 warned.add(b.name)
                 say(no_answer_example_warning(b, figures[b.name]["no_answer_frac"], samples[b.name]))
         for name, f in figures.items():
-            row = ({"step": step} if step is not None else {}) | {"benchmark": name, **f}
+            overall = {k: v for k, v in f.items() if "/" not in k}
+            row = ({"step": step} if step is not None else {}) | {"benchmark": name, **overall}
             rows.append(row)
             report["results"].append({**row, "weights": str(source)})
+            for family in dict.fromkeys(k.split("/")[0] for k in f if "/" in k):   # a row per family of problems
+                part = {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith(family + "/")}
+                row = ({"step": step} if step is not None else {}) | {"benchmark": f"{name}[{family}]", **part}
+                rows.append(row)
+                report["results"].append({**row, "weights": str(source)})
             if args.samples and dist.is_main:
                 out.mkdir(parents=True, exist_ok=True)
                 write_samples(out, name if step is None else f"{name}_step{step}", samples[name])

@@ -64,6 +64,7 @@ class ProblemResult:
     samples: list = field(default_factory=list)
     """[n] dicts: text, answer (extracted), correct, length (tokens)."""
     greedy: Optional[dict] = None
+    family: Optional[str] = None
 
 
 def grade(text: str, length: int, truth: str, answer_format: str = "boxed") -> dict:
@@ -88,6 +89,12 @@ def summarize(results: Sequence[ProblemResult], k: int, pass_ks: Sequence[int]) 
     responses = [s for r in results for s in r.samples + ([r.greedy] if r.greedy else [])]
     out["mean_length"] = sum(s["length"] for s in responses) / len(responses)
     out["no_answer_frac"] = sum(s["answer"] is None for s in responses) / len(responses)
+    families = sorted({r.family for r in results if r.family is not None})
+    if len(families) > 1:        # "<family>/greedy", ...: a decline on one kind of problem that the mean hides
+        for family in families:
+            part = summarize([r for r in results if r.family == family], k, pass_ks)
+            out.update({f"{family}/{key}": value for key, value in part.items()
+                        if key == "problems" or key == "greedy" or key.startswith(("avg@", "maj@"))})
     return out
 
 
@@ -124,7 +131,7 @@ def evaluate(engine: RolloutEngine, problems: Sequence[Problem], encode: Callabl
     share = -(-len(problems) // dist.world_size)
     padded = indices + [indices[0] if indices else 0] * (share - len(indices))
     prompts = [encode(problems[i].problem) for i in padded]
-    results = [ProblemResult(i, problems[i].problem, problems[i].answer) for i in padded]
+    results = [ProblemResult(i, problems[i].problem, problems[i].answer, family=problems[i].family) for i in padded]
     # Batches bound the transformers engine's memory (prompts x n rows at once); vLLM schedules its own.
     batch = max(1, 512 // settings.num_samples)
     for start in range(0, len(prompts), batch):

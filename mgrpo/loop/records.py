@@ -76,10 +76,13 @@ def step_record(batch: RolloutBatch, scored: ScoredBatch, assigned: Assignment, 
 
 
 def eval_metrics(figures: dict, k: int) -> dict:
-    """eval/* keys with stable names for dashboards: eval/greedy, eval/avg@k, eval/maj@k (k in eval/k)."""
+    """eval/* keys with stable names for dashboards: eval/greedy, eval/avg@k, eval/maj@k (k in eval/k), and
+    eval/<family>/greedy, ... when the held-out problems have families."""
     out = {"eval/k": k}
-    for key, value in figures.items():
-        out["eval/" + key.replace(f"@{k}", "@k") if key in (f"avg@{k}", f"maj@{k}") else "eval/" + key] = value
+    for key, value in figures.items():       # per family too: eval/<family>/maj@k
+        head, _, name = key.rpartition("/")
+        name = name.replace(f"@{k}", "@k") if name in (f"avg@{k}", f"maj@{k}") else name
+        out["eval/" + (f"{head}/" if head else "") + name] = value
     return out
 
 

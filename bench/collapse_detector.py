@@ -1,0 +1,146 @@
+"""The collapse monitor measured as a detector: tune its signals' thresholds on some runs, score them on others.
+
+    python bench/collapse_detector.py --tune RUN_DIR ... --test RUN_DIR ... [--out bench/results/collapse_detector]
+
+Every run is a `mgrpo train` run directory with held-out evaluations in its metrics.jsonl (data.eval_every). A
+run *declines* where its held-out greedy accuracy first falls more than mgrpo.comparison.DECLINE below its best
+so far (the evaluation's noise: two standard errors); a run without such a drop is healthy. Each candidate is
+one label-free signal of the training log (the trailing mean over the monitor's window of 10 steps) against a
+threshold: the monitor's own replay (mgrpo.metrics.CollapseMonitor with those thresholds), nothing re-implemented.
+
+Tuning picks, per signal, the threshold that warns before the decline in the most declining --tune runs with no
+false alarm in the healthy --tune runs (ties: the earliest warnings). Scoring replays the chosen thresholds on the
+--test runs, which tuning never saw: for each declining run the steps of warning before the decline was first
+seen (negative: late; none: missed), for each healthy run whether it warned (a false alarm). Writes
+collapse_detector.md and .json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from mgrpo.comparison import DECLINE
+from mgrpo.metrics import CollapseMonitor, read_metrics
+
+# signal -> (side, candidate thresholds), the label-free ones the trainer logs every step
+CANDIDATES = {
+    "kl": ("above", [0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3]),
+    "collapse/entropy_ratio": ("below", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]),
+    "majority_ratio": ("above", [0.65, 0.7, 0.75, 0.8, 0.85, 0.9]),
+    "reward": ("above", [0.65, 0.7, 0.75, 0.8, 0.85, 0.9]),
+    "collapse/unanimous_frac": ("above", [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6]),
+    "collapse/momentum_agreement": ("below", [0.3, 0.4, 0.5, 0.55, 0.6]),
+}
+
+
+def load_run(path: Path) -> dict:
+    """A run's per-step records (eval lines merged into their step) and its decline step (None: healthy)."""
+    by_step: dict = {}
+    for record in read_metrics(path):
+        by_step.setdefault(record["step"], {}).update(record)
+    records = [by_step[s] for s in sorted(by_step)]
+    evals = [r for r in records if r.get("eval/greedy") is not None]
+    decline, best = None, float("-inf")
+    for r in evals:
+        if r["eval/greedy"] < best - DECLINE:
+            decline = r["step"]
+            break
+        best = max(best, r["eval/greedy"])
+    return {"path": str(path), "records": records, "decline": decline, "steps": records[-1]["step"]}
+
+
+def first_warning(run: dict, signal: str, side: str, limit: float):
+    """Step of the monitor's first warning on `signal` with this threshold (None: it never warns)."""
+    monitor = CollapseMonitor(log=lambda *a: None, thresholds={signal: (side, limit)})
+    for record in run["records"]:
+        if record.get("entropy") is None:
+            continue
+        monitor.observe(record["step"], record)
+        if monitor.warned:
+            return record["step"]
+    return None
+
+
+def score(runs: list, signal: str, side: str, limit: float) -> dict:
+    """Detections (warned before the decline was seen), late or missed declines, and false alarms."""
+    out = {"signal": signal, "side": side, "limit": limit, "leads": [], "late": 0, "missed": 0, "false_alarms": 0,
+           "declining": 0, "healthy": 0, "per_run": []}
+    for run in runs:
+        warned = first_warning(run, signal, side, limit)
+        out["per_run"].append({"run": run["path"], "decline": run["decline"], "warning": warned})
+        if run["decline"] is None:
+            out["healthy"] += 1
+            out["false_alarms"] += warned is not None
+        else:
+            out["declining"] += 1
+            if warned is None:
+                out["missed"] += 1
+            elif warned < run["decline"]:
+                out["leads"].append(run["decline"] - warned)
+            else:
+                out["late"] += 1
+    return out
+
+
+def tune(runs: list) -> dict:
+    """Per signal: the threshold with no false alarm that detects the most declines in time (then the longest
+    median lead); None when every threshold false-alarms or none detects anything."""
+    chosen = {}
+    for signal, (side, limits) in CANDIDATES.items():
+        if not any(r.get(signal) is not None for run in runs for r in run["records"]):
+            continue
+        best = None
+        for limit in limits:
+            s = score(runs, signal, side, limit)
+            if s["false_alarms"] or not s["leads"]:
+                continue
+            key = (len(s["leads"]), statistics.median(s["leads"]))
+            if best is None or key > best[0]:
+                best = (key, s)
+        chosen[signal] = best[1] if best else None
+    return chosen
+
+
+def table(scores: list) -> str:
+    lines = ["| signal | threshold | declining runs warned in time | median lead (steps) | late | missed | "
+             "healthy runs | false alarms |", "|---|---|---|---|---|---|---|---|"]
+    for s in scores:
+        lead = f"{statistics.median(s['leads']):.0f}" if s["leads"] else "-"
+        lines.append(f"| {s['signal']} | {s['side']} {s['limit']} | {len(s['leads'])} / {s['declining']} | {lead} | "
+                     f"{s['late']} | {s['missed']} | {s['healthy']} | {s['false_alarms']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", nargs="+", required=True, help="run directories the thresholds are tuned on")
+    parser.add_argument("--test", nargs="+", required=True, help="run directories they are scored on (other seeds)")
+    parser.add_argument("--out", default="bench/results/collapse_detector")
+    args = parser.parse_args(argv)
+    tuning, testing = [load_run(Path(p)) for p in args.tune], [load_run(Path(p)) for p in args.test]
+    overlap = {r["path"] for r in tuning} & {r["path"] for r in testing}
+    if overlap:
+        parser.error(f"a run cannot be both tuned and tested on: {sorted(overlap)}")
+    chosen = {k: v for k, v in tune(tuning).items() if v is not None}
+    tested = [score(testing, s["signal"], s["side"], s["limit"]) for s in chosen.values()]
+    current = [score(testing, k, side, limit) for k, (side, limit) in CollapseMonitor.THRESHOLDS.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} declining), scored on "
+            f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} declining); a decline is a "
+            f"held-out greedy drop of more than {DECLINE:.2f} below the run's best so far.\n\n"
+            "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()))
+            + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested)
+            + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current) + "\n")
+    (out / "collapse_detector.md").write_text(text)
+    (out / "collapse_detector.json").write_text(json.dumps(
+        {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing], "decline": DECLINE,
+         "chosen": list(chosen.values()), "tested": tested, "shipped": current}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
