@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from mgrpo.comparison import DECLINE
 from mgrpo.metrics import CollapseMonitor, read_metrics
@@ -51,9 +52,9 @@ def load_run(path: Path) -> dict:
     return {"path": str(path), "records": records, "decline": decline, "steps": records[-1]["step"]}
 
 
-def first_warning(run: dict, signal: str, side: str, limit: float):
-    """Step of the monitor's first warning on `signal` with this threshold (None: it never warns)."""
-    monitor = CollapseMonitor(log=lambda *a: None, thresholds={signal: (side, limit)})
+def first_warning(run: dict, thresholds: dict):
+    """Step of the monitor's first warning, on any of `thresholds`' signals (None: it never warns)."""
+    monitor = CollapseMonitor(log=lambda *a: None, thresholds=thresholds)
     for record in run["records"]:
         if record.get("entropy") is None:
             continue
@@ -63,12 +64,13 @@ def first_warning(run: dict, signal: str, side: str, limit: float):
     return None
 
 
-def score(runs: list, signal: str, side: str, limit: float) -> dict:
-    """Detections (warned before the decline was seen), late or missed declines, and false alarms."""
+def score(runs: list, signal: str, side: str, limit: float, thresholds: Optional[dict] = None) -> dict:
+    """Detections (warned before the decline was seen), late or missed declines, and false alarms; of one signal's
+    threshold, or with `thresholds` of the monitor with all of them (its first warning on any)."""
     out = {"signal": signal, "side": side, "limit": limit, "leads": [], "late": 0, "missed": 0, "false_alarms": 0,
            "declining": 0, "healthy": 0, "per_run": []}
     for run in runs:
-        warned = first_warning(run, signal, side, limit)
+        warned = first_warning(run, thresholds or {signal: (side, limit)})
         out["per_run"].append({"run": run["path"], "decline": run["decline"], "warning": warned})
         if run["decline"] is None:
             out["healthy"] += 1
@@ -108,7 +110,8 @@ def table(scores: list) -> str:
              "healthy runs | false alarms |", "|---|---|---|---|---|---|---|---|"]
     for s in scores:
         lead = f"{statistics.median(s['leads']):.0f}" if s["leads"] else "-"
-        lines.append(f"| {s['signal']} | {s['side']} {s['limit']} | {len(s['leads'])} / {s['declining']} | {lead} | "
+        threshold = f"{s['side']} {s['limit']}" if s["side"] else "-"
+        lines.append(f"| {s['signal']} | {threshold} | {len(s['leads'])} / {s['declining']} | {lead} | "
                      f"{s['late']} | {s['missed']} | {s['healthy']} | {s['false_alarms']} |")
     return "\n".join(lines)
 
@@ -124,8 +127,13 @@ def main(argv=None) -> int:
     if overlap:
         parser.error(f"a run cannot be both tuned and tested on: {sorted(overlap)}")
     chosen = {k: v for k, v in tune(tuning).items() if v is not None}
+    together = {k: (s["side"], s["limit"]) for k, s in chosen.items()}
     tested = [score(testing, s["signal"], s["side"], s["limit"]) for s in chosen.values()]
+    if len(together) > 1:            # the monitor with every tuned sign: its first warning on any of them
+        chosen["any"] = score(tuning, "any of the above", "", "", thresholds=together)
+        tested.append(score(testing, "any of the above", "", "", thresholds=together))
     current = [score(testing, k, side, limit) for k, (side, limit) in CollapseMonitor.THRESHOLDS.items()]
+    current.append(score(testing, "any of the above", "", "", thresholds=CollapseMonitor.THRESHOLDS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = (f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} declining), scored on "
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     (out / "collapse_detector.md").write_text(text)
     (out / "collapse_detector.json").write_text(json.dumps(
         {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing], "decline": DECLINE,
-         "chosen": list(chosen.values()), "tested": tested, "shipped": current}, indent=1))
+         "tuned_thresholds": together, "chosen": list(chosen.values()), "tested": tested, "shipped": current},
+        indent=1))
     print(text)
     return 0
 

@@ -311,7 +311,7 @@ def run_report(rows: list, decline: float = DECLINE) -> list:
                 row[f"{key.split('/')[1]}/final"] = statistics.fmean(values)
         warnings = replay_monitor(run)
         for key in sorted(warnings):
-            row[f"warning_step/{key.split('/')[1]}"] = warnings[key]
+            row[f"warning_step/{key.rpartition('/')[2]}"] = warnings[key]
         first = min(warnings.values()) if warnings else None
         row["first_warning_step"] = first
         row["warning_lead_steps"] = row["decline_step"] - first if first is not None and row["decline_step"] else None

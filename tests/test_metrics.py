@@ -7,38 +7,44 @@ from mgrpo.metrics import CollapseMonitor, MetricsLogger, format_metrics_line
 def test_collapse_monitor_warns_once_on_the_trailing_mean():
     lines = []
     monitor = CollapseMonitor(log=lines.append, window=3)
-    healthy = {"entropy": 1.0, "collapse/unanimous_frac": 0.1, "collapse/momentum_agreement": 0.7}
+    healthy = {"entropy": 1.0, "kl": 0.01, "collapse/unanimous_frac": 0.1, "collapse/momentum_agreement": 0.7}
     assert monitor.observe(1, healthy)["collapse/entropy_ratio"] == 1.0
     monitor.observe(2, {**healthy, "collapse/momentum_agreement": 0.2})     # one noisy step: no warning
     monitor.observe(3, healthy)
     assert lines == []
-    for step in range(4, 8):                                                 # the policy drifts away
+    for step in range(4, 8):                                                 # the policy drifts from its anchor
         monitor.observe(step, {**healthy, "collapse/momentum_agreement": 0.3})
     assert len(lines) == 1 and "collapse/momentum_agreement" in lines[0] and "step 4" in lines[0]
-    for step in range(8, 12):                                                # entropy collapses
-        out = monitor.observe(step, {**healthy, "entropy": 0.3, "collapse/momentum_agreement": 0.3})
-    assert out["collapse/entropy_ratio"] == 0.3
-    assert len(lines) == 2 and "collapse/entropy_ratio" in lines[1]
-    # entropy falls in healthy runs too: its warning asks for validation, it does not call a collapse
-    assert "sharpening" in lines[1] and "--all-checkpoints" in lines[1] and "sign of collapse" not in lines[1]
     assert "a sign of collapse" in lines[0]
+    monitor.observe(8, {**healthy, "kl": 0.12})                              # (0.01 + 0.01 + 0.12) / 3 < 0.05
+    assert len(lines) == 1
+    monitor.observe(9, {**healthy, "kl": 0.12})                              # (0.01 + 0.12 + 0.12) / 3 > 0.05
+    assert len(lines) == 2 and lines[1].startswith("[warning] step 9: kl = 0.0833") and "initial model" in lines[1]
+    # sharpening alone (entropy ratio 0.3, unanimous groups) is logged, not warned on: healthy runs do it too
+    for step in range(10, 20):
+        out = monitor.observe(step, {**healthy, "entropy": 0.3, "collapse/unanimous_frac": 0.95})
+    assert out["collapse/entropy_ratio"] == 0.3 and len(lines) == 2
     # state round trip (checkpointed): the same warnings are not repeated after a resume
     again = CollapseMonitor.from_state(json.loads(json.dumps(monitor.state())), log=lines.append)
-    again.observe(12, {**healthy, "entropy": 0.3, "collapse/unanimous_frac": 0.95, "collapse/momentum_agreement": 0.3})
+    for step in range(20, 24):
+        again.observe(step, {**healthy, "kl": 0.3, "collapse/momentum_agreement": 0.3})
     assert len(lines) == 2
-    for step in range(13, 16):
-        again.observe(step, {**healthy, "collapse/unanimous_frac": 0.95})
-    assert len(lines) == 3 and "collapse/unanimous_frac" in lines[2]
-    # the healthy band measured on the embedded default (entropy ratio >= 0.85) never warns
-    calm = []
-    steady = CollapseMonitor(log=calm.append, window=3)
-    for step in range(1, 30):
-        steady.observe(step, {**healthy, "entropy": 1.0 if step == 1 else 0.85})
-    assert calm == []
     # SRT has no momentum model: the agreement is None and never warns
     srt = CollapseMonitor(log=lines.append, window=1)
-    srt.observe(1, {"entropy": 1.0, "collapse/unanimous_frac": 0.0, "collapse/momentum_agreement": None})
-    assert len(lines) == 3
+    srt.observe(1, {"entropy": 1.0, "kl": 0.0, "collapse/unanimous_frac": 0.0, "collapse/momentum_agreement": None})
+    assert len(lines) == 2
+
+
+def test_kl_is_watched_only_against_the_initial_model():
+    from mgrpo.config import AlgorithmConfig
+    assert set(CollapseMonitor.thresholds_for(AlgorithmConfig())) == {"kl", "collapse/momentum_agreement"}
+    assert "kl" not in CollapseMonitor.thresholds_for(AlgorithmConfig(kl_coef=0.0))
+    assert "kl" not in CollapseMonitor.thresholds_for(AlgorithmConfig(kl_reference="momentum"))
+    lines = []
+    quiet = CollapseMonitor.from_state(None, lines.append, CollapseMonitor.thresholds_for(AlgorithmConfig(kl_coef=0.0)))
+    for step in range(1, 20):
+        quiet.observe(step, {"entropy": 1.0, "kl": 0.5, "collapse/momentum_agreement": 0.9})
+    assert lines == []
 
 
 def test_metrics_logger_drops_steps_after_the_resumed_checkpoint(tmp_path):

@@ -203,7 +203,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
         metrics = MetricsLogger(run_dir, resume_step=start_step if resume_from is not None else None)
         if before is not None and resume_from is None:
             metrics.log(0, eval_metrics(before, cfg.eval.k))
-    monitor = CollapseMonitor.from_state(monitor_state, log)
+    monitor = CollapseMonitor.from_state(monitor_state, log, CollapseMonitor.thresholds_for(algo))
     times = StageTimes()
 
     end_step = cfg.steps if stop_after_steps is None else min(cfg.steps, start_step + stop_after_steps)
