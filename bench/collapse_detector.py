@@ -8,6 +8,10 @@ so far (the evaluation's noise: two standard errors); a run without such a drop 
 one label-free signal of the training log (the trailing mean over the monitor's window of 10 steps) against a
 threshold: the monitor's own replay (mgrpo.metrics.CollapseMonitor with those thresholds), nothing re-implemented.
 
+`--runs FILE` takes the runs from the signals file a previous call wrote (runs.jsonl.gz in --out: every run's
+label-free signals and held-out greedy accuracy, and whether it was tuned or tested on), so the report is remade
+from the repository without the run directories.
+
 Tuning picks, per signal, the threshold that warns before the decline in the most declining --tune runs with no
 false alarm in the healthy --tune runs (ties: the earliest warnings). Scoring replays the chosen thresholds on the
 --test runs, which tuning never saw: for each declining run the steps of warning before the decline was first
@@ -17,6 +21,7 @@ collapse_detector.md and .json to --out.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -36,12 +41,16 @@ CANDIDATES = {
 }
 
 
-def load_run(path: Path) -> dict:
+KEPT = ("step", "entropy", "eval/greedy", *CANDIDATES)   # what runs.jsonl.gz keeps of each record
+
+
+def load_run(path: Path, records: Optional[list] = None) -> dict:
     """A run's per-step records (eval lines merged into their step) and its decline step (None: healthy)."""
-    by_step: dict = {}
-    for record in read_metrics(path):
-        by_step.setdefault(record["step"], {}).update(record)
-    records = [by_step[s] for s in sorted(by_step)]
+    if records is None:
+        by_step: dict = {}
+        for record in read_metrics(path):
+            by_step.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k in KEPT})
+        records = [by_step[s] for s in sorted(by_step)]
     evals = [r for r in records if r.get("eval/greedy") is not None]
     decline, best = None, float("-inf")
     for r in evals:
@@ -116,13 +125,42 @@ def table(scores: list) -> str:
     return "\n".join(lines)
 
 
+def per_run_table(scored: dict) -> str:
+    lines = ["| run | held-out decline first seen at step | first warning at step | lead (steps) |", "|---|---|---|---|"]
+    for r in scored["per_run"]:
+        lead = "-" if r["warning"] is None or r["decline"] is None else f"{r['decline'] - r['warning']}"
+        verdict = (" (false alarm)" if r["decline"] is None and r["warning"] is not None
+                   else " (missed)" if r["decline"] is not None and r["warning"] is None else "")
+        lines.append(f"| {r['run']} | {r['decline'] or '-'} | {r['warning'] or '-'}{verdict} | {lead} |")
+    return "\n".join(lines)
+
+
+def short_name(path: str) -> str:
+    """A run directory as its last two parts (comparison/method_seedN): what the report calls it."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tune", nargs="+", required=True, help="run directories the thresholds are tuned on")
-    parser.add_argument("--test", nargs="+", required=True, help="run directories they are scored on (other seeds)")
+    parser.add_argument("--tune", nargs="+", default=[], help="run directories the thresholds are tuned on")
+    parser.add_argument("--test", nargs="+", default=[], help="run directories they are scored on (other seeds)")
+    parser.add_argument("--runs", help="runs.jsonl.gz of an earlier call: its tuning and test runs")
     parser.add_argument("--out", default="bench/results/collapse_detector")
     args = parser.parse_args(argv)
-    tuning, testing = [load_run(Path(p)) for p in args.tune], [load_run(Path(p)) for p in args.test]
+    if args.runs:
+        if args.tune or args.test:
+            parser.error("give --runs, or --tune and --test, not both")
+        with gzip.open(args.runs, "rt") as f:
+            saved = [json.loads(line) for line in f]
+        tuning = [load_run(r["path"], r["records"]) for r in saved if r["role"] == "tune"]
+        testing = [load_run(r["path"], r["records"]) for r in saved if r["role"] == "test"]
+    elif args.tune and args.test:
+        tuning = [load_run(Path(p)) for p in args.tune]
+        testing = [load_run(Path(p)) for p in args.test]
+        for run in tuning + testing:
+            run["path"] = short_name(run["path"])
+    else:
+        parser.error("give --tune and --test run directories (or --runs FILE)")
     overlap = {r["path"] for r in tuning} & {r["path"] for r in testing}
     if overlap:
         parser.error(f"a run cannot be both tuned and tested on: {sorted(overlap)}")
@@ -142,7 +180,14 @@ def main(argv=None) -> int:
             "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()))
             + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested)
             + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current) + "\n")
+    if len(together) > 0:
+        monitor = tested[-1] if len(together) > 1 else tested[0]
+        text += "\n**Per test run, the tuned monitor:**\n\n" + per_run_table(monitor) + "\n"
     (out / "collapse_detector.md").write_text(text)
+    with gzip.open(out / "runs.jsonl.gz", "wt") as f:
+        for role, runs in (("tune", tuning), ("test", testing)):
+            for run in runs:
+                f.write(json.dumps({"path": run["path"], "role": role, "records": run["records"]}) + "\n")
     (out / "collapse_detector.json").write_text(json.dumps(
         {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing], "decline": DECLINE,
          "tuned_thresholds": together, "chosen": list(chosen.values()), "tested": tested, "shipped": current},

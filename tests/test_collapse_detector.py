@@ -49,3 +49,9 @@ def test_tuned_threshold_lead_time_and_false_alarms(tmp_path):
     assert cd.main(["--tune", str(collapsing), str(healthy), "--test", str(late), str(drifting), "--out", str(out)]) == 0
     text = (out / "collapse_detector.md").read_text()
     assert "| kl | above 0.08 | 1 / 1 | 11 |" in text and "| kl | above 0.08 | 0 / 1 | - | 1 | 0 | 1 | 1 |" in text
+    # remade from the signals file alone (what the repository keeps), without the run directories
+    again = tmp_path / "again"
+    assert cd.main(["--runs", str(out / "runs.jsonl.gz"), "--out", str(again)]) == 0
+    assert (again / "collapse_detector.md").read_text() == text
+    per_run = text.replace(tmp_path.name, "tmp")                # the KL of "late" passes 0.08 at step 38
+    assert "| tmp/late | 20 | 38 | -18 |" in per_run and "| tmp/drift | - | 10 (false alarm) | - |" in per_run
