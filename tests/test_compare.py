@@ -151,6 +151,15 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     for r in runs:
         assert float(r["greedy/best"]) >= float(r["greedy/final"]) and r["greedy/best_step"] in ("0", "2", "3")
     assert "| srt seed 1 |" in (out / "compare.md").read_text()
+    # Held-out figures per family (the built-in task's 3- and 4-term problems): each evaluation's families add up
+    # to its mean, and every run reports each family's best and final
+    for r in (r for r in rows if r["eval/greedy"]):
+        counts = {f: int(r[f"eval/{f}-term/problems"]) for f in (3, 4)}
+        assert sum(counts.values()) == 16
+        mean = sum(float(r[f"eval/{f}-term/greedy"]) * n for f, n in counts.items()) / 16
+        assert mean == pytest.approx(float(r["eval/greedy"]))
+    assert all(r["3-term/greedy/final"] and r["4-term/maj@k/best"] for r in runs)
+    assert "| 3-term greedy best (step) / final |" in (out / "compare.md").read_text()
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     printed = capsys.readouterr().out

@@ -187,7 +187,12 @@ def test_cli_end_to_end_on_a_local_file(tiny_model_dir, tmp_path, capsys, engine
     assert report["benchmarks"]["mini"]["k"] == 3 and report["benchmarks"]["mini"]["problems"] == 3
     assert report["benchmarks"]["arithmetic"]["problems"] == 6 and "torch" in report["versions"]
     rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0].startswith("benchmark,problems,greedy,avg@3,maj@3,pass@1,pass@4") and len(rows) == 3
+    assert rows[0].startswith("benchmark,problems,greedy,avg@3,maj@3,pass@1,pass@4")
+    # the built-in task's problems have families (3 and 4 terms): a row for each after the benchmark's own
+    assert [r.split(",")[0] for r in rows[1:]] == ["mini", "arithmetic", "arithmetic[3-term]", "arithmetic[4-term]"]
+    parts = [r for r in report["results"] if r["benchmark"].startswith("arithmetic[")]
+    assert sum(r["problems"] for r in parts) == 6
+    assert sum(r["greedy"] * r["problems"] for r in parts) / 6 == pytest.approx(report["results"][1]["greedy"])
     samples = [json.loads(line) for line in (out / "samples_mini.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and len(samples[0]["samples"]) == 4 and samples[1]["answer"] == "9"
     for result in report["results"]:
@@ -215,11 +220,12 @@ def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsy
     assert cli(["eval", str(run), "--all-checkpoints", "--engine", "hf", "--k", "2", "--out", str(out)]) == 0
     lines = (out / "accuracy_vs_step.csv").read_text().splitlines()
     assert lines[0].startswith("step,benchmark,problems,greedy,avg@2,maj@2")
+    lines = [line for line in lines if "[" not in line.split(",")[1]]      # not the per-family rows
     # base, the step-2 checkpoint (weights loaded from its DCP shards), the step-3 snapshot, the final model
     assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 2, 3, 4]
     assert (out / "accuracy_vs_step.png").stat().st_size > 10_000
     # the sweep's figures are the trainer's own validations (same weights, data, settings and seeds)
-    results = {r["step"]: r for r in json.loads((out / "eval.json").read_text())["results"]}
+    results = {r["step"]: r for r in json.loads((out / "eval.json").read_text())["results"] if "[" not in r["benchmark"]}
     for step in (0, 2, 4):
         trained = next(r for r in records if r["step"] == step and "eval/greedy" in r)
         assert results[step]["greedy"] == trained["eval/greedy"], step

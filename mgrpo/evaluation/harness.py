@@ -94,7 +94,7 @@ def summarize(results: Sequence[ProblemResult], k: int, pass_ks: Sequence[int]) 
         for family in families:
             part = summarize([r for r in results if r.family == family], k, pass_ks)
             out.update({f"{family}/{key}": value for key, value in part.items()
-                        if key == "problems" or key == "greedy" or key.startswith(("avg@", "maj@"))})
+                        if key == "problems" or key == "greedy" or key.startswith(("avg@", "maj@", "pass@"))})
     return out
 
 
