@@ -3,8 +3,9 @@
     python bench/collapse_detector.py --tune RUN_DIR ... --test RUN_DIR ... [--out bench/results/collapse_detector]
 
 Every run is a `mgrpo train` run directory with held-out evaluations in its metrics.jsonl (data.eval_every). A
-run *declines* where its held-out greedy accuracy first falls more than mgrpo.comparison.DECLINE below its best
-so far (the evaluation's noise: two standard errors); a run without such a drop is healthy. Each candidate is
+run *collapsed* when its final held-out greedy accuracy is more than mgrpo.comparison.DECLINE (the evaluation's
+noise: two standard errors) below its best; its decline is where its accuracy first fell that far below its best
+so far. Every other run is healthy, a dip it recovered from included. Each candidate is
 one label-free signal of the training log (the trailing mean over the monitor's window of 10 steps) against a
 threshold: the monitor's own replay (mgrpo.metrics.CollapseMonitor with those thresholds), nothing re-implemented.
 
@@ -12,9 +13,9 @@ threshold: the monitor's own replay (mgrpo.metrics.CollapseMonitor with those th
 label-free signals and held-out greedy accuracy, and whether it was tuned or tested on), so the report is remade
 from the repository without the run directories.
 
-Tuning picks, per signal, the threshold that warns before the decline in the most declining --tune runs with no
+Tuning picks, per signal, the threshold that warns before the decline in the most collapsed --tune runs with no
 false alarm in the healthy --tune runs (ties: the earliest warnings). Scoring replays the chosen thresholds on the
---test runs, which tuning never saw: for each declining run the steps of warning before the decline was first
+--test runs, which tuning never saw: for each collapsed run the steps of warning before the decline was first
 seen (negative: late; none: missed), for each healthy run whether it warned (a false alarm). Writes
 collapse_detector.md and .json to --out.
 """
@@ -58,6 +59,8 @@ def load_run(path: Path, records: Optional[list] = None) -> dict:
             decline = r["step"]
             break
         best = max(best, r["eval/greedy"])
+    if evals[-1]["eval/greedy"] >= max(r["eval/greedy"] for r in evals) - DECLINE:
+        decline = None                       # ended within the noise of its best: not a collapse
     return {"path": str(path), "records": records, "decline": decline, "steps": records[-1]["step"]}
 
 
@@ -115,7 +118,7 @@ def tune(runs: list) -> dict:
 
 
 def table(scores: list) -> str:
-    lines = ["| signal | threshold | declining runs warned in time | median lead (steps) | late | missed | "
+    lines = ["| signal | threshold | collapsed runs warned in time | median lead (steps) | late | missed | "
              "healthy runs | false alarms |", "|---|---|---|---|---|---|---|---|"]
     for s in scores:
         lead = f"{statistics.median(s['leads']):.0f}" if s["leads"] else "-"
@@ -126,7 +129,7 @@ def table(scores: list) -> str:
 
 
 def per_run_table(scored: dict) -> str:
-    lines = ["| run | held-out decline first seen at step | first warning at step | lead (steps) |", "|---|---|---|---|"]
+    lines = ["| run | decline first seen at step (collapsed runs) | first warning at step | lead (steps) |", "|---|---|---|---|"]
     for r in scored["per_run"]:
         lead = "-" if r["warning"] is None or r["decline"] is None else f"{r['decline'] - r['warning']}"
         verdict = (" (false alarm)" if r["decline"] is None and r["warning"] is not None
@@ -174,9 +177,10 @@ def main(argv=None) -> int:
     current.append(score(testing, "any of the above", "", "", thresholds=CollapseMonitor.THRESHOLDS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = (f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} declining), scored on "
-            f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} declining); a decline is a "
-            f"held-out greedy drop of more than {DECLINE:.2f} below the run's best so far.\n\n"
+    text = (f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} collapsed), scored on "
+            f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} collapsed); a run collapsed when its "
+            f"final held-out greedy accuracy is more than {DECLINE:.2f} below its best, and its decline is the first "
+            f"evaluation that far below its best so far.\n\n"
             "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()))
             + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested)
             + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current) + "\n")

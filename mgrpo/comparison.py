@@ -282,9 +282,10 @@ def replay_monitor(run: list) -> dict:
 def run_report(rows: list, decline: float = DECLINE) -> list:
     """Per run (method, seed): final and best held-out accuracy and the step of the best, the final checkpoint's
     distance below its best; the entropy ratio and momentum agreement at the end (mean of the last FINAL_WINDOW
-    steps); the first evaluation `decline` below the best so far (None: no decline); the
-    monitor's warnings, replayed, and how many steps the first came before the decline (negative: after it; a
-    warning in a run without a decline is a false alarm)."""
+    steps); the first evaluation `decline` below the best so far (None: no decline); whether the run collapsed
+    (its final more than `decline` below its best); the monitor's warnings, replayed, and how many steps the first
+    came before a collapsed run's first decline (negative: after it; a warning in a run that did not collapse
+    is a false alarm)."""
     out = []
     for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in rows):
         run = sorted((r for r in rows if r["method"] == method and r["seed"] == seed), key=lambda r: r["step"])
@@ -314,8 +315,12 @@ def run_report(rows: list, decline: float = DECLINE) -> list:
             row[f"warning_step/{key.rpartition('/')[2]}"] = warnings[key]
         first = min(warnings.values()) if warnings else None
         row["first_warning_step"] = first
-        row["warning_lead_steps"] = row["decline_step"] - first if first is not None and row["decline_step"] else None
-        row["false_alarm"] = first is not None and row["decline_step"] is None
+        # collapsed: the run ends more than the noise below its best (a dip it recovers from is not a collapse);
+        # a warning before a collapse's first drop leads it, a warning in a run that did not collapse is a false alarm
+        row["collapsed"] = row.get("greedy/final_minus_best", 0.0) < -decline
+        row["warning_lead_steps"] = (row["decline_step"] - first if first is not None and row["collapsed"]
+                                     and row["decline_step"] else None)
+        row["false_alarm"] = first is not None and not row["collapsed"]
         out.append(row)
     return out
 

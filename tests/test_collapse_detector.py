@@ -34,6 +34,9 @@ def test_tuned_threshold_lead_time_and_false_alarms(tmp_path):
     healthy = write_run(tmp_path / "healthy", [0.07] * 40, {0: 0.58, 10: 0.60, 20: 0.61, 30: 0.62})
     runs = [cd.load_run(collapsing), cd.load_run(healthy)]
     assert [r["decline"] for r in runs] == [30, None]
+    # a dip it recovers from (0.60 -> 0.50 -> 0.60) is not a collapse: the run ends within the noise of its best
+    dip = write_run(tmp_path / "dip", [0.07] * 40, {0: 0.58, 10: 0.60, 20: 0.50, 30: 0.59})
+    assert cd.load_run(dip)["decline"] is None
     chosen = cd.tune(runs)["kl"]
     # the lowest thresholds (0.03 ... 0.06) false-alarm on the healthy run's steady 0.07; 0.08 is the first quiet
     # one, and the earliest to warn in the collapsing run: at step 19
