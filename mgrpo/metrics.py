@@ -112,8 +112,8 @@ class CollapseMonitor:
     collapse/unanimous_frac       groups whose G responses all give one answer
     """
     THRESHOLDS = {
-        "kl": ("above", 0.05),
-        "collapse/momentum_agreement": ("below", 0.5),
+        "kl": ("above", 0.06),
+        "collapse/momentum_agreement": ("below", 0.4),
     }
 
     _ACT = "Watch eval/*; consider a lower optim.lr, M-GRPO instead of SRT, or a checkpoint from before this step."
