@@ -208,9 +208,12 @@ def run_stage(stage: Stage, command: list, env: dict, log_path: Path, timeout: f
         log.write(f"$ {shlex.join(command)}\n# allowed {timeout:.0f} s (limit {stage.limit} s), started "
                   f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
         log.flush()
-        # its own session: the signals reach the stage's children too (pytest's, compile workers), and not us
+        # its own session: the signals reach the stage's children too (pytest's, compile workers), and not us.
+        # SIGINT back to its default in the stage: a script started in the background (`bash run_gpu.sh &`, nohup)
+        # inherits it ignored, and Python then never raises KeyboardInterrupt, so the cut loses its traceback
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             rc = proc.wait(timeout=timeout)
             status = "ok" if rc == 0 else f"exit {rc}"

@@ -455,8 +455,9 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
     for r in report:
         if r.get("first_warning_step") is not None:
             warned.setdefault(r["method"], []).append(r["first_warning_step"])
-    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {preset} (seeds {seed_label(seeds)}) "
-         + " ".join(overrides) + ("; dotted: a run's first collapse warning" if warned else ""), warnings=warned)
+    plot(summary, out / f"{name}.png", f"mgrpo compare --preset {preset} (seeds {seed_label(seeds)})"
+         + "".join(f" {o}" for o in overrides) + ("; dotted: a run's first collapse warning" if warned else ""),
+         warnings=warned)
     write_csv(out / f"{name}_runs.csv", report)
     (out / f"{name}.md").write_text(markdown_tables(summary, report))
     print(final_table(summary))

@@ -18,6 +18,12 @@ import yaml
 
 from .errors import MgrpoError
 
+# The built-in tasks: name -> how many terms a problem has (one of these, drawn per problem). The embedded
+# default's base was warm-started on 3 and 4 terms; "-long" adds 5-term problems, on which that base is almost
+# never right yet about as confident as on the others (README, "Collapse"): the regime where a majority vote
+# rewards a confident error, `mgrpo compare --preset collapse`.
+BUILTIN_TASKS = {"builtin:arithmetic": (3, 4), "builtin:arithmetic-long": (3, 4, 5)}
+
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -123,7 +129,6 @@ class DataConfig:
         _check(bool(self.source), "data.source is empty: give builtin:arithmetic, a .jsonl/.parquet path or a dataset name")
         for name, value in (("source", self.source), ("eval_source", self.eval_source)):
             if value and value.startswith("builtin:"):
-                from .data.problems import BUILTIN_TASKS
                 _check(value in BUILTIN_TASKS, f"data.{name}={value}: no such built-in task; use "
                        + " or ".join(BUILTIN_TASKS) + ", or a file or dataset name")
         _check(self.num_eval >= 0, f"data.num_eval={self.num_eval}: must be >= 0")

@@ -12,16 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..answers import extract_boxed_answer
-from ..config import DataConfig
+from ..config import BUILTIN_TASKS, DataConfig
 from ..errors import DataError
 from .tiny import held_out_dataset, training_problem
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
-# The built-in tasks: name -> how many terms a problem has (one of these, drawn per problem). The embedded
-# default's base was warm-started on 3 and 4 terms; "-long" adds 5-term problems, on which that base is almost
-# never right yet about as confident as on the others (README, "Collapse"): the regime where a majority vote
-# rewards a confident error, `mgrpo compare --preset collapse`.
-BUILTIN_TASKS = {BUILTIN_ARITHMETIC: (3, 4), "builtin:arithmetic-long": (3, 4, 5)}
 
 
 def is_builtin(source: str) -> bool:
