@@ -63,6 +63,12 @@ PRESETS = {
                      "data.eval_every=10"]),
 }
 
+# The anchor that held on every seed of the collapse preset (README, "Collapse"): half of each group from a momentum
+# model ten times slower than the paper's (N = 8 of G = 16, m = 0.999).
+ANCHORED = "mgrpo+algorithm.momentum_samples=8+algorithm.momentum=0.999"
+# preset -> its methods when --methods is not given (otherwise every method of METHODS)
+PRESET_METHODS = {"collapse": [*METHODS, ANCHORED]}
+
 PLOT_PANELS = (("eval/greedy", "held-out greedy accuracy"), ("eval/maj@k", "held-out maj@k accuracy"),
                ("reward", "training reward"), ("pseudo_label_accuracy", "pseudo-label accuracy"),
                ("majority_ratio", "majority ratio"), ("entropy", "entropy"),
@@ -77,10 +83,14 @@ class CompareError(MgrpoError, ValueError):
     pass
 
 
+SETTING_SPLIT = re.compile(r"\+(?=[A-Za-z_][\w.]*=)")    # the "+" before each "key=" of a method's name
+
+
 def method_overrides(method: str) -> list:
-    """A method's train overrides: a named method, or "NAME+key=value" (a --sweep variant of NAME)."""
-    name, _, setting = method.partition("+")
-    return [*METHODS[name], *([setting] if setting else [])]
+    """A method's train overrides: a named method, or "NAME+key=value" (a --sweep variant of NAME), or with several
+    settings "NAME+key=value+key=value" (a "+" splits only before the next "key=", so a value may hold one)."""
+    name, *settings = SETTING_SPLIT.split(method)
+    return [*METHODS[name], *settings]
 
 
 def sweep_methods(methods: list, sweep: str) -> list:
@@ -252,10 +262,16 @@ def plot(summary: list, path: Path, title: str, smooth: int = 5, warnings: Optio
                               if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-        if ax.lines:            # (an SRT-only comparison logs no momentum agreement)
-            ax.legend(fontsize=7)
+    # one legend for the figure, below the panels (every panel colors a method alike; a sweep's long names would
+    # cover a panel's curves)
+    legend = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name.rsplit(" (n=", 1)[0], (handle, name))
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.legend([h for h, _ in legend.values()], [n for _, n in legend.values()], loc="lower center",
+               ncol=min(len(legend), 2 if max(map(len, legend), default=0) > 40 else 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.025 * (1 + (len(legend) > 2 and max(map(len, legend), default=0) > 40)), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -418,8 +434,8 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
     `out`, or with report_only none, then write the tables and plot. seeds, methods, sweep: as the flags take them."""
     overrides = list(overrides)
     seeds = parse_seeds(seeds if seeds is not None else str(PRESETS[preset][0]))
-    methods = methods.split(",") if methods else list(METHODS)
-    unknown = [m for m in methods if m.partition("+")[0] not in METHODS]
+    methods = methods.split(",") if methods else PRESET_METHODS.get(preset, list(METHODS))
+    unknown = [m for m in methods if SETTING_SPLIT.split(m)[0] not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):

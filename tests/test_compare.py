@@ -221,6 +221,9 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
     assert methods == ["mgrpo+algorithm.momentum=0.9", "mgrpo+algorithm.momentum=0.999",
                        "srt+algorithm.momentum=0.9", "srt+algorithm.momentum=0.999"]
     assert method_overrides(methods[1]) == ["algorithm.mode=mgrpo", "algorithm.momentum=0.999"]
+    # several settings in one name (the collapse preset's anchored M-GRPO); a "+" inside a value stays in it
+    assert method_overrides("mgrpo+algorithm.momentum_samples=8+algorithm.momentum=0.999+optim.lr=1e+4") == [
+        "algorithm.mode=mgrpo", "algorithm.momentum_samples=8", "algorithm.momentum=0.999", "optim.lr=1e+4"]
     cfg = load_config(None, run_overrides("default", methods[1], 2, tmp_path, []))
     assert cfg.algorithm.momentum == 0.999 and cfg.seed == 2
     assert cfg.run_dir == str(tmp_path / "mgrpo+algorithm.momentum=0.999_seed2")
@@ -237,3 +240,26 @@ def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     assert cli(["compare", "--name", "../x", "--out", str(tmp_path / "f")]) == 1   # output names stay in --out
     assert not (tmp_path / "f").exists()
+
+
+def test_collapse_preset_runs_the_anchor_that_held_on_every_seed(tmp_path, capsys):
+    """--preset collapse without --methods adds the anchored M-GRPO (README, "Collapse"): N = 8 of G = 16 from a
+    momentum model with m = 0.999, on the preset's task."""
+    from mgrpo.comparison import ANCHORED, run_overrides
+    from mgrpo.config import load_config
+    cfg = load_config(None, run_overrides("collapse", ANCHORED, 1, tmp_path, []))
+    a = cfg.algorithm
+    assert (a.mode, a.group_size, a.momentum_samples, a.momentum, a.iqr_filter) == ("mgrpo", 16, 8, 0.999, True)
+    assert (cfg.data.source, cfg.steps, cfg.optim.lr) == ("builtin:arithmetic-long", 120, 1e-4)
+    # finished runs of every method (their metrics.jsonl alone): the preset's report covers all four
+    methods = ["srt", "mgrpo", "mgrpo_no_iqr", ANCHORED]
+    for i, method in enumerate(methods):
+        run = tmp_path / f"{method}_seed0"
+        run.mkdir()
+        records = [{"step": 0, "eval/greedy": 0.4, "eval/maj@k": 0.45},
+                   *({"step": s, "reward": 0.5, "entropy": 0.1, "kl": 0.01} for s in range(1, 121)),
+                   {"step": 120, "eval/greedy": 0.3 + 0.05 * i, "eval/maj@k": 0.4}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["compare", "--preset", "collapse", "--seeds", "0-0", "--out", str(tmp_path), "--report"]) == 0
+    assert "4 of 4 runs finished" in capsys.readouterr().out
+    assert [r["method"] for r in read_csv(tmp_path / "compare_runs.csv")] == methods

@@ -2,7 +2,7 @@
 tables and plots)."""
 from __future__ import annotations
 
-from ..comparison import METHODS, PRESETS, compare
+from ..comparison import ANCHORED, METHODS, PRESETS, compare
 
 HELP = "SRT vs M-GRPO vs M-GRPO without the IQR filter, over seeds"
 
@@ -16,7 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--seeds", help="seeds per method: a count N (0..N-1; default: the preset's), a range "
                                         "A-B or a list A,B,C (e.g. tune on 100-102, claim on 0-2)")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}; a sweep's variant is named "
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all three; --preset collapse adds "
+                                          f"the anchored M-GRPO, {ANCHORED}); a sweep's variant is named "
                                           "METHOD+KEY=VALUE (e.g. srt,mgrpo,mgrpo+algorithm.momentum=0.9: one report "
                                           "over methods and sweeps)")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
