@@ -126,6 +126,20 @@ def choose_mesh(mesh: str, nodes: int) -> str:
     return "fsdp" if nodes == 1 else mesh
 
 
+# The process groups init_distributed opened (close_distributed destroys them; one a caller opened is theirs).
+_OPENED_HERE: list = []
+
+
+def close_distributed() -> None:
+    """Destroy the process group init_distributed opened, while the interpreter is still whole. Left to exit,
+    gloo's worker threads outlive it and the process can abort after a clean run ("terminate called without an
+    active exception", SIGABRT: pytorch/pytorch PR 179291), which torchrun reports as a failed rank."""
+    while _OPENED_HERE:
+        group = _OPENED_HERE.pop()
+        if torch.distributed.is_initialized() and torch.distributed.group.WORLD is group:
+            torch.distributed.destroy_process_group()
+
+
 def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = "auto") -> Dist:
     """The process group when launched by torchrun (reused if one exists), else world size 1. One process in
     mixed precision (`precision` resolving to bf16) gets a one-rank group on an in-memory store, for FSDP2.
@@ -139,6 +153,7 @@ def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = 
         if fsdp_on_one_process and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if want_cuda else "gloo", store=torch.distributed.HashStore(),
                                                  rank=0, world_size=1)
+            _OPENED_HERE.append(torch.distributed.group.WORLD)
         return Dist(device=dev, fsdp=fsdp_on_one_process)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -150,6 +165,7 @@ def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = 
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                              device_id=dev if dev.type == "cuda" else None)
+        _OPENED_HERE.append(torch.distributed.group.WORLD)
     nodes = node_count()
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=True, nodes=nodes,
                 mesh=choose_mesh(mesh, nodes))

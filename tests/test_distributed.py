@@ -392,3 +392,24 @@ def test_torchrun_cli_trains_to_the_end_in_bf16(tiny_cache, tmp_path):
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert proc.stdout.count("[done]") == 1          # only rank 0 prints
     assert "[memory]" in proc.stdout
+
+
+def test_the_cli_destroys_the_process_group_it_opened_and_only_that(tiny_cache, tmp_path):
+    """`mgrpo train` destroys the process group it opened before returning: one left to the interpreter's
+    teardown lets gloo's threads outlive it, and a rank that finished cleanly can abort at exit ("terminate called
+    without an active exception", which failed a torchrun test in CI). A group its caller opened stays open."""
+    from mgrpo.commands import main
+    tiny = [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16", "steps=1",
+            "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=16",
+            "data.num_eval=2", "eval.k=2", "progress=false", "rollout.engine=hf", "model.precision=bf16"]
+    if torch.distributed.is_initialized():        # left by a test that called train() directly
+        torch.distributed.destroy_process_group()
+    assert main(["train", *tiny, f"run_dir={tmp_path / 'opened-here'}"]) == 0
+    assert not torch.distributed.is_initialized()
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        assert main(["train", *tiny, f"run_dir={tmp_path / 'opened-by-caller'}"]) == 0
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()

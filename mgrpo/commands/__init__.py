@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..distributed import close_distributed
 from ..environment import configure_process
 from ..errors import MgrpoError
 from . import compare, evaluate, plan, plot, train
@@ -36,3 +37,5 @@ def main(argv=None) -> int:
     except MgrpoError as e:          # what the user can fix: one line; anything else is a bug (traceback)
         print(f"mgrpo {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        close_distributed()          # before exit: a process group left to the interpreter's teardown can abort
