@@ -112,7 +112,7 @@ class CollapseMonitor:
     collapse/unanimous_frac       groups whose G responses all give one answer
     """
     THRESHOLDS = {
-        "kl": ("above", 0.06),
+        "kl": ("above", 0.08),
         "collapse/momentum_agreement": ("below", 0.4),
     }
 

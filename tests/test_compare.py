@@ -59,10 +59,10 @@ def synthetic_run(method, seed, greedy_by_step, entropy_by_step):
 
 
 def test_run_report_final_vs_best_and_the_monitors_lead():
-    """A run whose KL to the initial model rises past 0.06 (the monitor's trailing mean over 10 steps) and whose
+    """A run whose KL to the initial model rises past 0.08 (the monitor's trailing mean over 10 steps) and whose
     held-out accuracy falls 4 points below its best later; a healthy run that never warns; a false alarm."""
     steps = range(1, 61)
-    falling = {s: 1.0 if s <= 20 else 0.5 for s in steps}   # KL 0.1 from step 21: trailing mean 0.064 at step 26
+    falling = {s: 1.0 if s <= 20 else 0.5 for s in steps}   # KL 0.1 from step 21: trailing mean 0.082 at step 28
     flat = {s: 1.0 for s in steps}
     rows = (synthetic_run("srt", 0, {0: 0.70, 20: 0.74, 40: 0.71, 60: 0.62}, falling)
             + synthetic_run("mgrpo", 0, {0: 0.70, 20: 0.74, 40: 0.75, 60: 0.74}, flat)
@@ -73,8 +73,8 @@ def test_run_report_final_vs_best_and_the_monitors_lead():
     assert srt["greedy/final_minus_best"] == pytest.approx(-0.12)
     assert srt["maj@k/best_step"] == 20
     assert srt["decline_step"] == 60                       # 40: 3 points below the best, within the noise
-    assert srt["warning_step/kl"] == 26 and srt["first_warning_step"] == 26
-    assert srt["warning_lead_steps"] == 34 and not srt["false_alarm"]
+    assert srt["warning_step/kl"] == 28 and srt["first_warning_step"] == 28
+    assert srt["warning_lead_steps"] == 32 and not srt["false_alarm"]
     # At the end: the mean of the last 10 steps (entropy at half its start; no momentum model in SRT).
     assert srt["entropy_ratio/final"] == pytest.approx(0.5) and "momentum_agreement/final" not in srt
     healthy = report[("mgrpo", 0)]
