@@ -1,7 +1,7 @@
 """SRT, M-GRPO and M-GRPO without the IQR filter from the same base, over seeds: what `mgrpo compare` runs
 (mgrpo/commands/compare.py: its flags).
 
-    mgrpo compare                        # preset "default": the embedded default's 30 steps, 3 seeds
+    mgrpo compare                        # preset "default": the embedded default as `mgrpo train` runs it (60 steps), 3 seeds
     mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
     mgrpo compare --preset collapse      # a task where the vote is confidently wrong on one family of problems
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
