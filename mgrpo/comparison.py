@@ -2,7 +2,7 @@
 (mgrpo/commands/compare.py: its flags).
 
     mgrpo compare                        # preset "default": the embedded default as `mgrpo train` runs it (60 steps), 3 seeds
-    mgrpo compare --preset long          # 10x the steps: does SRT collapse here, does M-GRPO hold?
+    mgrpo compare --preset long          # 300 steps (5x the default): does SRT collapse here, does M-GRPO hold?
     mgrpo compare --preset collapse      # a task where the vote is confidently wrong on one family of problems
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
     mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
