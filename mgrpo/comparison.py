@@ -1,8 +1,9 @@
 """SRT, M-GRPO and M-GRPO without the IQR filter from the same base, over seeds: what `mgrpo compare` runs
 (mgrpo/commands/compare.py: its flags).
 
-    mgrpo compare                        # preset "default": the embedded default as `mgrpo train` runs it (60 steps), 3 seeds
-    mgrpo compare --preset long          # 300 steps (5x the default): does SRT collapse here, does M-GRPO hold?
+    mgrpo compare                        # preset "default": the embedded default as `mgrpo train` runs it (300 steps), 3 seeds
+    mgrpo compare --preset quick         # 60 steps: greedy rises, the vote does not yet (3 minutes a run on 2 cores)
+    mgrpo compare --preset long          # 900 steps (3x the default): does SRT collapse here, does M-GRPO hold?
     mgrpo compare --preset collapse      # a task where the vote is confidently wrong on one family of problems
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
     mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
@@ -50,12 +51,14 @@ METHODS = {
     "mgrpo_no_iqr": ["algorithm.mode=mgrpo", "algorithm.iqr_filter=false"],
 }
 
-# name -> (seeds, train overrides). "default" is the embedded default as `mgrpo train` runs it.
+# name -> (seeds, train overrides). "default" is the embedded default as `mgrpo train` runs it (validated every 30
+# steps too: the evaluation draws from its own generator, so the training is the same step for step).
 PRESETS = {
     "short": (2, ["steps=3", "data.num_eval=16", "data.eval_every=2", "eval.k=2", "algorithm.prompts_per_step=2",
                   "algorithm.group_size=4", "rollout.max_new_tokens=48"]),
-    "default": (3, ["data.eval_every=10"]),
-    "long": (3, ["steps=300", "data.eval_every=30", "save_every=30", "snapshot_every=30"]),
+    "quick": (3, ["steps=60", "data.eval_every=10"]),
+    "default": (3, ["data.eval_every=30"]),
+    "long": (3, ["steps=900", "data.eval_every=90", "save_every=90", "snapshot_every=90"]),
     # Where the vote is confidently wrong on part of the data (README, "Collapse"): the built-in task with 5-term
     # problems added, on which the shipped base's majority is wrong 95% of the time; twice the default's lr, so that
     # SRT's rise and fall fit in 120 steps (~7 minutes a run on 2 cores); held-out figures per family.

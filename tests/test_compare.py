@@ -263,3 +263,18 @@ def test_collapse_preset_runs_the_anchor_that_held_on_every_seed(tmp_path, capsy
     assert main(["compare", "--preset", "collapse", "--seeds", "0-0", "--out", str(tmp_path), "--report"]) == 0
     assert "4 of 4 runs finished" in capsys.readouterr().out
     assert [r["method"] for r in read_csv(tmp_path / "compare_runs.csv")] == methods
+
+
+def test_the_default_preset_trains_the_embedded_default_and_quick_its_60_steps(tmp_path):
+    """`mgrpo compare` (preset default) is `mgrpo train` with no arguments, validated along the way: the README's
+    default comparison is the Quick start's run at seeds 0-2. --preset quick is the 60-step version."""
+    from mgrpo.comparison import run_overrides
+    from mgrpo.config import load_config
+    embedded = load_config(None, [])
+    assert embedded.steps == 300
+    for preset, steps in (("default", embedded.steps), ("quick", 60), ("long", 3 * embedded.steps)):
+        cfg = load_config(None, run_overrides(preset, "mgrpo", 0, tmp_path, []))
+        assert cfg.steps == steps, preset
+        assert (cfg.rollout, cfg.algorithm, cfg.optim, cfg.model) == (embedded.rollout, embedded.algorithm,
+                                                                        embedded.optim, embedded.model), preset
+        assert cfg.data.eval_every > 0 and cfg.steps % cfg.data.eval_every == 0, preset

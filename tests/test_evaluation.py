@@ -10,7 +10,8 @@ from mgrpo.commands import main as cli
 from mgrpo.config import EvalConfig
 from mgrpo.data.problems import Problem
 from mgrpo.engines.base import Completion, RolloutEngine
-from mgrpo.evaluation.harness import EvalError, avg_at_k, evaluate, maj_at_k, pass_at_k
+from mgrpo.evaluation.harness import (EvalError, agreement_with_votes, avg_at_k, evaluate, held_out_votes, maj_at_k,
+                                     pass_at_k)
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
@@ -200,6 +201,38 @@ def test_cli_end_to_end_on_a_local_file(tiny_model_dir, tmp_path, capsys, engine
 
 
 @pytest.mark.slow
+def test_agreement_with_the_base_vote_by_hand():
+    """base_vote_agreement: a later model's greedy answers against the base model's majority answers (by hand),
+    problems without a base vote left out, per family, and under the trainer's eval/ keys; no ground truth read."""
+    from mgrpo.data.tiny import build_tokenizer
+    from mgrpo.loop.records import eval_metrics
+    tok = build_tokenizer()
+    problems = [Problem("A", "4", "short"), Problem("B", "7", "long"), Problem("C", "1", "long"),
+                Problem("D", "3", "long")]
+    settings = EvalConfig(k=3, n=0, pass_k=[], temperature=0.6, greedy=True)
+    base_samples = {"A": ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}"],      # vote 4
+                    "B": ["\\boxed{6}", "\\boxed{7}", "\\boxed{6}"],      # vote 6 (wrong: the truth is 7)
+                    "C": ["\\boxed{1}", "\\boxed{2}", "\\boxed{9}"],      # three-way tie: the first, 1
+                    "D": ["x", "y", "z"]}                                    # no answer: no vote
+    base_greedy = {"A": "\\boxed{4}", "B": "\\boxed{7}", "C": "\\boxed{2}", "D": "\\boxed{3}"}
+    encode = lambda text: tok.encode(text)       # noqa: E731
+    _, base = evaluate(FixedEngine(tok, base_greedy, base_samples), problems, encode, settings, 16)
+    votes = held_out_votes(base, 3)
+    assert votes == ["4", "6", "1", None]
+    # the base against its own vote: A agrees; B (7 vs 6) and C (2 vs 1) do not; D has no vote
+    assert agreement_with_votes(base, votes) == {"base_vote_agreement": pytest.approx(1 / 3),
+                                                 "short/base_vote_agreement": 1.0, "long/base_vote_agreement": 0.0}
+    # a later model that learned the vote's error on B and lost A: agreement is with the vote, right or wrong
+    later_greedy = {"A": "\\boxed{5}", "B": "\\boxed{6}", "C": "\\boxed{1.0}", "D": "\\boxed{3}"}
+    _, later = evaluate(FixedEngine(tok, later_greedy, base_samples), problems, encode, settings, 16)
+    figures = agreement_with_votes(later, votes)
+    assert figures["base_vote_agreement"] == pytest.approx(2 / 3)          # B and C (1.0 is 1), not A
+    assert figures["short/base_vote_agreement"] == 0.0 and figures["long/base_vote_agreement"] == 1.0
+    assert eval_metrics(figures, 3)["eval/long/base_vote_agreement"] == 1.0
+    with pytest.raises(EvalError, match="same held-out set"):
+        agreement_with_votes(later[:2], votes)
+
+
 def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsys):
     from mgrpo.config import load_config
     from mgrpo.loop.trainer import train
@@ -217,7 +250,8 @@ def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsy
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
     out = tmp_path / "sweep"
-    assert cli(["eval", str(run), "--all-checkpoints", "--engine", "hf", "--k", "2", "--out", str(out)]) == 0
+    assert cli(["eval", str(run), "--all-checkpoints", "--engine", "hf", "--k", "2", "--out", str(out),
+                "--samples"]) == 0
     lines = (out / "accuracy_vs_step.csv").read_text().splitlines()
     assert lines[0].startswith("step,benchmark,problems,greedy,avg@2,maj@2")
     lines = [line for line in lines if "[" not in line.split(",")[1]]      # not the per-family rows
@@ -232,6 +266,24 @@ def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsy
         assert results[step]["maj@2"] == trained["eval/maj@k"] and results[step]["avg@2"] == trained["eval/avg@k"]
     assert "checkpoints/step_000002" in results[2]["weights"]
     assert "step 4" in capsys.readouterr().out
+    # base_vote_agreement at every validation is the greedy answers' agreement with the BASE model's vote (its
+    # majority of k = 2 samples, ties to the first), recomputed here from the sweep's samples by plain counting
+    def rows(step):
+        return [json.loads(line) for line in next(out.glob(f"samples_*_step{step}.jsonl")).read_text().splitlines()]
+
+    def vote(answers):
+        counts = {}
+        for a in answers:
+            if a is not None:
+                counts[a] = counts.get(a, 0) + 1
+        return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else None
+
+    base_votes = [vote([s["answer"] for s in r["samples"][:2]]) for r in rows(0)]
+    for step in (0, 2, 4):
+        pairs = [(r["greedy"]["answer"], v) for r, v in zip(rows(step), base_votes) if v is not None]
+        expected = sum(g == v for g, v in pairs) / len(pairs)
+        trained = next(r for r in records if r["step"] == step and "eval/greedy" in r)
+        assert trained["eval/base_vote_agreement"] == pytest.approx(expected), step
 
 
 @pytest.mark.slow

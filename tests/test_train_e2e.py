@@ -144,6 +144,23 @@ def test_resume_after_a_crash_keeps_each_step_once(tmp_path, cache):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_a_resumed_run_still_holds_greedy_answers_to_the_base_models_vote(tmp_path, cache):
+    """eval/base_vote_agreement after a resume compares with the BASE model's held-out vote (kept in the
+    checkpoint), not with the resumed model's own: the same figure as the uninterrupted run's."""
+    settings = ("steps=3", "data.num_eval=24", "eval.k=2", "optim.lr=3e-3")
+    train(tiny_config(tmp_path, cache, *settings, run="straight"), log=lambda *a: None)
+    train(tiny_config(tmp_path, cache, *settings, run="split"), log=lambda *a: None, stop_after_steps=2)
+    train(tiny_config(tmp_path, cache, *settings, "resume=true", run="split"), log=lambda *a: None)
+
+    def final_eval(run):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "eval/greedy" in r][-1]
+
+    straight, resumed = final_eval("straight"), final_eval("split")
+    assert straight["step"] == resumed["step"] == 3 and straight["eval/greedy"] == resumed["eval/greedy"]
+    assert resumed["eval/base_vote_agreement"] == straight["eval/base_vote_agreement"]
+
+
 def test_first_run_output_is_the_projects_own(tmp_path, cache):
     """`mgrpo train` on the real vLLM engine, as a user runs it: every step to the end, and the terminal shows
     our lines and the progress bar; vLLM's INFO lines only with verbose=true."""

@@ -98,6 +98,34 @@ def summarize(results: Sequence[ProblemResult], k: int, pass_ks: Sequence[int]) 
     return out
 
 
+def held_out_votes(results: Sequence[ProblemResult], k: int) -> list:
+    """[problems] the majority answer of each problem's first k samples (None: no sample gave one): a model's
+    label-free verdict on the held-out prompts, which `agreement_with_votes` compares later models with."""
+    return [majority_vote([s["answer"] for s in r.samples[:k]]).pseudo_label for r in results]
+
+
+def agreement_with_votes(results: Sequence[ProblemResult], votes: Sequence[Optional[str]]) -> dict:
+    """base_vote_agreement: the share of problems whose greedy answer is `votes`' answer (the base model's vote,
+    taken before training), over the problems that vote answered; "<family>/base_vote_agreement" per family.
+
+    Label-free: no ground truth is read. Sharpening on a vote that is mostly right moves greedy answers towards the
+    base's vote; learning a confident error moves them away from it on problems the base's vote had right, which is
+    how the collapse preset's runs lose accuracy (README, "Collapse")."""
+    if len(votes) != len(results):
+        raise EvalError(f"{len(votes)} base votes for {len(results)} problems: they must be of the same held-out set")
+    if not results or results[0].greedy is None:
+        return {}
+    agree = [(r.family, answers_equivalent(r.greedy["answer"], vote))
+             for r, vote in zip(results, votes) if vote is not None]
+    out = {"base_vote_agreement": sum(a for _, a in agree) / len(agree)} if agree else {}
+    families = sorted({f for f, _ in agree if f is not None})
+    if len(families) > 1:
+        for family in families:
+            part = [a for f, a in agree if f == family]
+            out[f"{family}/base_vote_agreement"] = sum(part) / len(part)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Running a benchmark through a rollout engine
 

@@ -182,20 +182,26 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     if dist.is_main:
         (run_dir / "base_model.txt").write_text(parts.base_model + "\n")
 
+    base_votes = None     # the base model's majority answer per held-out problem: what later greedy answers are held to
+
     def held_out_figures() -> Optional[dict]:
-        return validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
-                        cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist, cfg.data.answer_format)
+        figures, _ = validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
+                              cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist, cfg.data.answer_format,
+                              base_votes)
+        return figures
 
     start_step, nonfinite_in_a_row, before, monitor_state, warned_no_answer = 0, 0, None, None, False
     if resume_from is not None:
         trainer = restore(resume_from, models, optimization, dist, algo.kl_reference)
         parts.stream.position = trainer["data_position"]
         start_step, nonfinite_in_a_row = trainer["step"], trainer["nonfinite_in_a_row"]
-        before, monitor_state = trainer.get("before"), trainer.get("monitor")
+        before, monitor_state, base_votes = trainer.get("before"), trainer.get("monitor"), trainer.get("base_votes")
         log(f"[resume] from {resume_from} at step {start_step}" + (
             f" (written by {written_by} ranks, resharded to {dist.world_size})" if written_by != dist.world_size else ""))
     else:
-        before = held_out_figures()
+        before, base_votes = validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
+                                      cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist,
+                                      cfg.data.answer_format)
         if before is not None:
             log(f"[eval] before training: {figures_line(before)} ({len(parts.held_out)} held-out problems)")
     metrics = None
@@ -220,7 +226,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
 
     def checkpoint(steps_done: int, data_position: int, nonfinite: int, rng=None) -> Path:
         trainer = {"step": steps_done, "data_position": data_position, "nonfinite_in_a_row": nonfinite,
-                   "before": before, "monitor": monitor.state()}
+                   "before": before, "monitor": monitor.state(), "base_votes": base_votes}
         return save_checkpoint(run_dir, steps_done, checkpoint_state(models, optimization, dist, algo.kl_reference, rng),
                                {"base_model": parts.base_model, "trainer": trainer, "settings": resume_settings(cfg)},
                                cfg.keep_checkpoints, dist, log=say)
