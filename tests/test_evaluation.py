@@ -10,8 +10,15 @@ from mgrpo.commands import main as cli
 from mgrpo.config import EvalConfig
 from mgrpo.data.problems import Problem
 from mgrpo.engines.base import Completion, RolloutEngine
-from mgrpo.evaluation.harness import (EvalError, agreement_with_votes, avg_at_k, evaluate, held_out_votes, maj_at_k,
-                                     pass_at_k)
+from mgrpo.evaluation.harness import (
+    EvalError,
+    agreement_with_votes,
+    avg_at_k,
+    evaluate,
+    held_out_votes,
+    maj_at_k,
+    pass_at_k,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
