@@ -26,7 +26,7 @@ from ..answers import answers_equivalent, extract_answer
 from ..config import AlgorithmConfig, EvalConfig
 from ..distributed import Dist, full_tensors, local_tensor, reduce_across_nodes
 from ..engines.base import RolloutEngine, SamplingParams
-from ..evaluation.harness import agreement_with_votes, evaluate, held_out_votes
+from ..evaluation.harness import evaluate
 from ..models.batching import Sequences, dummy_micro_batch, micro_batches, resolve_layout
 from ..models.logprobs import TokenScorer
 from ..models.momentum import MomentumModel
@@ -290,16 +290,13 @@ def momentum_update(momentum: MomentumModel) -> None:
 
 
 def validate(engine: RolloutEngine, policy: TokenScorer, held_out: list, encode: Callable, settings: EvalConfig,
-             max_new_tokens: int, dist: Dist, answer_format: str, base_votes: Optional[list] = None) -> tuple:
-    """(held-out figures of the current policy (greedy, avg@k, maj@k), its votes [problems]); (None, None) without
-    held-out data. With `base_votes` (the base model's, from the first validation) the figures also say how many
-    greedy answers still agree with the base's vote (`base_vote_agreement`, label-free)."""
+             max_new_tokens: int, dist: Dist, answer_format: str) -> tuple:
+    """(held-out figures of the current policy (greedy, avg@k, maj@k), its per-problem results); (None, None)
+    without held-out data."""
     if not held_out:
         return None, None
     engine.wake_up()
     engine.push_weights(policy_weights(policy, engine.weight_dtype))
     figures, results = evaluate(engine, held_out, encode, settings, max_new_tokens, dist, answer_format)
     engine.sleep()
-    votes = held_out_votes(results, settings.k)
-    figures.update(agreement_with_votes(results, votes if base_votes is None else base_votes))
-    return figures, votes
+    return figures, results

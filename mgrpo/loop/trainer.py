@@ -37,7 +37,7 @@ from ..config import TrainConfig, save_config
 from ..distributed import Dist, init_distributed
 from ..engines.base import RolloutEngine, SamplingParams, sampling_seed
 from ..errors import TrainingError
-from ..evaluation.harness import figures_line, no_answer_warning
+from ..evaluation.harness import agreement_with_votes, figures_line, held_out_votes, no_answer_warning
 from ..metrics import CollapseMonitor, MetricsLogger, StageTimes, format_metrics_line, peak_memory_gib
 from ..storage.checkpoint import (
     check_resumable,
@@ -184,11 +184,14 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
 
     base_votes = None     # the base model's majority answer per held-out problem: what later greedy answers are held to
 
-    def held_out_figures() -> Optional[dict]:
-        figures, _ = validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
-                              cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist, cfg.data.answer_format,
-                              base_votes)
-        return figures
+    def held_out_figures() -> tuple:
+        """(figures, per-problem results) of the policy now; with the base model's votes known, the figures include
+        base_vote_agreement (label-free drift on held-out prompts)."""
+        figures, results = validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
+                                    cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist, cfg.data.answer_format)
+        if figures is not None and base_votes is not None:     # None: resumed from a checkpoint older than the votes
+            figures.update(agreement_with_votes(results, base_votes))
+        return figures, results
 
     start_step, nonfinite_in_a_row, before, monitor_state, warned_no_answer = 0, 0, None, None, False
     if resume_from is not None:
@@ -199,10 +202,10 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
         log(f"[resume] from {resume_from} at step {start_step}" + (
             f" (written by {written_by} ranks, resharded to {dist.world_size})" if written_by != dist.world_size else ""))
     else:
-        before, base_votes = validate(parts.engine, models.policy, parts.held_out, parts.encode, cfg.eval,
-                                      cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, dist,
-                                      cfg.data.answer_format)
+        before, results = held_out_figures()
         if before is not None:
+            base_votes = held_out_votes(results, cfg.eval.k)
+            before.update(agreement_with_votes(results, base_votes))
             log(f"[eval] before training: {figures_line(before)} ({len(parts.held_out)} held-out problems)")
     metrics = None
     if dist.is_main:
@@ -270,7 +273,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
                 log(memory_report(parts, dist.device))
             if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0 and step + 1 < cfg.steps:
                 with times("validation"):                                                                  # validation
-                    figures = held_out_figures()
+                    figures, _ = held_out_figures()
                 if figures is not None:
                     record.update(eval_metrics(figures, cfg.eval.k))
                 record.update(times.pop())
@@ -298,7 +301,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
         log(f"[resume] the run had already finished at step {cfg.steps}: nothing to do (final model in "
             f"{run_dir / 'final'})")
     elif end_step == cfg.steps:
-        summary["after"] = after = held_out_figures()
+        summary["after"] = after = held_out_figures()[0]
         if after is not None and metrics is not None:
             metrics.log(end_step, eval_metrics(after, cfg.eval.k))
         export_policy(models.policy, parts.tokenizer, parts.export_dtype, dist, run_dir / "final")
