@@ -130,6 +130,9 @@ def finished(cfg) -> bool:
     return any(r["step"] == cfg.steps and r.get("eval/greedy") is not None for r in read_metrics(run_dir))
 
 
+MAX_SEED_COUNT = 10     # a larger bare count is refused (a range or a list says it is meant)
+
+
 def parse_seeds(text: str) -> list:
     """--seeds: N (seeds 0..N-1), A-B (A..B inclusive) or A,B,C: tune on some seeds, claim on others."""
     try:
@@ -140,6 +143,10 @@ def parse_seeds(text: str) -> list:
             seeds = list(range(int(first), int(last) + 1))
         else:
             seeds = list(range(int(text)))
+            if len(seeds) > MAX_SEED_COUNT:     # "--seeds 100" meant as the seed 100 would start 100 runs per method
+                raise CompareError(f"--seeds {text} is a count: {len(seeds)} runs per method (seeds 0-{len(seeds) - 1}). "
+                                   f"For the seed {text} alone write --seeds {text}-{text}; for that many seeds, the "
+                                   f"range --seeds 0-{len(seeds) - 1}")
     except ValueError:
         raise CompareError(f"--seeds {text}: give a count (3), a range (100-102) or a list (0,7,9)") from None
     if not seeds:

@@ -214,6 +214,19 @@ def test_zero_seeds_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_a_large_seed_count_is_refused_as_probably_meant_as_one_seed(tmp_path, capsys):
+    """`--seeds 100` reads as "seed 100" but is a count: 100 runs per method. Refused, saying how to write either."""
+    from mgrpo.commands import main as cli
+    from mgrpo.comparison import CompareError, parse_seeds
+    with pytest.raises(CompareError, match="is a count"):
+        parse_seeds("100")
+    assert cli(["compare", "--seeds", "100", "--out", str(tmp_path / "cmp")]) == 1
+    err = capsys.readouterr().err
+    assert "--seeds 100 is a count: 100 runs per method" in err and "--seeds 100-100" in err and "--seeds 0-99" in err
+    assert not (tmp_path / "cmp").exists()
+    assert parse_seeds("100-100") == [100] and parse_seeds("0-99") == list(range(100)) and parse_seeds("10") == list(range(10))
+
+
 def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):
     from mgrpo.comparison import CompareError, method_overrides, run_overrides, sweep_methods
     from mgrpo.config import ConfigError, load_config

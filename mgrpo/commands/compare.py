@@ -14,7 +14,7 @@ def run(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
-    parser.add_argument("--seeds", help="seeds per method: a count N (0..N-1; default: the preset's), a range "
+    parser.add_argument("--seeds", help="seeds per method: a count N <= 10 (0..N-1; default: the preset's), a range "
                                         "A-B or a list A,B,C (e.g. tune on 100-102, claim on 0-2)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all three; --preset collapse adds "
                                           f"the anchored M-GRPO, {ANCHORED}); a sweep's variant is named "
