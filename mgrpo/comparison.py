@@ -143,12 +143,12 @@ def parse_seeds(text: str) -> list:
             seeds = list(range(int(first), int(last) + 1))
         else:
             seeds = list(range(int(text)))
-            if len(seeds) > MAX_SEED_COUNT:     # "--seeds 100" meant as the seed 100 would start 100 runs per method
-                raise CompareError(f"--seeds {text} is a count: {len(seeds)} runs per method (seeds 0-{len(seeds) - 1}). "
-                                   f"For the seed {text} alone write --seeds {text}-{text}; for that many seeds, the "
-                                   f"range --seeds 0-{len(seeds) - 1}")
     except ValueError:
         raise CompareError(f"--seeds {text}: give a count (3), a range (100-102) or a list (0,7,9)") from None
+    if text.strip().isdigit() and len(seeds) > MAX_SEED_COUNT:   # "--seeds 100", meant as the seed 100: 100 runs
+        raise CompareError(f"--seeds {text} is a count: {len(seeds)} runs per method (seeds 0-{len(seeds) - 1}). "
+                           f"For the seed {text} alone write --seeds {text}-{text}; for that many seeds, the range "
+                           f"--seeds 0-{len(seeds) - 1}")
     if not seeds:
         raise CompareError(f"--seeds {text}: must be >= 1")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
