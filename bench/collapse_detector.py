@@ -9,6 +9,11 @@ so far. Every other run is healthy, a dip it recovered from included. Each candi
 one label-free signal of the training log (the trailing mean over the monitor's window of 10 steps) against a
 threshold: the monitor's own replay (mgrpo.metrics.CollapseMonitor with those thresholds), nothing re-implemented.
 
+Every report has two sections: the above, and the issue's looser definition, where a run *declined* at its first
+drop of more than DECLINE below its best so far whether it recovered or not (a warning before it leads; a warning
+in a run with no such drop is a false alarm). A signal is scored only on the runs that log it (family lengths
+are logged since 2026-12-07).
+
 `--runs FILE` takes the runs from the signals file a previous call wrote (runs.jsonl.gz in --out: every run's
 label-free signals and held-out greedy accuracy, and whether it was tuned or tested on), so the report is remade
 from the repository without the run directories.
@@ -39,18 +44,26 @@ CANDIDATES = {
     "reward": ("above", [0.65, 0.7, 0.75, 0.8, 0.85, 0.9]),
     "collapse/unanimous_frac": ("above", [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6]),
     "collapse/momentum_agreement": ("below", [0.3, 0.4, 0.5, 0.55, 0.6]),
+    # from family/<family>/mean_length, on data with problem families (runs logged since 2026-12-07)
+    "collapse/family_length_ratio": ("below", [0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]),
 }
 
 
-KEPT = ("step", "entropy", "eval/greedy", *CANDIDATES)   # what runs.jsonl.gz keeps of each record
+KEPT = ("step", "entropy", "eval/greedy", *CANDIDATES)   # what runs.jsonl.gz keeps of each record, and:
 
 
-def load_run(path: Path, records: Optional[list] = None) -> dict:
-    """A run's per-step records (eval lines merged into their step) and its decline step (None: healthy)."""
+def kept(key: str) -> bool:
+    """A key runs.jsonl.gz keeps: KEPT, and each family's response length (the monitor's family_length_ratio)."""
+    return key in KEPT or (key.startswith("family/") and key.endswith("/mean_length"))
+
+
+def load_run(path: Path, records: Optional[list] = None, first_drop: bool = False) -> dict:
+    """A run's per-step records (eval lines merged into their step) and its decline step (None: healthy).
+    first_drop: the issue's looser definition, where any drop is a decline, recovered or not."""
     if records is None:
         by_step: dict = {}
         for record in read_metrics(path):
-            by_step.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k in KEPT})
+            by_step.setdefault(record["step"], {}).update({k: v for k, v in record.items() if kept(k)})
         records = [by_step[s] for s in sorted(by_step)]
     evals = [r for r in records if r.get("eval/greedy") is not None]
     decline, best = None, float("-inf")
@@ -59,9 +72,16 @@ def load_run(path: Path, records: Optional[list] = None) -> dict:
             decline = r["step"]
             break
         best = max(best, r["eval/greedy"])
-    if evals[-1]["eval/greedy"] >= max(r["eval/greedy"] for r in evals) - DECLINE:
+    if not first_drop and evals[-1]["eval/greedy"] >= max(r["eval/greedy"] for r in evals) - DECLINE:
         decline = None                       # ended within the noise of its best: not a collapse
     return {"path": str(path), "records": records, "decline": decline, "steps": records[-1]["step"]}
+
+
+def logs(run: dict, signal: str) -> bool:
+    """Whether the run logged what `signal` is computed from (runs older than a signal are not scored on it)."""
+    source = {"collapse/entropy_ratio": "entropy", "collapse/family_length_ratio": "family/"}.get(signal, signal)
+    return any(k == source or (source.endswith("/") and k.startswith(source)) for r in run["records"] for k in r
+               if r.get(k) is not None)
 
 
 def first_warning(run: dict, thresholds: dict):
@@ -82,6 +102,8 @@ def score(runs: list, signal: str, side: str, limit: float, thresholds: Optional
     out = {"signal": signal, "side": side, "limit": limit, "leads": [], "late": 0, "missed": 0, "false_alarms": 0,
            "declining": 0, "healthy": 0, "per_run": []}
     for run in runs:
+        if thresholds is None and not logs(run, signal):
+            continue
         warned = first_warning(run, thresholds or {signal: (side, limit)})
         out["per_run"].append({"run": run["path"], "decline": run["decline"], "warning": warned})
         if run["decline"] is None:
@@ -103,7 +125,7 @@ def tune(runs: list) -> dict:
     median lead); None when every threshold false-alarms or none detects anything."""
     chosen = {}
     for signal, (side, limits) in CANDIDATES.items():
-        if not any(r.get(signal) is not None for run in runs for r in run["records"]):
+        if not any(logs(run, signal) for run in runs):
             continue
         best = None
         for limit in limits:
@@ -154,19 +176,35 @@ def main(argv=None) -> int:
         if args.tune or args.test:
             parser.error("give --runs, or --tune and --test, not both")
         with gzip.open(args.runs, "rt") as f:
-            saved = [json.loads(line) for line in f]
-        tuning = [load_run(r["path"], r["records"]) for r in saved if r["role"] == "tune"]
-        testing = [load_run(r["path"], r["records"]) for r in saved if r["role"] == "test"]
+            saved = [(r["role"], r["path"], r["records"]) for r in map(json.loads, f)]
     elif args.tune and args.test:
-        tuning = [load_run(Path(p)) for p in args.tune]
-        testing = [load_run(Path(p)) for p in args.test]
-        for run in tuning + testing:
-            run["path"] = short_name(run["path"])
+        saved = [(role, short_name(str(p)), load_run(Path(p))["records"])
+                 for role, paths in (("tune", args.tune), ("test", args.test)) for p in paths]
     else:
         parser.error("give --tune and --test run directories (or --runs FILE)")
-    overlap = {r["path"] for r in tuning} & {r["path"] for r in testing}
+    overlap = {p for role, p, _ in saved if role == "tune"} & {p for role, p, _ in saved if role == "test"}
     if overlap:
         parser.error(f"a run cannot be both tuned and tested on: {sorted(overlap)}")
+    sections, results = [], {}
+    for first_drop in (False, True):
+        tuning = [load_run(p, records, first_drop) for role, p, records in saved if role == "tune"]
+        testing = [load_run(p, records, first_drop) for role, p, records in saved if role == "test"]
+        text, results["first_drop" if first_drop else "collapse"] = report(tuning, testing, first_drop)
+        sections.append(text)
+    text = "\n".join(sections)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "collapse_detector.md").write_text(text)
+    with gzip.open(out / "runs.jsonl.gz", "wt") as f:
+        for role, path, records in saved:
+            f.write(json.dumps({"path": path, "role": role, "records": records}) + "\n")
+    (out / "collapse_detector.json").write_text(json.dumps({"decline": DECLINE, **results}, indent=1))
+    print(text)
+    return 0
+
+
+def report(tuning: list, testing: list, first_drop: bool) -> tuple:
+    """Tune on `tuning`, score on `testing`: the markdown section and its figures."""
     chosen = {k: v for k, v in tune(tuning).items() if v is not None}
     together = {k: (s["side"], s["limit"]) for k, s in chosen.items()}
     tested = [score(testing, s["signal"], s["side"], s["limit"]) for s in chosen.values()]
@@ -175,29 +213,29 @@ def main(argv=None) -> int:
         tested.append(score(testing, "any of the above", "", "", thresholds=together))
     current = [score(testing, k, side, limit) for k, (side, limit) in CollapseMonitor.THRESHOLDS.items()]
     current.append(score(testing, "any of the above", "", "", thresholds=CollapseMonitor.THRESHOLDS))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = (f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} collapsed), scored on "
-            f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} collapsed); a run collapsed when its "
-            f"final held-out greedy accuracy is more than {DECLINE:.2f} below its best, and its decline is the first "
-            f"evaluation that far below its best so far.\n\n"
+    untuned = [k for k in CANDIDATES if k not in chosen and any(logs(r, k) for r in tuning)]
+    declined = "declined" if first_drop else "collapsed"
+    definition = (f"a run *declined* at the first evaluation more than {DECLINE:.2f} below its best so far, whether "
+                  "it recovered or not (the issue's definition: warn before held-out accuracy first drops by more "
+                  "than the evaluation's noise); a run with no such drop is healthy"
+                  if first_drop else
+                  f"a run collapsed when its final held-out greedy accuracy is more than {DECLINE:.2f} below its "
+                  "best, and its decline is the first evaluation that far below its best so far")
+    text = (f"## {'Any drop' if first_drop else 'Collapse'}: {definition}\n\n"
+            f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} {declined}), scored on "
+            f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} {declined}); a signal is "
+            "scored only on the runs that log it.\n\n"
             "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()))
+            + (f"\n\nNo threshold warns before a decline without a false alarm, on the tuning runs: "
+               f"{', '.join(untuned)}." if untuned else "")
             + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested)
             + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current) + "\n")
     if len(together) > 0:
         monitor = tested[-1] if len(together) > 1 else tested[0]
         text += "\n**Per test run, the tuned monitor:**\n\n" + per_run_table(monitor) + "\n"
-    (out / "collapse_detector.md").write_text(text)
-    with gzip.open(out / "runs.jsonl.gz", "wt") as f:
-        for role, runs in (("tune", tuning), ("test", testing)):
-            for run in runs:
-                f.write(json.dumps({"path": run["path"], "role": role, "records": run["records"]}) + "\n")
-    (out / "collapse_detector.json").write_text(json.dumps(
-        {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing], "decline": DECLINE,
-         "tuned_thresholds": together, "chosen": list(chosen.values()), "tested": tested, "shipped": current},
-        indent=1))
-    print(text)
-    return 0
+    return text, {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing],
+                  "tuned_thresholds": together, "chosen": list(chosen.values()), "tested": tested,
+                  "shipped": current}
 
 
 if __name__ == "__main__":

@@ -392,8 +392,9 @@ class TrainConfig:
     dtype) every this many steps and keep it: what `mgrpo eval RUN --all-checkpoints` sweeps (0: none)."""
     rollouts_every: int = 0
     """Write the step's rollouts every this many steps to rollouts/step_N.jsonl, one row per response: the
-    problem, the sampler (policy or momentum), the text and token ids, its entropy, whether the filter pruned
-    it, the pseudo-label, its reward and advantage (0: none; about 3 MB a step for Qwen3-4B at 3072 tokens)."""
+    problem (and its family, if any), the sampler (policy or momentum), the text and token ids, its entropy,
+    whether the filter pruned it, the pseudo-label, its reward and advantage (0: none; about 3 MB a step for
+    Qwen3-4B at 3072 tokens)."""
     resume: bool = False
     """Continue from the newest checkpoint in run_dir that verifies (each file's size and sha256 against what was
     written: a damaged or incomplete newer one is reported and skipped)."""

@@ -110,11 +110,19 @@ class CollapseMonitor:
     collapse/entropy_ratio        mean trajectory entropy / its value at the first step: sharpening, which
                                   healthy runs do as much as collapsing ones
     collapse/unanimous_frac       groups whose G responses all give one answer
+    collapse/family_length_ratio  (data with problem families) the lowest, over families, of the policy's mean
+                                  response length over the last `window` steps of that family / over its first
+                                  `window`: a family on which training teaches shorter answers (on the collapse
+                                  task, dropping a term of the 5-term problems), which held and collapsing runs
+                                  did alike
     """
     THRESHOLDS = {
         "kl": ("above", 0.08),
         "collapse/momentum_agreement": ("below", 0.4),
     }
+
+    # signs that are trailing means already (over each family's last `window` steps): compared as they are
+    SMOOTHED = {"collapse/family_length_ratio"}
 
     _ACT = "Watch eval/*; consider a lower optim.lr, M-GRPO instead of SRT, or a checkpoint from before this step."
     MEANING = {
@@ -132,8 +140,10 @@ class CollapseMonitor:
         return watched
 
     def __init__(self, log=print, start_entropy: Optional[float] = None, warned: Optional[list] = None,
-                 recent: Optional[dict] = None, window: int = 10, thresholds: Optional[dict] = None):
+                 recent: Optional[dict] = None, window: int = 10, thresholds: Optional[dict] = None,
+                 family_start: Optional[dict] = None):
         self.log, self.start_entropy, self.warned = log, start_entropy, set(warned or [])
+        self.family_start = dict(family_start or {})    # family -> mean response length over its first window
         self.recent = {k: list(v) for k, v in (recent or {}).items()}
         self.window = window
         # signal -> (side, limit); other thresholds than THRESHOLDS: what bench/collapse_detector.py tunes
@@ -145,29 +155,47 @@ class CollapseMonitor:
 
     def state(self) -> dict:
         return {"start_entropy": self.start_entropy, "warned": sorted(self.warned), "recent": self.recent,
-                "window": self.window}
+                "window": self.window, "family_start": self.family_start}
 
     def observe(self, step: int, record: dict) -> dict:
-        """The step's collapse/entropy_ratio; warns (once per sign) when a sign's trailing mean crosses its
-        threshold, after at least `window` steps."""
+        """The step's collapse/entropy_ratio and collapse/family_length_ratio; warns (once per sign) when a sign's
+        trailing mean crosses its threshold, after at least `window` steps (a SMOOTHED sign: as it is)."""
         if self.start_entropy is None and record.get("entropy"):
             self.start_entropy = record["entropy"]
-        out = {"collapse/entropy_ratio": record["entropy"] / self.start_entropy if self.start_entropy else None}
+        out = {"collapse/entropy_ratio": record["entropy"] / self.start_entropy if self.start_entropy else None,
+               "collapse/family_length_ratio": self._family_length_ratio(record)}
         for key, (side, limit) in self.thresholds.items():
             value = out.get(key, record.get(key))
             if value is None:
                 continue
             recent = self.recent.setdefault(key, [])
             recent.append(value)
-            del recent[:-self.window]
+            del recent[:-(1 if key in self.SMOOTHED else self.window)]
             mean = sum(recent) / len(recent)
-            if key in self.warned or len(recent) < self.window:
+            if key in self.warned or (len(recent) < self.window and key not in self.SMOOTHED):
                 continue
             if (mean < limit) if side == "below" else (mean > limit):
                 self.warned.add(key)
                 self.log(f"[warning] step {step}: {key} = {mean:.3g} over the last {self.window} steps, {side} "
                          f"{limit}: {self.MEANING.get(key, 'a sign of collapse. ' + self._ACT)}")
         return out
+
+    def _family_length_ratio(self, record: dict) -> Optional[float]:
+        """min over families of (mean length over its last `window` steps) / (over its first `window` steps);
+        None until a family has been seen in `window` steps (a step holds only some families' prompts)."""
+        for key, value in record.items():
+            if key.startswith("family/") and key.endswith("/mean_length"):
+                recent = self.recent.setdefault(key, [])
+                recent.append(value)
+                del recent[:-self.window]
+        ratios = []
+        for key, recent in self.recent.items():
+            if key.startswith("family/") and len(recent) == self.window:
+                mean = sum(recent) / len(recent)
+                start = self.family_start.setdefault(key[len("family/"):-len("/mean_length")], mean)
+                if start > 0:
+                    ratios.append(mean / start)
+        return min(ratios) if ratios else None
 
 
 # ---------------------------------------------------------------------------------------------------------

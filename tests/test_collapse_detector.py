@@ -58,3 +58,31 @@ def test_tuned_threshold_lead_time_and_false_alarms(tmp_path):
     assert (again / "collapse_detector.md").read_text() == text
     per_run = text.replace(tmp_path.name, "tmp")                # the KL of "late" passes 0.08 at step 38
     assert "| tmp/late | 20 | 38 | -18 |" in per_run and "| tmp/drift | - | 10 (false alarm) | - |" in per_run
+
+
+def test_any_drop_is_a_decline_in_the_looser_definition_and_unlogged_signals_are_not_scored(tmp_path):
+    cd = detector()
+    dip = write_run(tmp_path / "dip", [0.07] * 40, {0: 0.58, 10: 0.60, 20: 0.50, 30: 0.59})
+    assert cd.load_run(dip)["decline"] is None                      # recovered: not a collapse
+    assert cd.load_run(dip, first_drop=True)["decline"] == 20       # but it did drop at step 20
+    # these runs log no family lengths: the family sign is not scored on them (not a silent "no false alarm")
+    runs = [cd.load_run(dip), cd.load_run(write_run(tmp_path / "flat", [0.01] * 40, {0: 0.6, 10: 0.6, 20: 0.6}))]
+    scored = cd.score(runs, "collapse/family_length_ratio", "below", 0.9)
+    assert scored["healthy"] == 0 and scored["per_run"] == []
+    assert cd.score(runs, "kl", "above", 0.05)["false_alarms"] == 1
+    # a run that logs them is: its 5-term responses halve in length from step 11 on (window 10)
+    lengths = tmp_path / "short"
+    write_run(lengths, [0.01] * 40, {0: 0.6, 10: 0.6, 20: 0.6, 30: 0.6})
+    lines = [json.loads(line) for line in (lengths / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if "kl" in line:
+            line["family/5-term/mean_length"] = 40.0 if line["step"] <= 10 else 20.0
+    (lengths / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    short = cd.score([cd.load_run(lengths)], "collapse/family_length_ratio", "below", 0.9)
+    # trailing means: (9 * 40 + 20) / 10 = 38 at step 11 (0.95), 36 at step 12 (0.9), 34 at step 13 (0.85)
+    assert short["healthy"] == 1 and short["false_alarms"] == 1 and short["per_run"][0]["warning"] == 13
+    # the report has both definitions
+    out = tmp_path / "out"
+    assert cd.main(["--tune", str(dip), "--test", str(lengths), "--out", str(out)]) == 0
+    text = (out / "collapse_detector.md").read_text()
+    assert "## Collapse:" in text and "## Any drop:" in text

@@ -76,3 +76,25 @@ def test_peak_memory_starts_over_after_reset():
     after = peak_memory_gib(cpu)
     assert before - after > 0.4
     assert after <= process_memory_gib(cpu) + 0.05
+
+
+def test_family_length_ratio_compares_each_familys_last_window_with_its_first():
+    """collapse/family_length_ratio: per family, the mean response length over its last `window` steps / over its
+    first `window` (a step holds only some families); the lowest family's; logged, never warned on."""
+    lines = []
+    monitor = CollapseMonitor(log=lines.append, window=2)
+    steps = [{"family/3-term/mean_length": 30.0, "family/5-term/mean_length": 40.0},
+             {"family/3-term/mean_length": 34.0},                              # 3-term full: start 32
+             {"family/5-term/mean_length": 44.0},                              # 5-term full: start 42
+             {"family/3-term/mean_length": 32.0, "family/5-term/mean_length": 20.0},   # 5-term (44 + 20) / 2 = 32
+             {"family/3-term/mean_length": 32.0}]                              # 5-term absent: still 32 / 42
+    ratios = [monitor.observe(i, {"entropy": 0.1, **r})["collapse/family_length_ratio"] for i, r in enumerate(steps, 1)]
+    assert ratios[0] is None and ratios[1] == 1.0 and ratios[2] == 1.0
+    assert ratios[3] == ratios[4] == 32.0 / 42.0
+    assert lines == []
+    # checkpointed: a resumed monitor keeps each family's start, and its window
+    again = CollapseMonitor.from_state(json.loads(json.dumps(monitor.state())), log=lines.append)
+    assert again.observe(6, {"entropy": 0.1, "family/5-term/mean_length": 20.0})["collapse/family_length_ratio"] \
+        == 20.0 / 42.0
+    # data without families: nothing to compare
+    assert CollapseMonitor(window=1).observe(1, {"entropy": 0.1})["collapse/family_length_ratio"] is None

@@ -8,6 +8,7 @@ planted once in mgrpo/trainer.py and seen to fail (README, "Development: a test 
     the momentum update skipped (theta_k frozen)                            -> test_the_momentum_model_is_the_ema_of_the_policy
     gradient clipping by the global norm dropped                            -> test_the_optimizer_applies_clipped_gradients
     the advantage's sign flipped (training away from the vote)              -> test_learning_goes_towards_the_vote
+    a family's response lengths over all G responses, not the policy's     -> test_training_signals_per_family_...
 """
 import json
 
@@ -139,3 +140,36 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     assert float(change[advantages > 0].mean()) > 0, "the rewarded responses became less likely"
     assert float(change[advantages < 0].mean()) < 0, "the unrewarded responses became more likely"
     assert float((advantages * change).sum()) > 0
+
+
+def test_training_signals_per_family_are_that_familys_rollouts(tiny_cache, tmp_path):
+    """family/<family>/{prompts,mean_length,majority_ratio} in metrics.jsonl against the step's rollouts, counted
+    here: the family's prompts, the mean token length of its policy responses (not the momentum model's), and
+    the mean over its groups of the vote's share (the last \\boxed{} of each unpruned response that has one)."""
+    import re
+    from collections import Counter
+    run_dir = tmp_path / "run"
+    cfg = wiring_config(tiny_cache, run_dir, "steps=2", "rollouts_every=1", "algorithm.prompts_per_step=6")
+    train(cfg, log=lambda *a: None, engine=recording_engine(tiny_cache))
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "reward" in r}
+    families_seen = set()
+    for step in (1, 2):
+        rows = [json.loads(line) for line in (run_dir / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        by_family = {}
+        for row in rows:
+            by_family.setdefault(row["family"], {}).setdefault(row["problem"], []).append(row)
+        assert {k.split("/")[1] for k in records[step] if k.startswith("family/")} == set(by_family)
+        for family, groups in by_family.items():
+            families_seen.add(family)
+            policy = [len(r["token_ids"]) for g in groups.values() for r in g if r["sampler"] == "policy"]
+            shares = []
+            for group in groups.values():
+                answers = [found[-1].strip() for r in group if not r["pruned"]
+                           and (found := re.findall(r"\\boxed\{([^{}]*)\}", r["text"]))]
+                shares.append(Counter(answers).most_common(1)[0][1] / len(answers) if answers else 0.0)
+            record = records[step]
+            assert record[f"family/{family}/prompts"] == len(groups)
+            assert record[f"family/{family}/mean_length"] == pytest.approx(sum(policy) / len(policy))
+            assert record[f"family/{family}/majority_ratio"] == pytest.approx(sum(shares) / len(shares))
+    assert len(families_seen) >= 2, families_seen

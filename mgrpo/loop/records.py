@@ -37,6 +37,9 @@ def step_record(batch: RolloutBatch, scored: ScoredBatch, assigned: Assignment, 
         "padding_frac": padding["padding_frac"], "computed_frac": padding["computed_frac"],
         "micro_batches": gradients.micro_batches, "skipped_micro_batches": gradients.skipped_micro_batches,
         "times": times,
+        # per prompt of a problem family (data with a family field): (family, majority ratio, policy lengths)
+        "families": [(p.family, g.vote.majority_ratio, [len(c.token_ids) for c in group[:len(g.rewards)]])
+                     for p, group, g in zip(batch.problems, batch.groups, assigned.groups) if p.family is not None],
     }
     parts = dist.all_gather_object(local)
     merged = {k: ([x for p in parts for x in p[k]] if isinstance(v, list) else [p[k] for p in parts])
@@ -72,7 +75,23 @@ def step_record(batch: RolloutBatch, scored: ScoredBatch, assigned: Assignment, 
         "batch/skipped_micro_batches": sum(merged["skipped_micro_batches"]),
         # per stage, the slowest rank's (the ranks wait for each other at the next collective)
         **{key: max(t.get(key, 0.0) for t in merged["times"]) for key in sorted({k for t in merged["times"] for k in t})},
+        **family_figures(merged["families"]),
     }
+
+
+def family_figures(prompts: list) -> dict:
+    """Training signals per problem family, where the mean over the batch hides a family the vote misleads
+    (README, "Collapse"): family/<family>/majority_ratio (the vote's, over the G responses) and
+    family/<family>/mean_length (the policy's responses, in tokens), over this step's prompts of that family
+    (family/<family>/prompts of them). prompts: [(family, majority ratio, [policy response lengths])]."""
+    out = {}
+    for family in sorted({f for f, _, _ in prompts}):
+        mine = [(ratio, lengths) for f, ratio, lengths in prompts if f == family]
+        lengths = [n for _, ls in mine for n in ls]
+        out[f"family/{family}/majority_ratio"] = float(np.mean([ratio for ratio, _ in mine]))
+        out[f"family/{family}/mean_length"] = float(np.mean(lengths)) if lengths else 0.0
+        out[f"family/{family}/prompts"] = len(mine)
+    return out
 
 
 def eval_metrics(figures: dict, k: int) -> dict:
@@ -95,7 +114,8 @@ def rollout_rows(batch: RolloutBatch, trajectory_entropy: torch.Tensor, assigned
     for i, (problem, group, score) in enumerate(zip(batch.problems, batch.groups, assigned.groups)):
         keep = trajectory_entropy[i * G:(i + 1) * G].double() >= score.threshold   # as the filter compares
         for j, completion in enumerate(group):
-            rows.append({"problem": problem.problem, "answer": problem.answer, "sampler": "policy" if j < M else
+            rows.append({"problem": problem.problem, "answer": problem.answer, "family": problem.family,
+                         "sampler": "policy" if j < M else
                          "momentum", "text": completion.text, "token_ids": completion.token_ids,
                          "entropy": float(trajectory_entropy[i * G + j]), "pruned": not bool(keep[j]),
                          "pseudo_label": score.vote.pseudo_label,
