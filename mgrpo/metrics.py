@@ -118,7 +118,7 @@ class CollapseMonitor:
     """
     THRESHOLDS = {
         "kl": ("above", 0.08),
-        "collapse/momentum_agreement": ("below", 0.4),
+        "collapse/momentum_agreement": ("below", 0.3),
     }
 
     # signs that are trailing means already (over each family's last `window` steps): compared as they are

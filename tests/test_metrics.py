@@ -9,11 +9,11 @@ def test_collapse_monitor_warns_once_on_the_trailing_mean():
     monitor = CollapseMonitor(log=lines.append, window=3)
     healthy = {"entropy": 1.0, "kl": 0.01, "collapse/unanimous_frac": 0.1, "collapse/momentum_agreement": 0.7}
     assert monitor.observe(1, healthy)["collapse/entropy_ratio"] == 1.0
-    monitor.observe(2, {**healthy, "collapse/momentum_agreement": 0.2})     # one noisy step: no warning
-    monitor.observe(3, healthy)
+    monitor.observe(2, {**healthy, "collapse/momentum_agreement": 0.0})     # one noisy step: no warning
+    monitor.observe(3, healthy)                                              # (0.7 + 0.0 + 0.7) / 3 > 0.3
     assert lines == []
     for step in range(4, 8):                                                 # the policy drifts from its anchor
-        monitor.observe(step, {**healthy, "collapse/momentum_agreement": 0.3})
+        monitor.observe(step, {**healthy, "collapse/momentum_agreement": 0.1})   # (0.0 + 0.7 + 0.1) / 3 < 0.3
     assert len(lines) == 1 and "collapse/momentum_agreement" in lines[0] and "step 4" in lines[0]
     assert "a sign of collapse" in lines[0]
     monitor.observe(8, {**healthy, "kl": 0.12})                              # (0.01 + 0.01 + 0.12) / 3 < 0.08
