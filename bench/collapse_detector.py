@@ -139,8 +139,8 @@ def tune(runs: list) -> dict:
     return chosen
 
 
-def table(scores: list) -> str:
-    lines = ["| signal | threshold | collapsed runs warned in time | median lead (steps) | late | missed | "
+def table(scores: list, declined: str = "collapsed") -> str:
+    lines = [f"| signal | threshold | {declined} runs warned in time | median lead (steps) | late | missed | "
              "healthy runs | false alarms |", "|---|---|---|---|---|---|---|---|"]
     for s in scores:
         lead = f"{statistics.median(s['leads']):.0f}" if s["leads"] else "-"
@@ -150,8 +150,9 @@ def table(scores: list) -> str:
     return "\n".join(lines)
 
 
-def per_run_table(scored: dict) -> str:
-    lines = ["| run | decline first seen at step (collapsed runs) | first warning at step | lead (steps) |", "|---|---|---|---|"]
+def per_run_table(scored: dict, declined: str = "collapsed") -> str:
+    lines = [f"| run | decline first seen at step ({declined} runs) | first warning at step | lead (steps) |",
+             "|---|---|---|---|"]
     for r in scored["per_run"]:
         lead = "-" if r["warning"] is None or r["decline"] is None else f"{r['decline'] - r['warning']}"
         verdict = (" (false alarm)" if r["decline"] is None and r["warning"] is not None
@@ -225,14 +226,14 @@ def report(tuning: list, testing: list, first_drop: bool) -> tuple:
             f"Tuned on {len(tuning)} runs ({sum(r['decline'] is not None for r in tuning)} {declined}), scored on "
             f"{len(testing)} other runs ({sum(r['decline'] is not None for r in testing)} {declined}); a signal is "
             "scored only on the runs that log it.\n\n"
-            "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()))
+            "**Tuned thresholds, on the tuning runs:**\n\n" + table(list(chosen.values()), declined)
             + (f"\n\nNo threshold warns before a decline without a false alarm, on the tuning runs: "
                f"{', '.join(untuned)}." if untuned else "")
-            + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested)
-            + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current) + "\n")
+            + "\n\n**The same thresholds on the test runs:**\n\n" + table(tested, declined)
+            + "\n\n**The monitor's shipped thresholds on the test runs:**\n\n" + table(current, declined) + "\n")
     if len(together) > 0:
         monitor = tested[-1] if len(together) > 1 else tested[0]
-        text += "\n**Per test run, the tuned monitor:**\n\n" + per_run_table(monitor) + "\n"
+        text += "\n**Per test run, the tuned monitor:**\n\n" + per_run_table(monitor, declined) + "\n"
     return text, {"tune": [r["path"] for r in tuning], "test": [r["path"] for r in testing],
                   "tuned_thresholds": together, "chosen": list(chosen.values()), "tested": tested,
                   "shipped": current}
