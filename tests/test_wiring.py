@@ -47,11 +47,12 @@ def wired_run(request, tiny_cache, tmp_path_factory):
     dtype, _, optimizer = request.param.partition("_")
     run_dir = tmp_path_factory.mktemp("wiring") / request.param
     engine = recording_engine(tiny_cache)
-    cfg = wiring_config(tiny_cache, run_dir, f"algorithm.momentum_dtype={dtype}", f"optim.name={optimizer or 'adamw'}")
+    cfg = wiring_config(tiny_cache, run_dir, f"algorithm.momentum_dtype={dtype}", f"optim.name={optimizer or 'adamw'}",
+                        "rollouts_every=1")
     with spies() as obs:
         summary = train(cfg, log=lambda *a: None, engine=engine)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"obs": obs, "engine": engine, "cfg": cfg, "int8": dtype == "int8", "summary": summary,
+    return {"obs": obs, "engine": engine, "cfg": cfg, "int8": dtype == "int8", "summary": summary, "run_dir": run_dir,
             "grad_norms": [r["grad_norm"] for r in records if "grad_norm" in r]}
 
 
@@ -142,19 +143,17 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     assert float((advantages * change).sum()) > 0
 
 
-def test_training_signals_per_family_are_that_familys_rollouts(tiny_cache, tmp_path):
+def test_training_signals_per_family_are_that_familys_rollouts(wired_run):
     """family/<family>/{prompts,mean_length,majority_ratio} in metrics.jsonl against the step's rollouts, counted
     here: the family's prompts, the mean token length of its policy responses (not the momentum model's), and
     the mean over its groups of the vote's share (the last \\boxed{} of each unpruned response that has one)."""
     import re
     from collections import Counter
-    run_dir = tmp_path / "run"
-    cfg = wiring_config(tiny_cache, run_dir, "steps=2", "rollouts_every=1", "algorithm.prompts_per_step=6")
-    train(cfg, log=lambda *a: None, engine=recording_engine(tiny_cache))
+    run_dir = wired_run["run_dir"]
     records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                if "reward" in r}
     families_seen = set()
-    for step in (1, 2):
+    for step in (1, 2, 3):
         rows = [json.loads(line) for line in (run_dir / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
         by_family = {}
         for row in rows:
