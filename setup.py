@@ -33,7 +33,7 @@ setup(
         "liger-kernel>=0.8",        # Triton RMSNorm/RoPE/SwiGLU for the trained model (model.liger)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pyarrow"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pyarrow"],
         "bench": ["trl==1.16.0"],   # the peer trainer bench/bench_trl.py compares against
         "data": ["datasets", "pyarrow"],
     },
