@@ -16,7 +16,12 @@ are logged since 2026-12-07).
 
 `--runs FILE` takes the runs from the signals file a previous call wrote (runs.jsonl.gz in --out: every run's
 label-free signals and held-out greedy accuracy, and whether it was tuned or tested on), so the report is remade
-from the repository without the run directories.
+from the repository without the run directories; --tune and --test directories given with it are added to them.
+
+Each section ends with a bound on every detector of this kind: per signal, its trend (the change of its trailing
+mean over the window) and its gain (since its first window), the declining runs that a fixed threshold chosen with
+hindsight on all the runs (an oracle: beyond every healthy run's extreme) would have warned on before their
+decline, against all healthy runs and against each run's healthy peers (same base, held-out set and horizon).
 
 Tuning picks, per signal, the threshold that warns before the decline in the most collapsed --tune runs with no
 false alarm in the healthy --tune runs (ties: the earliest warnings). Scoring replays the chosen thresholds on the
@@ -166,6 +171,93 @@ def short_name(path: str) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
+def trailing(run: dict, signal: str, window: int = 10) -> dict:
+    """step -> the monitor's trailing mean of `signal` at that step, from its first full window on: what a
+    threshold on the signal would be compared with (the monitor replayed with a threshold it never crosses)."""
+    monitor = CollapseMonitor(log=lambda *a: None, window=window, thresholds={signal: ("above", float("inf"))})
+    out = {}
+    for record in run["records"]:
+        if record.get("entropy") is None:
+            continue
+        value = monitor.observe(record["step"], record).get(signal, record.get(signal))
+        recent = monitor.recent.get(signal, [])
+        if value is not None and (len(recent) == window or signal in CollapseMonitor.SMOOTHED):
+            out[record["step"]] = sum(recent) / len(recent)
+    return out
+
+
+def trend(series: dict, window: int = 10) -> dict:
+    """step -> the trailing mean's change over the last `window` steps: a signal's trend."""
+    return {step: value - series[step - window] for step, value in series.items() if step - window in series}
+
+
+def gain(series: dict) -> dict:
+    """step -> the trailing mean's change since its first full window: how far a signal has moved in the run."""
+    start = series[min(series)] if series else None
+    return {step: value - start for step, value in series.items()}
+
+
+FORMS = {"": lambda series: series, " trend": trend, " gain": gain}   # each signal as it is, its trend, its gain
+
+
+def peer_group(run: dict) -> tuple:
+    """Runs comparable step by step: the same base model and held-out set (their step-0 accuracy) and the same
+    horizon (last step; the learning-rate schedule depends on it)."""
+    return (round(run["records"][0].get("eval/greedy") or 0.0, 4), run["steps"])
+
+
+def oracle_bound(runs: list) -> list:
+    """The most any fixed threshold on a signal (as it is, its trend or its gain; either side) could do, chosen
+    with hindsight on these very runs: it may warn in no healthy run, so it must lie beyond every healthy run's
+    extreme over its whole run, and it catches the declining runs whose extreme before their decline lies beyond
+    that. Counted against all healthy runs (one threshold for every task, as the monitor ships) and against each
+    run's healthy peers only (a threshold for this task and horizon; runs with two or more peers). An upper bound:
+    tuning on other runs can do no better on these."""
+    out = []
+    for signal in CANDIDATES:
+        logged = [r for r in runs if logs(r, signal)]
+        healthy = [r for r in logged if r["decline"] is None]
+        declining = [r for r in logged if r["decline"] is not None]
+        for form, derive in FORMS.items():
+            series = {r["path"]: derive(trailing(r, signal)) for r in logged}
+            for side, extreme in (("above", max), ("below", min)):
+                whole = {r["path"]: extreme(series[r["path"]].values()) for r in healthy if series[r["path"]]}
+                early = {r["path"]: extreme(v) for r in declining
+                         if (v := [x for step, x in series[r["path"]].items() if step < r["decline"]])}
+                if not whole or not declining:
+                    continue
+                limit = extreme(whole.values())
+                caught = [path for path, value in early.items() if extreme(value, limit) != limit]
+                with_peers, caught_by_peers = 0, []
+                for r in declining:
+                    peers = [whole[p["path"]] for p in healthy
+                             if p["path"] in whole and peer_group(p) == peer_group(r)]
+                    if len(peers) < 2:
+                        continue
+                    with_peers += 1
+                    if r["path"] in early and extreme(early[r["path"]], extreme(peers)) != extreme(peers):
+                        caught_by_peers.append(r["path"])
+                out.append({"signal": signal + form, "side": side, "declining": len(declining),
+                            "healthy": len(whole), "caught": caught, "with_peers": with_peers,
+                            "caught_by_peers": caught_by_peers})
+    return out
+
+
+def oracle_table(rows: list, declined: str) -> str:
+    lines = [f"| signal | side | {declined} runs caught in time, no false alarm in any healthy run | "
+             f"{declined} runs with 2+ healthy peers caught in time, no false alarm in a peer |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['signal']} | {row['side']} | {len(row['caught'])} of {row['declining']}"
+                     f"{' (' + ', '.join(row['caught']) + ')' if row['caught'] else ''} | "
+                     f"{len(row['caught_by_peers'])} of {row['with_peers']}"
+                     f"{' (' + ', '.join(row['caught_by_peers']) + ')' if row['caught_by_peers'] else ''} |")
+    anywhere = sorted({path for row in rows for path in row["caught"]})
+    by_peers = sorted({path for row in rows for path in row["caught_by_peers"]})
+    total = max((row["declining"] for row in rows), default=0)
+    return "\n".join(lines) + (f"\n\nCaught by at least one of them: {len(anywhere)} of the {total} {declined} runs "
+                               f"against all healthy runs, {len(by_peers)} against their peers.\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", nargs="+", default=[], help="run directories the thresholds are tuned on")
@@ -173,16 +265,18 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", help="runs.jsonl.gz of an earlier call: its tuning and test runs")
     parser.add_argument("--out", default="bench/results/collapse_detector")
     args = parser.parse_args(argv)
+    saved = []
     if args.runs:
-        if args.tune or args.test:
-            parser.error("give --runs, or --tune and --test, not both")
         with gzip.open(args.runs, "rt") as f:
             saved = [(r["role"], r["path"], r["records"]) for r in map(json.loads, f)]
-    elif args.tune and args.test:
-        saved = [(role, short_name(str(p)), load_run(Path(p))["records"])
-                 for role, paths in (("tune", args.tune), ("test", args.test)) for p in paths]
-    else:
-        parser.error("give --tune and --test run directories (or --runs FILE)")
+    elif not (args.tune and args.test):
+        parser.error("give --tune and --test run directories (or --runs FILE, and any run directories to add)")
+    saved += [(role, short_name(str(p)), load_run(Path(p))["records"])
+              for role, paths in (("tune", args.tune), ("test", args.test)) for p in paths]
+    names = [p for _, p, _ in saved]
+    repeated = sorted({p for p in names if names.count(p) > 1})
+    if repeated:
+        parser.error(f"a run given twice (already in --runs, or named twice): {repeated}")
     overlap = {p for role, p, _ in saved if role == "tune"} & {p for role, p, _ in saved if role == "test"}
     if overlap:
         parser.error(f"a run cannot be both tuned and tested on: {sorted(overlap)}")
@@ -191,6 +285,13 @@ def main(argv=None) -> int:
         tuning = [load_run(p, records, first_drop) for role, p, records in saved if role == "tune"]
         testing = [load_run(p, records, first_drop) for role, p, records in saved if role == "test"]
         text, results["first_drop" if first_drop else "collapse"] = report(tuning, testing, first_drop)
+        bound = oracle_bound(tuning + testing)
+        results["oracle_first_drop" if first_drop else "oracle"] = bound
+        declined = "declined" if first_drop else "collapsed"
+        text += (f"\n**The most any fixed threshold could do: chosen with hindsight on all {len(tuning + testing)} "
+                 "runs (tuning and test), it may warn in no healthy run; each signal as it is, its trend (change "
+                 "over the last 10 steps) and its gain (change since its first 10 steps):**\n\n"
+                 + oracle_table(bound, declined))
         sections.append(text)
     text = "\n".join(sections)
     out = Path(args.out)

@@ -1,8 +1,11 @@
 """bench/collapse_detector.py: the monitor scored as a detector, on run directories whose declines and warnings
 are known by construction (lead times and false alarms counted by hand)."""
+import gzip
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +89,43 @@ def test_any_drop_is_a_decline_in_the_looser_definition_and_unlogged_signals_are
     assert cd.main(["--tune", str(dip), "--test", str(lengths), "--out", str(out)]) == 0
     text = (out / "collapse_detector.md").read_text()
     assert "## Collapse:" in text and "## Any drop:" in text
+
+
+def test_oracle_bound_counts_what_a_hindsight_threshold_could_catch(tmp_path):
+    cd = detector()
+    evals = {0: 0.58, 10: 0.60, 20: 0.59, 30: 0.50}               # a decline seen at step 30, and it stays down
+    # KL 0.2 from step 16: its trailing mean passes every healthy run's at step 17, before the decline at 30
+    runaway = write_run(tmp_path / "runaway", [0.04] * 15 + [0.2] * 25, evals)
+    # KL 0.05 until the decline, 0.5 after it: nothing before the decline that a healthy run does not show too
+    quiet = write_run(tmp_path / "quiet", [0.05] * 30 + [0.5] * 10, evals)
+    healthy = [write_run(tmp_path / f"healthy{i}", [value] * 40, {0: 0.58, 10: 0.60, 20: 0.61, 30: 0.62})
+               for i, value in enumerate((0.07, 0.03))]
+    runs = [cd.load_run(p) for p in (runaway, quiet, *healthy)]
+    assert [r["decline"] for r in runs] == [30, 30, None, None]
+    bound = {(row["signal"], row["side"]): row for row in cd.oracle_bound(runs)}
+    kl = bound[("kl", "above")]
+    assert kl["caught"] == [str(runaway)] and kl["declining"] == 2 and kl["healthy"] == 2
+    assert kl["caught_by_peers"] == [str(runaway)] and kl["with_peers"] == 2
+    # the trend (change over 10 steps): 0.18 in the runaway run by step 25; 0 in the quiet one before its decline
+    assert bound[("kl trend", "above")]["caught"] == [str(runaway)]
+    # low KL is no sign here: the healthy 0.03 run is below both declining runs throughout
+    assert bound[("kl", "below")]["caught"] == []
+    # a healthy run as high as the runaway one leaves no threshold that catches it without a false alarm; from
+    # another base (its step-0 accuracy differs) it is no peer, so a threshold for this base still catches it
+    high = write_run(tmp_path / "high", [0.2] * 40, {0: 0.40, 10: 0.42, 20: 0.43, 30: 0.44})
+    bound = {(row["signal"], row["side"]): row for row in cd.oracle_bound([*runs, cd.load_run(high)])}
+    assert bound[("kl", "above")]["caught"] == [] and bound[("kl", "above")]["healthy"] == 3
+    assert bound[("kl", "above")]["caught_by_peers"] == [str(runaway)]
+    # the report has the bound; --runs with run directories added to them, and no run twice
+    out = tmp_path / "out"
+    assert cd.main(["--tune", str(runaway), str(healthy[0]), "--test", str(quiet), "--out", str(out)]) == 0
+    text = (out / "collapse_detector.md").read_text()
+    assert "The most any fixed threshold could do" in text
+    # against one healthy run (KL 0.07) both are caught, the quiet one by its lower KL; one healthy run is no peers
+    assert "Caught by at least one of them: 2 of the 2 collapsed runs against all healthy runs, 0 against" in text
+    again = tmp_path / "again"
+    assert cd.main(["--runs", str(out / "runs.jsonl.gz"), "--test", str(healthy[1]), "--out", str(again)]) == 0
+    with gzip.open(again / "runs.jsonl.gz", "rt") as f:
+        assert len(f.readlines()) == 4
+    with pytest.raises(SystemExit):
+        cd.main(["--runs", str(out / "runs.jsonl.gz"), "--test", str(quiet), "--out", str(tmp_path / "twice")])

@@ -49,7 +49,7 @@ def synthetic_run(method, seed, greedy_by_step, entropy_by_step):
         if step in entropy_by_step:
             row.update({"entropy": entropy_by_step[step], "collapse/unanimous_frac": 0.1,
                         "collapse/entropy_ratio": entropy_by_step[step] / entropy_by_step[min(entropy_by_step)],
-                        "kl": 0.01 if entropy_by_step[step] == 1.0 else 0.1})     # the policy runs away as it sharpens
+                        "kl": 0.01 if entropy_by_step[step] == 1.0 else 0.15})    # the policy runs away as it sharpens
             if method != "srt":      # the policy's majority answer is the momentum model's in 0.9, then 0.4
                 row["collapse/momentum_agreement"] = 0.9 if step <= 55 else 0.4
         if step in greedy_by_step:
@@ -59,10 +59,10 @@ def synthetic_run(method, seed, greedy_by_step, entropy_by_step):
 
 
 def test_run_report_final_vs_best_and_the_monitors_lead():
-    """A run whose KL to the initial model rises past 0.08 (the monitor's trailing mean over 10 steps) and whose
+    """A run whose KL to the initial model rises past 0.1 (the monitor's trailing mean over 10 steps) and whose
     held-out accuracy falls 4 points below its best later; a healthy run that never warns; a false alarm."""
     steps = range(1, 61)
-    falling = {s: 1.0 if s <= 20 else 0.5 for s in steps}   # KL 0.1 from step 21: trailing mean 0.082 at step 28
+    falling = {s: 1.0 if s <= 20 else 0.5 for s in steps}   # KL 0.15 from step 21: trailing mean 0.107 at step 27
     flat = {s: 1.0 for s in steps}
     rows = (synthetic_run("srt", 0, {0: 0.70, 20: 0.74, 40: 0.71, 60: 0.62}, falling)
             + synthetic_run("mgrpo", 0, {0: 0.70, 20: 0.74, 40: 0.75, 60: 0.74}, flat)
@@ -73,8 +73,8 @@ def test_run_report_final_vs_best_and_the_monitors_lead():
     assert srt["greedy/final_minus_best"] == pytest.approx(-0.12)
     assert srt["maj@k/best_step"] == 20
     assert srt["decline_step"] == 60                       # 40: 3 points below the best, within the noise
-    assert srt["warning_step/kl"] == 28 and srt["first_warning_step"] == 28
-    assert srt["warning_lead_steps"] == 32 and not srt["false_alarm"]
+    assert srt["warning_step/kl"] == 27 and srt["first_warning_step"] == 27
+    assert srt["warning_lead_steps"] == 33 and not srt["false_alarm"]
     # At the end: the mean of the last 10 steps (entropy at half its start; no momentum model in SRT).
     assert srt["entropy_ratio/final"] == pytest.approx(0.5) and "momentum_agreement/final" not in srt
     healthy = report[("mgrpo", 0)]

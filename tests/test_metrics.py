@@ -16,10 +16,10 @@ def test_collapse_monitor_warns_once_on_the_trailing_mean():
         monitor.observe(step, {**healthy, "collapse/momentum_agreement": 0.1})   # (0.0 + 0.7 + 0.1) / 3 < 0.3
     assert len(lines) == 1 and "collapse/momentum_agreement" in lines[0] and "step 4" in lines[0]
     assert "a sign of collapse" in lines[0]
-    monitor.observe(8, {**healthy, "kl": 0.12})                              # (0.01 + 0.01 + 0.12) / 3 < 0.08
+    monitor.observe(8, {**healthy, "kl": 0.27})                              # (0.01 + 0.01 + 0.27) / 3 < 0.1
     assert len(lines) == 1
-    monitor.observe(9, {**healthy, "kl": 0.12})                              # (0.01 + 0.12 + 0.12) / 3 > 0.08
-    assert len(lines) == 2 and lines[1].startswith("[warning] step 9: kl = 0.0833") and "initial model" in lines[1]
+    monitor.observe(9, {**healthy, "kl": 0.27})                              # (0.01 + 0.27 + 0.27) / 3 > 0.1
+    assert len(lines) == 2 and lines[1].startswith("[warning] step 9: kl = 0.183") and "initial model" in lines[1]
     # sharpening alone (entropy ratio 0.3, unanimous groups) is logged, not warned on: healthy runs do it too
     for step in range(10, 20):
         out = monitor.observe(step, {**healthy, "entropy": 0.3, "collapse/unanimous_frac": 0.95})
@@ -37,7 +37,8 @@ def test_collapse_monitor_warns_once_on_the_trailing_mean():
 
 def test_kl_is_watched_only_against_the_initial_model():
     from mgrpo.config import AlgorithmConfig
-    assert set(CollapseMonitor.thresholds_for(AlgorithmConfig())) == {"kl", "collapse/momentum_agreement"}
+    assert set(CollapseMonitor.thresholds_for(AlgorithmConfig())) == {"kl", "collapse/momentum_agreement",
+                                                                       "collapse/family_length_ratio"}
     assert "kl" not in CollapseMonitor.thresholds_for(AlgorithmConfig(kl_coef=0.0))
     assert "kl" not in CollapseMonitor.thresholds_for(AlgorithmConfig(kl_reference="momentum"))
     lines = []
@@ -80,7 +81,8 @@ def test_peak_memory_starts_over_after_reset():
 
 def test_family_length_ratio_compares_each_familys_last_window_with_its_first():
     """collapse/family_length_ratio: per family, the mean response length over its last `window` steps / over its
-    first `window` (a step holds only some families); the lowest family's; logged, never warned on."""
+    first `window` (a step holds only some families); the lowest family's; warned on below 0.65, as it is (it is a
+    trailing mean already)."""
     lines = []
     monitor = CollapseMonitor(log=lines.append, window=2)
     steps = [{"family/3-term/mean_length": 30.0, "family/5-term/mean_length": 40.0},
@@ -91,10 +93,12 @@ def test_family_length_ratio_compares_each_familys_last_window_with_its_first():
     ratios = [monitor.observe(i, {"entropy": 0.1, **r})["collapse/family_length_ratio"] for i, r in enumerate(steps, 1)]
     assert ratios[0] is None and ratios[1] == 1.0 and ratios[2] == 1.0
     assert ratios[3] == ratios[4] == 32.0 / 42.0
-    assert lines == []
+    assert lines == []                                                      # 32 / 42 = 0.76: above 0.65
     # checkpointed: a resumed monitor keeps each family's start, and its window
     again = CollapseMonitor.from_state(json.loads(json.dumps(monitor.state())), log=lines.append)
-    assert again.observe(6, {"entropy": 0.1, "family/5-term/mean_length": 20.0})["collapse/family_length_ratio"] \
-        == 20.0 / 42.0
+    assert again.observe(6, {"entropy": 0.1, "family/5-term/mean_length": 26.0})["collapse/family_length_ratio"] \
+        == (20.0 + 26.0) / 2 / 42.0                                          # 0.548: below 0.65
+    assert len(lines) == 1 and lines[0].startswith("[warning] step 6: collapse/family_length_ratio = 0.548")
+    assert "shorter answers" in lines[0]
     # data without families: nothing to compare
     assert CollapseMonitor(window=1).observe(1, {"entropy": 0.1})["collapse/family_length_ratio"] is None
