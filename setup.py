@@ -37,5 +37,5 @@ setup(
         "bench": ["trl==1.16.0"],   # the peer trainer bench/bench_trl.py compares against
         "data": ["datasets", "pyarrow"],
     },
-    entry_points={"console_scripts": ["mgrpo=mgrpo.commands:main"]},
+    entry_points={"console_scripts": ["mgrpo=mgrpo.commands:run_and_exit"]},
 )

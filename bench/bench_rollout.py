@@ -1,4 +1,5 @@
-"""Benchmark: rollout throughput (generated tokens per second), vLLM against transformers' generate.
+"""Benchmark: rollout throughput (generated tokens per second), vLLM against transformers' generate, and vLLM's
+start-up (build_s) and throughput with and without its torch.compile (rollout.enforce_eager).
 
 Same model (the embedded default's warm-started tiny Qwen3), same prompts, same sampling settings (one step of
 the embedded default: 8 prompts x G = 8, temperature and max_new_tokens from the default config), measured
@@ -58,7 +59,8 @@ def random_model(shape: str, device: str, dtype: torch.dtype):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engines", nargs="+", default=["hf_generate", "vllm"], choices=["hf_generate", "vllm"])
+    parser.add_argument("--engines", nargs="+", default=["hf_generate", "vllm", "vllm_eager"],
+                        choices=["hf_generate", "vllm", "vllm_eager"], help="vllm_eager: rollout.enforce_eager=true")
     parser.add_argument("--shape", default=None,
                         help="random weights at this shape (qwen3-1.7b, qwen3-4b, qwen3-8b, or a model directory), "
                              "transformers' generate only; default: the embedded default's warm-started tiny model")
@@ -67,7 +69,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, help="default: the default config's rollout.max_new_tokens")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (the median is kept)")
     args = parser.parse_args()
-    if args.shape and "vllm" in args.engines:
+    if args.shape and set(args.engines) - {"hf_generate"}:
         parser.error("--shape makes random weights in memory; vLLM loads a directory: use --engines hf_generate")
     configure_process()
     cfg = TrainConfig()
@@ -89,22 +91,29 @@ def main():
     env = environment()
     rates = {}
     for name in args.engines:
+        start = time.perf_counter()
         if name == "hf_generate":   # random weights: the model is the engine's own (no copy of a 4B model)
             engine = HFGenerateEngine(model, tokenizer, copy=False) if args.shape else \
                 HFGenerateEngine(model.to(device), tokenizer, dtype=dtype)
-        else:
+        else:                       # vLLM compiles the model at the build unless enforce_eager
             engine = VLLMEngine(path, [n for n, _ in model.named_parameters()], dtype=dtype,
                                 max_model_len=max(map(len, prompts)) + params.max_new_tokens + 16,
-                                gpu_memory_utilization=0.3)
+                                gpu_memory_utilization=0.3, enforce_eager=name == "vllm_eager")
             engine.push_weights((n, p.detach().to(dtype)) for n, p in model.named_parameters())
+        build_s = time.perf_counter() - start
         rates[name] = throughput(engine, prompts, params, args.rounds)
+        del engine
         row = {**env, "engine": name + label, "prompts": len(prompts), "n": params.n,
-               "max_new_tokens": params.max_new_tokens, "tokens_per_s": round(rates[name], 1)}
+               "max_new_tokens": params.max_new_tokens, "tokens_per_s": round(rates[name], 1),
+               "build_s": round(build_s, 1)}
         append_rows("rollout", [row])          # each engine's row as soon as it is measured
-        print(f"{row['engine']:12s} {row['tokens_per_s']:10.1f} generated tokens/s (median of {max(args.rounds, 1)})",
-              flush=True)
-    if len(rates) == 2:
-        print(f"vLLM / transformers generate: {rates['vllm'] / rates['hf_generate']:.2f}x on {env['device']}")
+        print(f"{row['engine']:12s} {row['tokens_per_s']:10.1f} generated tokens/s (median of {max(args.rounds, 1)}), "
+              f"built in {build_s:.1f} s", flush=True)
+    for name in ("vllm", "vllm_eager"):
+        if name in rates and "hf_generate" in rates:
+            print(f"{name} / transformers generate: {rates[name] / rates['hf_generate']:.2f}x on {env['device']}")
+    if "vllm" in rates and "vllm_eager" in rates:
+        print(f"vllm compiled / eager: {rates['vllm'] / rates['vllm_eager']:.2f}x the tokens/s")
 
 
 if __name__ == "__main__":

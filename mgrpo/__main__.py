@@ -1,6 +1,4 @@
 """`python -m mgrpo ...` (what torchrun launches: torchrun --nproc_per_node=8 -m mgrpo train ...)."""
-import sys
+from .commands import run_and_exit
 
-from .commands import main
-
-sys.exit(main())
+run_and_exit()

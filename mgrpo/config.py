@@ -154,6 +154,10 @@ class RolloutConfig:
     """vLLM: longest prompt + response; 0 = longest prompt in the data + max_new_tokens."""
     sleep_level: int = 1
     """vLLM on a GPU: sleep level between rollouts (1 keeps weights in CPU memory, 2 drops them)."""
+    enforce_eager: bool = False
+    """vLLM: run the model eagerly, without its torch.compile (and CUDA graphs on a GPU). On a CPU the compile
+    costs 10-40 s at each engine's start for 1.3-1.5x the tokens/s (`python bench/bench_rollout.py`: the tiny
+    model, 16 prompts x 16; bench/results/rollout.csv): true pays off for runs of a few steps (most vLLM tests)."""
 
     def __post_init__(self):
         _check(self.engine in ("auto", "vllm", "hf"), f"rollout.engine={self.engine!r}: use auto, vllm or hf")

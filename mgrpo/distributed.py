@@ -22,9 +22,11 @@ loss normalisation, the step's metrics) and `full_tensors` to feed the engines o
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NoReturn, Optional
 
 import torch
 from mgrpo_kernels.runtime import local_tensor  # noqa: F401  (the kernels' own: one definition)
@@ -138,6 +140,24 @@ def close_distributed() -> None:
         group = _OPENED_HERE.pop()
         if torch.distributed.is_initialized() and torch.distributed.group.WORLD is group:
             torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit status `code`, after close_distributed. A torchrun rank leaves through os._exit
+    once its output is flushed, skipping the interpreter's teardown. Destroying the process group is not enough:
+    references survive it (DTensor's module-level caches hold the DeviceMesh, and through it the gloo groups),
+    their worker threads are destroyed unjoined during the teardown, and a rank that finished (or checkpointed on a
+    signal) can still abort ("terminate called without an active exception", SIGABRT), which torchrun reports as a
+    failed rank in place of exit 0 or 75. Nothing is left to the teardown by then: the trainer has closed its files
+    and written its checkpoints, and a rank's vLLM engine lives in the rank's own process (external_launcher).
+    One process (no torchrun) exits normally: its vLLM engine core is a child process that vLLM's own exit
+    handlers stop."""
+    if not launched_by_torchrun():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = "auto") -> Dist:

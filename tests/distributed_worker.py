@@ -7,6 +7,7 @@ by the same functions in the test process (world size 1, no process group).
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")     # before any kernel module is imported
@@ -14,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")     # before any kernel module is
 import torch  # noqa: E402
 
 from mgrpo.config import load_config  # noqa: E402
-from mgrpo.distributed import full_tensor, init_distributed, shard_model  # noqa: E402
+from mgrpo.distributed import close_distributed, exit_process, full_tensor, init_distributed, shard_model  # noqa: E402
 from mgrpo.environment import configure_process  # noqa: E402
 from mgrpo.loop.trainer import train  # noqa: E402
 from mgrpo.models.logprobs import TokenScorer, score_padded  # noqa: E402
@@ -240,7 +241,10 @@ if __name__ == "__main__":
     only = set(filter(None, os.environ.get("MGRPO_SCENARIOS", "").split(",")))
 
     def save(name, value):
+        start = time.perf_counter()
         torch.save(value() if callable(value) else value, out / f"{name}_rank{dist.rank}.pt")
+        if dist.rank == 0:       # where the job's minutes go (the suite's slowest fixture)
+            print(f"[scenario] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     scenarios = {
         "bad_world_size": lambda: bad_world_size(cache, out),
@@ -272,4 +276,5 @@ if __name__ == "__main__":
     for name, scenario in scenarios.items():
         if not only or name in only:
             save(name, scenario)
-    torch.distributed.destroy_process_group()
+    close_distributed()
+    exit_process(0)          # as `python -m mgrpo` leaves: no interpreter teardown to abort in

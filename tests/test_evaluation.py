@@ -188,7 +188,7 @@ def test_cli_end_to_end_on_a_local_file(tiny_model_dir, tmp_path, capsys, engine
     out = tmp_path / "out"
     assert cli(["eval", str(tiny_model_dir), "--data", str(data), "--data", "arithmetic", "--limit", "6",
                 "--k", "3", "--n", "4", "--pass-k", "1,4", "--greedy", "--max-new-tokens", "48", "--samples",
-                "--engine", engine, "--out", str(out)]) == 0
+                "--engine", engine, "--enforce-eager", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "benchmark" in printed and "mini" in printed and "arithmetic" in printed and "maj@3" in printed
     report = json.loads((out / "eval.json").read_text())
@@ -303,7 +303,7 @@ def test_vllm_eval_with_the_default_budget_fits_the_model(tiny_model_dir, tmp_pa
     pytest.importorskip("vllm")
     data = write_jsonl(tmp_path / "few.jsonl", [{"problem": "Compute 3 + 4 - 2.", "answer": "5"},
                                                 {"problem": "Compute 9 - 1 + 1.", "answer": "9"}])
-    assert cli(["eval", str(tiny_model_dir), "--data", str(data), "--k", "2", "--engine", "vllm",
+    assert cli(["eval", str(tiny_model_dir), "--data", str(data), "--k", "2", "--engine", "vllm", "--enforce-eager",
                 "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "the default budget of 3072 new tokens does not fit this model (512 positions" in printed

@@ -83,7 +83,10 @@ def test_train_eval_and_sweep(models, tmp_path, arch, engine, capsys):
     if engine == "vllm":
         pytest.importorskip("vllm")
     run_dir = tmp_path / "run"
-    summary = train(config(models[arch], run_dir, f"rollout.engine={engine}"), log=lambda *a: None)
+    # vLLM eager here (no torch.compile: 2-4 s to build, not 10-40 s); the compiled path is tested where the
+    # pushed weights are checked token for token (test_vllm_engine.py) and in the user's first run (test_train_e2e)
+    summary = train(config(models[arch], run_dir, f"rollout.engine={engine}", "rollout.enforce_eager=true"),
+                    log=lambda *a: None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -92,6 +95,7 @@ def test_train_eval_and_sweep(models, tmp_path, arch, engine, capsys):
     run = summary["models"]
     if engine == "vllm":   # vLLM's own list of what it loaded covered every parameter of its model
         assert ("lm_head.weight" in summary["parts"].engine.loaded_names) == (arch == "llama")
+        assert summary["parts"].engine.llm.llm_engine.model_config.enforce_eager      # the setting reached vLLM
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
     assert exported.config.tie_word_embeddings == (arch == "qwen3")
@@ -105,10 +109,11 @@ def test_train_eval_and_sweep(models, tmp_path, arch, engine, capsys):
                             for a, b in ((1, 2), (3, 4), (5, 1))))
     capsys.readouterr()
     assert cli(["eval", str(models[arch]), "--data", str(data), "--chat-template", "--k", "2", "--engine", engine,
-                "--max-new-tokens", "40", "--out", str(tmp_path / "eval")]) == 0
+                "--enforce-eager", "--max-new-tokens", "40", "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"][0]
     assert result["problems"] == 3 and result["no_answer_frac"] < 0.5
-    assert cli(["eval", str(run_dir), "--all-checkpoints", "--engine", engine, "--out", str(tmp_path / "sweep")]) == 0
+    assert cli(["eval", str(run_dir), "--all-checkpoints", "--engine", engine, "--enforce-eager",
+                "--out", str(tmp_path / "sweep")]) == 0
     sweep = (tmp_path / "sweep" / "accuracy_vs_step.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in sweep[1:] if "[" not in line.split(",")[1]] == ["0", "1", "2"]
 
@@ -163,7 +168,7 @@ def test_llama_with_chat_template_on_two_fsdp2_ranks(models, tmp_path):
     torchrun("-m", "mgrpo", "train", f"model.path={models['llama']}", "model.use_chat_template=true",
              f"run_dir={run_dir}", "steps=2", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
              "rollout.max_new_tokens=40", "data.num_eval=3", "eval.k=2", "progress=false", "optim.lr=1e-3",
-             "model.precision=bf16")
+             "model.precision=bf16", "rollout.enforce_eager=true")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2] and max(r["no_answer_frac"] for r in steps) < 0.5

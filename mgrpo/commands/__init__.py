@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from ..distributed import close_distributed
+from ..distributed import close_distributed, exit_process
 from ..environment import configure_process
 from ..errors import MgrpoError
 from . import compare, evaluate, plan, plot, train
@@ -39,3 +40,9 @@ def main(argv=None) -> int:
         return 1
     finally:
         close_distributed()          # before exit: a process group left to the interpreter's teardown can abort
+
+
+def run_and_exit(argv=None) -> NoReturn:
+    """The `mgrpo` script and `python -m mgrpo` (what torchrun launches): main(), then exit with its status
+    (through os._exit where a process group was opened: mgrpo/distributed.py, exit_process)."""
+    exit_process(main(argv))

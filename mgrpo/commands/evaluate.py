@@ -40,6 +40,8 @@ def add_arguments(parser) -> None:
                         "the paper's)")
     parser.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="vLLM without its torch.compile: a faster start, slower sampling (rollout.enforce_eager)")
     parser.add_argument("--out", help="output directory (must be new or empty)")
     parser.add_argument("--samples", action="store_true", help="also write every sample as JSONL")
     parser.add_argument("--verbose", action="store_true", help="show the engine's own log lines")

@@ -100,7 +100,8 @@ def build_failure_hint(text: str, max_model_len: int, gpu_memory_utilization: fl
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, parameter_names: Iterable, *, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, max_model_len: int = 2048, gpu_memory_utilization: float = 0.35,
-                 sleep_level: int = 1, world_size: int = 1, verbose: bool = False, llm=None):
+                 sleep_level: int = 1, world_size: int = 1, verbose: bool = False, enforce_eager: bool = False,
+                 llm=None):
         self.expected = set(parameter_names)
         self.weight_dtype = dtype
         self.sleep_level = sleep_level
@@ -109,9 +110,10 @@ class VLLMEngine(RolloutEngine):
         self._sleeping_tags = set()         # what our sleep() put to sleep and wake_up() has not woken yet
         self._weights_valid = True          # False after a level-2 sleep until the next push
         self.llm = llm if llm is not None else self._build(model_path, dtype, seed, max_model_len,
-                                                           gpu_memory_utilization, world_size, verbose)
+                                                           gpu_memory_utilization, world_size, verbose, enforce_eager)
 
-    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization, world_size, verbose):
+    def _build(self, model_path, dtype, seed, max_model_len, gpu_memory_utilization, world_size, verbose,
+               enforce_eager):
         if not in_process_vllm():
             raise EngineBuildError("vLLM must run in this process (the trainer pushes weights into its model): set "
                                    "VLLM_ENABLE_V1_MULTIPROCESSING=0, or call mgrpo.environment.configure_process() "
@@ -122,7 +124,7 @@ class VLLMEngine(RolloutEngine):
         kwargs = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enable_prefix_caching=True, logprobs_mode="processed_logprobs", use_tqdm_on_load=verbose,
                       # on the CPU backend this is the fraction of CPU memory the engine reserves
-                      gpu_memory_utilization=gpu_memory_utilization)
+                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
         if self.on_gpu:
             kwargs.update(enable_sleep_mode=True)
         if world_size > 1:
@@ -152,7 +154,7 @@ class VLLMEngine(RolloutEngine):
         max_model_len = rollout_cfg.max_model_len or min(max_sequence_len + 16, positions or max_sequence_len + 16)
         return cls(model_path, parameter_names, dtype=dtype, seed=seed + dist.rank, max_model_len=max_model_len,
                    gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, sleep_level=rollout_cfg.sleep_level,
-                   world_size=dist.world_size, verbose=verbose)
+                   world_size=dist.world_size, verbose=verbose, enforce_eager=rollout_cfg.enforce_eager)
 
     # -- memory hand-off (GPU only) ------------------------------------------------------------------------
     def is_sleeping(self) -> bool:

@@ -107,6 +107,7 @@ class EvalRequest:
     instruction: Optional[str] = None
     engine: str = "auto"
     gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
     out: Optional[str] = None
     samples: bool = False
     verbose: bool = False
@@ -248,7 +249,7 @@ class Evaluator:
             b.max_new_tokens = limit - longest_b
         budget = max(b.max_new_tokens for b in benchmarks)
         rollout = RolloutConfig(engine=args.engine, max_new_tokens=budget,
-                                gpu_memory_utilization=args.gpu_memory_utilization)
+                                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
         self.engine = make_engine(rollout, args.seed or 0, str(model_path), self.tokenizer, longest + budget, dist,
                                   dtype=compute_dtype("auto", dist.device), model=self.model,
                                   parameter_names=[n for n, _ in self.model.named_parameters()],
