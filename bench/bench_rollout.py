@@ -89,6 +89,8 @@ def main():
     params = SamplingParams(n=args.group_size or cfg.algorithm.group_size, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens)
     env = environment()
+    if set(args.engines) - {"hf_generate"}:
+        import vllm  # noqa: F401  (imported before the clock: build_s is the engine's start, not the import)
     rates = {}
     for name in args.engines:
         start = time.perf_counter()

@@ -130,6 +130,7 @@ def choose_mesh(mesh: str, nodes: int) -> str:
 
 # The process groups init_distributed opened (close_distributed destroys them; one a caller opened is theirs).
 _OPENED_HERE: list = []
+_OPENED_ANY = [False]       # whether init_distributed ever opened one in this process (exit_process)
 
 
 def close_distributed() -> None:
@@ -143,16 +144,16 @@ def close_distributed() -> None:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End this process with exit status `code`, after close_distributed. A torchrun rank leaves through os._exit
-    once its output is flushed, skipping the interpreter's teardown. Destroying the process group is not enough:
+    """End this process with exit status `code`, after close_distributed. A torchrun rank, or one process that
+    opened a process group (FSDP2 in mixed precision: bf16 on a CPU, every run on a GPU), leaves through os._exit
+    once its output is flushed, skipping the interpreter's teardown. Destroying the group is not enough:
     references survive it (DTensor's module-level caches hold the DeviceMesh, and through it the gloo groups),
-    their worker threads are destroyed unjoined during the teardown, and a rank that finished (or checkpointed on a
-    signal) can still abort ("terminate called without an active exception", SIGABRT), which torchrun reports as a
-    failed rank in place of exit 0 or 75. Nothing is left to the teardown by then: the trainer has closed its files
-    and written its checkpoints, and a rank's vLLM engine lives in the rank's own process (external_launcher).
-    One process (no torchrun) exits normally: its vLLM engine core is a child process that vLLM's own exit
-    handlers stop."""
-    if not launched_by_torchrun():
+    their worker threads are destroyed unjoined during the teardown, and a rank that finished (or checkpointed on
+    a signal) can still abort ("terminate called without an active exception", SIGABRT), which torchrun reports
+    as a failed rank in place of exit 0 or 75. Nothing is left to the teardown by then: the trainer has closed
+    its files and written its checkpoints, and the vLLM engine runs inside this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, mgrpo/environment.py). A process without a group exits normally."""
+    if not (launched_by_torchrun() or _OPENED_ANY[0]):
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
@@ -174,6 +175,7 @@ def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = 
             torch.distributed.init_process_group("nccl" if want_cuda else "gloo", store=torch.distributed.HashStore(),
                                                  rank=0, world_size=1)
             _OPENED_HERE.append(torch.distributed.group.WORLD)
+            _OPENED_ANY[0] = True
         return Dist(device=dev, fsdp=fsdp_on_one_process)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -186,6 +188,7 @@ def init_distributed(device: str = "auto", precision: str = "fp32", mesh: str = 
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                              device_id=dev if dev.type == "cuda" else None)
         _OPENED_HERE.append(torch.distributed.group.WORLD)
+        _OPENED_ANY[0] = True
     nodes = node_count()
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=True, nodes=nodes,
                 mesh=choose_mesh(mesh, nodes))

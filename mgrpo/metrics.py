@@ -46,8 +46,10 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer (again: nothing)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 class StageTimes:

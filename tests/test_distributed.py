@@ -415,18 +415,31 @@ def test_the_cli_destroys_the_process_group_it_opened_and_only_that(tiny_cache, 
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("under_torchrun", [True, False])
-def test_a_torchrun_rank_leaves_without_the_interpreters_teardown(under_torchrun):
-    """`python -m mgrpo` (what torchrun launches) ends a torchrun rank through os._exit once its output is flushed:
-    the interpreter's teardown, where gloo's threads can abort a rank that finished ("terminate called without an
-    active exception", SIGABRT in place of exit 0 or 75: a CI failure), never runs. An atexit handler stands for that
-    teardown here; the command is a user error (exit 1, its message on stderr). One process exits normally."""
-    program = ("import atexit, runpy, sys; atexit.register(lambda: print('teardown ran', flush=True)); "
-               "sys.argv = ['mgrpo', 'train', 'no_such.key=1']; runpy.run_module('mgrpo', run_name='__main__')")
+EXIT_CASES = {   # name: (torchrun's env?, code run before `python -m mgrpo train ...`, teardown expected?)
+    "torchrun rank": (True, "", False),
+    "one process with a group": (False, "from mgrpo.distributed import init_distributed; "
+                                        "init_distributed('cpu', 'bf16')", False),
+    "a bug on a torchrun rank": (True, "import mgrpo.commands.train as t; t.run = lambda args: 1 / 0", False),
+    "one process": (False, "", True),
+}
+
+
+@pytest.mark.parametrize("case", EXIT_CASES)
+def test_a_torchrun_rank_leaves_without_the_interpreters_teardown(case):
+    """`python -m mgrpo` (what torchrun launches) ends a torchrun rank, or a process that opened a process group,
+    through os._exit once its output is flushed: the interpreter's teardown, where gloo's threads can abort a rank
+    that finished ("terminate called without an active exception", SIGABRT in place of exit 0 or 75: a CI
+    failure), never runs. An atexit handler stands for that teardown here; the command is a user error (exit 1, its
+    message on stderr) or a bug (exit 1, its traceback). A process without a group exits normally."""
+    torchrun_env, before, teardown = EXIT_CASES[case]
+    program = "\n".join(["import atexit, runpy, sys", "atexit.register(lambda: print('teardown ran', flush=True))",
+                         before, "sys.argv = ['mgrpo', 'train', 'no_such.key=1']",
+                         "runpy.run_module('mgrpo', run_name='__main__')"])
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    if under_torchrun:
+    if torchrun_env:
         env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 1 and "mgrpo train: error: unknown config key no_such" in done.stderr, done.stderr
-    assert ("teardown ran" in done.stdout) is not under_torchrun, done.stdout
+    expected = "ZeroDivisionError" if "bug" in case else "mgrpo train: error: unknown config key no_such"
+    assert done.returncode == 1 and expected in done.stderr, done.stderr[-3000:]
+    assert ("teardown ran" in done.stdout) is teardown, done.stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import NoReturn
 
 from ..distributed import close_distributed, exit_process
@@ -44,5 +45,14 @@ def main(argv=None) -> int:
 
 def run_and_exit(argv=None) -> NoReturn:
     """The `mgrpo` script and `python -m mgrpo` (what torchrun launches): main(), then exit with its status
-    (through os._exit where a process group was opened: mgrpo/distributed.py, exit_process)."""
-    exit_process(main(argv))
+    (through os._exit where a process group was opened: mgrpo/distributed.py, exit_process). A bug's traceback is
+    printed here, so that it too leaves that way: exit 1 (130 on Ctrl-C)."""
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except Exception:             # noqa: BLE001 - a bug: its traceback, then the same exit path
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

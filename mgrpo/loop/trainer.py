@@ -27,6 +27,7 @@ The parts are built once by mgrpo/build.py (`setup`); checkpoints and exports ar
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -147,7 +148,10 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
     run_dir = Path(cfg.run_dir or dist.broadcast_object(f"runs/{datetime.now():%Y%m%d-%H%M%S}"))
     lock = lock_run_dir(run_dir, dist)                        # one writer per run directory, for the whole run
     try:
-        return _train(cfg, dist, run_dir, log, stop_after_steps, engine)
+        # the metrics writer closes however the run ends (an error too): a torchrun rank leaves through
+        # os._exit (mgrpo/distributed.py, exit_process), which runs no finalizer to flush it
+        with ExitStack() as open_files:
+            return _train(cfg, dist, run_dir, log, stop_after_steps, engine, open_files)
     finally:
         lock.release()
 
@@ -168,7 +172,7 @@ def lock_run_dir(run_dir: Path, dist: Dist) -> RunDirLock:
 
 
 def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: Optional[int],
-           engine: Optional[RolloutEngine]) -> dict:
+           engine: Optional[RolloutEngine], open_files: ExitStack) -> dict:
     algo = cfg.algorithm
     resume_from = prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, dist, cfg.resume_from, log)
     written_by = None
@@ -210,6 +214,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     metrics = None
     if dist.is_main:
         metrics = MetricsLogger(run_dir, resume_step=start_step if resume_from is not None else None)
+        open_files.callback(metrics.close)
         if before is not None and resume_from is None:
             metrics.log(0, eval_metrics(before, cfg.eval.k))
     monitor = CollapseMonitor.from_state(monitor_state, log, CollapseMonitor.thresholds_for(algo))
