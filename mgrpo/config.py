@@ -155,9 +155,10 @@ class RolloutConfig:
     sleep_level: int = 1
     """vLLM on a GPU: sleep level between rollouts (1 keeps weights in CPU memory, 2 drops them)."""
     enforce_eager: bool = False
-    """vLLM: run the model eagerly, without its torch.compile (and CUDA graphs on a GPU). On a CPU the compile
-    costs 10-40 s at each engine's start for 1.3-1.5x the tokens/s (`python bench/bench_rollout.py`: the tiny
-    model, 16 prompts x 16; bench/results/rollout.csv): true pays off for runs of a few steps (most vLLM tests)."""
+    """vLLM: run the model eagerly, without its torch.compile (and CUDA graphs on a GPU, where they pay). On a CPU
+    the compile costs 10-20 s at each engine's start (more in a fresh process) and, on the tiny model, bought no
+    steady gain in tokens/s (0.86-1.53x eager's over four runs; `python bench/bench_rollout.py`,
+    bench/results/rollout.csv). Off by default: every figure in the README was made compiled."""
 
     def __post_init__(self):
         _check(self.engine in ("auto", "vllm", "hf"), f"rollout.engine={self.engine!r}: use auto, vllm or hf")
