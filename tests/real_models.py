@@ -114,18 +114,36 @@ QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  max_position_embeddings=4096)
 
 
-def save_qwen3_06b(root: Path) -> Path:
-    """A random model of Qwen3-0.6B's shapes (0.6 B parameters, bf16 files as real checkpoints store) with the
-    BPE tokenizer: for checks at a real model's scale (nothing downloaded)."""
+QWEN3_06B_PARAMETERS = 596_049_920     # Qwen3-0.6B's parameter count (the tied head counted once)
+# Qwen3-0.6B's widths and vocabulary with 4 of its 28 layers: the [V, H] embedding and the [tokens, V] head, the
+# parts whose size the tiny model cannot show, are whole; every layer is the same, and the plan's per-layer
+# parts are checked where layers dominate (the tiny model). A third of the 28 layers' seconds in the suite.
+QWEN3_06B_WIDTHS = {**QWEN3_06B, "num_hidden_layers": 4}
+
+
+def save_qwen3_06b(root: Path, shape: dict = QWEN3_06B_WIDTHS, weights: bool = True) -> Path:
+    """A random model of Qwen3-0.6B's widths (bf16 files as real checkpoints store) with the BPE tokenizer: for
+    checks at a real model's scale (nothing downloaded). weights=False: config and tokenizer only (the plan and
+    its verdicts read nothing else)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    path = root / "qwen3-0.6b-shaped"
+    path = root / f"qwen3-0.6b-shaped-{shape['num_hidden_layers']}-layers{'' if weights else '-config'}"
     if not (path / "config.json").is_file():
         tokenizer = build_bpe_tokenizer()
-        config = Qwen3Config(**QWEN3_06B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        config = Qwen3Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=None)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-        model.save_pretrained(path)
+        if weights:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+            model.save_pretrained(path)
+        else:
+            config.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
+
+
+def parameter_count(shape: dict) -> int:
+    """The parameters transformers itself makes for a Qwen3 of this shape (on the meta device: no memory)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen3ForCausalLM(Qwen3Config(**shape)).parameters())

@@ -1,6 +1,7 @@
-"""`mgrpo plan`: the computed parts against the exact bytes the trainer allocates (tiny and Qwen3-0.6B-shaped
-models, 1 and 2 CPU ranks), the fit verdict and its suggestions, the one-GPU config, several nodes (the mesh's shard
-degree, both meshes' traffic against a hand count, which mesh pays), and bad input."""
+"""`mgrpo plan`: the computed parts against the exact bytes the trainer allocates (tiny models and Qwen3-0.6B's
+widths with 4 of its layers, 1 and 2 CPU ranks; Qwen3-0.6B's parameter count at its 28), the fit verdict and its
+suggestions, the one-GPU config, several nodes (the mesh's shard degree, both meshes' traffic against a hand count,
+which mesh pays), and bad input."""
 import json
 import math
 
@@ -9,7 +10,7 @@ import pytest
 from mgrpo.commands import main as cli
 from mgrpo.config import load_config
 from mgrpo.plan import GIB, PHASES, PlanError, check_fits, make_plan, parameter_shapes, plan_on_mesh, traffic
-from tests.real_models import save_qwen3_06b
+from tests.real_models import QWEN3_06B, QWEN3_06B_PARAMETERS, QWEN3_06B_WIDTHS, parameter_count, save_qwen3_06b
 
 pytestmark = pytest.mark.slow
 MEASURED = ("master weights (fp32)", "optimizer state", "momentum model", "KL reference")
@@ -24,7 +25,24 @@ def assert_plan_matches(plan, parts: dict, what: str):
 
 @pytest.fixture(scope="module")
 def qwen3_06b(tmp_path_factory):
+    """Qwen3-0.6B's widths and vocabulary, 4 of its 28 layers, random bf16 weights (tests/real_models.py)."""
     return save_qwen3_06b(tmp_path_factory.mktemp("qwen3-0.6b"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_06b_config(tmp_path_factory):
+    """Qwen3-0.6B's whole shape, 28 layers: config and tokenizer only (verdicts read nothing else)."""
+    return save_qwen3_06b(tmp_path_factory.mktemp("qwen3-0.6b-config"), QWEN3_06B, weights=False)
+
+
+def test_the_plan_counts_qwen3_06b_as_transformers_builds_it(qwen3_06b_config):
+    """The plan's parameter shapes for the real model's config sum to what transformers allocates (a meta-device
+    model) and to Qwen3-0.6B's published count; its fp32 master weights are 4 bytes each."""
+    from transformers import Qwen3Config
+    assert sum(math.prod(s) for _, s in parameter_shapes(Qwen3Config(**QWEN3_06B))) == QWEN3_06B_PARAMETERS
+    assert parameter_count(QWEN3_06B) == QWEN3_06B_PARAMETERS
+    plan = make_plan(load_config(None, [f"model.path={qwen3_06b_config}"]), 1, 80, on_gpu=False)
+    assert plan.bytes_of("master weights (fp32)") == 4 * QWEN3_06B_PARAMETERS
 
 
 @pytest.mark.parametrize("settings", [["optim.name=adamw", "algorithm.momentum_dtype=fp32"],
@@ -50,7 +68,7 @@ def test_qwen3_06b_shaped_one_process_matches_the_plan(qwen3_06b, tmp_path):
     result = measure(str(qwen3_06b), tmp_path, overrides)
     cfg = load_config(None, [f"model.path={qwen3_06b}", *overrides])
     assert_plan_matches(make_plan(cfg, 1, 80, on_gpu=False), result["parts"], "0.6B, 1 process")
-    assert result["parts"]["master weights (fp32)"] == pytest.approx(4 * 596_049_920, rel=0.01)
+    assert result["parts"]["master weights (fp32)"] == 4 * parameter_count(QWEN3_06B_WIDTHS)
 
 
 def test_qwen3_06b_shaped_two_ranks_in_bf16_match_the_plan(qwen3_06b, tmp_path):
@@ -96,7 +114,7 @@ def test_eight_gpus_with_the_8bit_optimizer_shrink_the_state_and_auto_takes_the_
         8, 80).phase("rollout")
 
 
-def test_train_refuses_a_config_that_does_not_fit_before_loading_weights(qwen3_06b, tmp_path, monkeypatch):
+def test_train_refuses_a_config_that_does_not_fit_before_loading_weights(qwen3_06b_config, tmp_path, monkeypatch):
     from mgrpo import build
     from mgrpo.errors import TrainingError
     from mgrpo.loop.trainer import train
@@ -104,7 +122,8 @@ def test_train_refuses_a_config_that_does_not_fit_before_loading_weights(qwen3_0
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")
     monkeypatch.setattr(build, "load_policy", no_weights)
-    cfg = load_config(None, [f"model.path={qwen3_06b}", f"run_dir={tmp_path / 'run'}", "plan.gpu_memory_gib=20",
+    cfg = load_config(None, [f"model.path={qwen3_06b_config}", f"run_dir={tmp_path / 'run'}",
+                             "plan.gpu_memory_gib=20",
                              "rollout.engine=hf", "data.num_eval=0"])
     with pytest.raises(TrainingError, match="does not fit.*Would fit with: optim.name=adamw8bit"):
         train(cfg, log=lambda *a: None)
@@ -266,18 +285,17 @@ def test_each_phase_of_the_tiny_model_measures_as_planned(settings):
 
 
 def test_each_phase_of_a_qwen3_06b_shaped_model_measures_as_planned(tmp_path):
-    """Qwen3-0.6B's shapes (its config alone: random weights, nothing saved or read but config.json), padded
+    """Qwen3-0.6B's widths, 4 of its layers (its config alone: random weights, nothing read but config.json), padded
     micro-batches of 512 tokens, 8-bit AdamW: the vocabulary's [tokens, V] head and the [V, H] embedding gradient
     dominate the transients here, the layers' activations in the tiny model."""
     from transformers import Qwen3Config
 
-    from tests.real_models import QWEN3_06B
-    Qwen3Config(**QWEN3_06B).save_pretrained(tmp_path)
+    Qwen3Config(**QWEN3_06B_WIDTHS).save_pretrained(tmp_path)
     cfg = load_config(None, [f"model.path={tmp_path}", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
                              "rollout.max_new_tokens=32", "data.num_eval=0", "optim.micro_batch_tokens=512",
                              "optim.layout=padded", "optim.name=adamw8bit", "algorithm.momentum_dtype=fp32"])
     measurement, plans = assert_phases_match(cfg, "0.6B", steps=1)      # 8-bit AdamW: its state exists from setup
-    assert plans["update"].bytes_of("master weights (fp32)") == pytest.approx(4 * 596_049_920, rel=0.01)
+    assert plans["update"].bytes_of("master weights (fp32)") == 4 * parameter_count(QWEN3_06B_WIDTHS)
     assert measurement.phases["update"] > measurement.phases["rollout"] + 2 * GIB     # gradients + head: GiB
 
 
