@@ -24,7 +24,7 @@ from tests.scripted_engine import ScriptedEngine  # noqa: E402
 
 def config(cache, run_dir, *overrides):
     return load_config(None, [
-        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run_dir}",
+        f"warm_start.cache_dir={cache}", f"run_dir={run_dir}",
         "steps=1", "progress=false", "log_every=0", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
         "rollout.max_new_tokens=32", "data.num_eval=2", "eval.k=2", "optim.lr=1e-3", "optim.warmup_steps=0",
         "optim.micro_batch_tokens=160", "rollout.engine=hf", *overrides])
@@ -33,9 +33,9 @@ def config(cache, run_dir, *overrides):
 def scripted(cache):
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import base_model_dir, build_tokenizer
     cfg = config(cache, "unused")
-    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    path = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
     return ScriptedEngine(build_tokenizer(), names)
 
@@ -87,10 +87,10 @@ def fused_through_fsdp(dist, precision="fp32", cache=None, gold_head=False):
         from transformers import AutoModelForCausalLM
 
         from mgrpo.data.prompts import format_prompt
-        from mgrpo.data.tiny import training_problem, warm_started_model_dir
+        from mgrpo.data.tiny import base_model_dir, training_problem
         cfg = config(cache, "unused")
         model = AutoModelForCausalLM.from_pretrained(
-            warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None),
+            base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None),
             dtype=torch.float32)
         rows = [training_problem(random.Random(i)) for i in range(4)]
         prompts = [tokenizer.encode(format_prompt(r["problem"], cfg.data.instruction)) for r in rows]
@@ -131,6 +131,17 @@ def resume(cache, out_dir, *overrides):
             "straight_momentum": dict(straight.momentum.named_weights(torch.float32)),
             "resumed_momentum": dict(resumed.momentum.named_weights(torch.float32)),
             "run_dir": str(out_dir / "split")}
+
+
+def resume_scripted(cache, out_dir, *overrides):
+    """1 step, stopped and checkpointed, then resumed for the 2nd, on the scripted engine: the weights to compare
+    bit for bit with one_update's straight run of the same config (its rollouts depend on the prompts alone)."""
+    train(config(cache, out_dir, "steps=2", *overrides), log=lambda *a: None, stop_after_steps=1,
+          engine=scripted(cache))
+    resumed = train(config(cache, out_dir, "steps=2", "resume=true", *overrides), log=lambda *a: None,
+                    engine=scripted(cache))["models"]
+    return {"resumed": {n: full_tensor(p) for n, p in resumed.policy.hf_named_parameters()},
+            "resumed_momentum": dict(resumed.momentum.named_weights(torch.float32))}
 
 
 def momentum_reference(cache, out_dir):
@@ -237,7 +248,7 @@ if __name__ == "__main__":
     configure_process()
     cache, out = sys.argv[1], Path(sys.argv[2])
     dist = init_distributed("cpu")
-    # MGRPO_SCENARIOS=wiring_fp32,wiring_int8: only these (a quick check while developing, e.g. a planted mistake)
+    # MGRPO_SCENARIOS=wiring_fp32,update_int8: only these (a quick check while developing, e.g. a planted mistake)
     only = set(filter(None, os.environ.get("MGRPO_SCENARIOS", "").split(",")))
 
     def save(name, value):
@@ -254,13 +265,15 @@ if __name__ == "__main__":
         "update_int8": lambda: one_update(cache, out / "update_int8", "int8"),
         "update_bf16_int8": lambda: one_update(cache, out / "update_bf16_int8", "int8", "bf16"),
         "resume": lambda: resume(cache, out / "resume"),
-        # bitsandbytes' 8-bit AdamW on the local shards, with the int8 momentum's delta kernel in its hook
-        "resume_adamw8bit": lambda: resume(cache, out / "resume_adamw8bit", "optim.name=adamw8bit",
-                                           "algorithm.momentum_dtype=int8"),
+        # bitsandbytes' 8-bit AdamW on the local shards, with the int8 momentum's delta kernel in its hook; its
+        # straight run is update_adamw8bit (the same config; the sampler's state is resume's, above)
         "update_adamw8bit": lambda: one_update(cache, out / "update_adamw8bit", "int8", extra=("optim.name=adamw8bit",)),
+        "resume_adamw8bit": lambda: resume_scripted(cache, out / "resume_adamw8bit", "algorithm.momentum_dtype=int8",
+                                                    "model.precision=fp32", "optim.name=adamw8bit"),
         "momentum_reference": lambda: momentum_reference(cache, out / "momentum_reference"),
+        # the int8 momentum model on 2 ranks: update_int8 (against one process after 2 steps); its EMA step by
+        # step: tests/test_wiring.py on one process
         "wiring_fp32": lambda: wiring(cache, out / "wiring_fp32", "fp32"),
-        "wiring_int8": lambda: wiring(cache, out / "wiring_int8", "int8"),
     }
     one, two = os.environ.get("MGRPO_RESHARD_FROM1"), os.environ.get("MGRPO_RESHARD_FROM2")
     for kind in RESHARD_KINDS:

@@ -113,7 +113,7 @@ def read_csv(path):
 def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
     out = tmp_path / "cmp"
     common = ["--preset", "short", "--seeds", "2", "--out", str(out), f"warm_start.cache_dir={tiny_cache}",
-              "warm_start.steps=150", "warm_start.batch_size=16", "rollout.engine=hf", "rollouts_every=1"]
+              "rollout.engine=hf", "rollouts_every=1"]
     assert main(["compare", *common]) == 0
     methods = ["srt", "mgrpo", "mgrpo_no_iqr"]
 

@@ -143,9 +143,9 @@ def test_bad_settings_fail_before_generation():
 @pytest.fixture
 def tiny_model_dir(tiny_cache):
     from mgrpo.config import load_config
-    from mgrpo.data.tiny import warm_started_model_dir
-    cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16"])
-    return warm_started_model_dir(cfg.warm_start, cfg.data.instruction, log=lambda *a: None)
+    from mgrpo.data.tiny import base_model_dir
+    cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}"])
+    return base_model_dir(cfg.warm_start, cfg.data.instruction, log=lambda *a: None)
 
 
 def write_jsonl(path, rows):
@@ -245,7 +245,7 @@ def test_checkpoint_sweep_and_in_training_validation(tiny_cache, tmp_path, capsy
     from mgrpo.loop.trainer import train
     run = tmp_path / "run"
     train(load_config(None, [
-        f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run}",
+        f"warm_start.cache_dir={tiny_cache}", f"run_dir={run}",
         "steps=4", "save_every=2", "keep_checkpoints=0", "snapshot_every=3", "data.eval_every=2", "optim.lr=3e-3",
         "data.num_eval=16", "eval.k=2", "progress=false", "log_every=0", "rollout.engine=hf",
         "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=48"]), log=lambda *a: None)

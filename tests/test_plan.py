@@ -53,10 +53,9 @@ def test_tiny_model_one_process_matches_the_plan(tiny_cache, tmp_path, settings)
     """One step of the embedded default (torch's AdamW allocates its moments at the first step)."""
     from mgrpo.build import measured_memory
     from mgrpo.loop.trainer import train
-    cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16",
-                             f"run_dir={tmp_path / 'run'}", "steps=1", "progress=false", "rollout.engine=hf",
-                             "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=16",
-                             "data.num_eval=0", *settings])
+    cfg = load_config(None, [f"warm_start.cache_dir={tiny_cache}", f"run_dir={tmp_path / 'run'}", "steps=1",
+                             "progress=false", "rollout.engine=hf", "algorithm.prompts_per_step=2",
+                             "algorithm.group_size=4", "rollout.max_new_tokens=16", "data.num_eval=0", *settings])
     summary = train(cfg, log=lambda *a: None)
     measured = measured_memory(summary["models"], summary["parts"].optimization.optimizer)
     assert_plan_matches(make_plan(cfg, 1, 80, on_gpu=False), measured, " ".join(settings))

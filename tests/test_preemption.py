@@ -27,9 +27,9 @@ STEPS = 3
 def engine_for(cache):
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import base_model_dir, build_tokenizer
     cfg = tiny_config(Path("unused"), cache)
-    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    path = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
     return ScriptedEngine(build_tokenizer(), names, record_pushes=False)
 
@@ -113,9 +113,9 @@ def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, stra
 def test_mgrpo_train_exits_75_on_sigterm_and_resumes(tmp_path, tiny_cache):
     """The command itself: SIGTERM from outside while it trains; exit status 75, then resume=true finishes."""
     run_dir = tmp_path / "cli"
-    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150",
-            "warm_start.batch_size=16", f"run_dir={run_dir}", "steps=40", "rollout.engine=hf", "progress=false",
-            "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0"]
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}",
+            "steps=40", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+            "rollout.max_new_tokens=32", "data.num_eval=0"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = run_dir / "metrics.jsonl"
@@ -150,35 +150,40 @@ def children(pid: int) -> list:
     return sorted(out)
 
 
-@pytest.mark.parametrize("ranks_signalled", ["one", "all"])
-def test_torchrun_ranks_stop_together_and_resume(tmp_path, tiny_cache, ranks_signalled):
-    """2 torchrun ranks; SIGUSR1 to one of them (the other learns it at the next check) or to both: each writes its
-    shards of one checkpoint, rank 0 the marker, all exit 75 (torchrun reports a failed worker: exit 1); resume=true
-    on 2 ranks continues and every step is logged once. Nothing hangs (timeouts)."""
+def test_torchrun_ranks_stop_together_and_resume(tmp_path, tiny_cache):
+    """2 torchrun ranks; SIGUSR1 to one of them (the other learns it at the next check), then, in the resumed run,
+    to both: each time every rank writes its shards of one checkpoint, rank 0 the marker, all exit 75 (torchrun
+    reports a failed worker: exit 1); resume=true on 2 ranks continues and every step is logged once. Nothing hangs
+    (timeouts). One run directory for both signals: three launches, not four."""
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mgrpo", "train",
-            f"warm_start.cache_dir={tiny_cache}", "warm_start.steps=150", "warm_start.batch_size=16",
-            f"run_dir={run_dir}", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=4",
-            "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0"]
+            f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}", "rollout.engine=hf", "progress=false",
+            "algorithm.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0",
+            "steps=40"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*args, "steps=40"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 1/"):
-            break
-    workers = children(proc.pid)
-    assert len(workers) == 2, "".join(seen)[-3000:]
-    for pid in workers[-1:] if ranks_signalled == "one" else workers:
-        os.kill(pid, signal.SIGUSR1)
-    out = "".join(seen) + proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0 and "exitcode" in out and ": 75" in out, out[-3000:]
-    marker = json.loads((run_dir / "preempted.json").read_text())
-    assert marker["signal"] in ("SIGUSR1", "a signal on another rank") and 1 <= marker["step"] < 40
-    assert (run_dir / "checkpoints" / f"step_{marker['step']:06d}" / "checkpoint.json").is_file()
-    assert logged_steps(run_dir) == list(range(1, marker["step"] + 1))
-    done = subprocess.run([*args, f"steps={marker['step'] + 1}", "resume=true"], cwd=ROOT, capture_output=True,
+    stopped_at = 0
+    for ranks_signalled in ("one", "all"):
+        resume = ["resume=true"] if stopped_at else []
+        proc = subprocess.Popen([*args, *resume], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"step {stopped_at + 1}/"):
+                break
+        workers = children(proc.pid)
+        assert len(workers) == 2, "".join(seen)[-3000:]
+        for pid in workers[-1:] if ranks_signalled == "one" else workers:
+            os.kill(pid, signal.SIGUSR1)
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0 and "exitcode" in out and ": 75" in out, (ranks_signalled, out[-3000:])
+        marker = json.loads((run_dir / "preempted.json").read_text())
+        assert marker["signal"] in ("SIGUSR1", "a signal on another rank"), ranks_signalled
+        assert stopped_at < marker["step"] < 40, (ranks_signalled, stopped_at, marker)
+        assert (run_dir / "checkpoints" / f"step_{marker['step']:06d}" / "checkpoint.json").is_file()
+        assert logged_steps(run_dir) == list(range(1, marker["step"] + 1)), ranks_signalled
+        stopped_at = marker["step"]
+    done = subprocess.run([*args[:-1], f"steps={stopped_at + 1}", "resume=true"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert logged_steps(run_dir) == list(range(1, marker["step"] + 2))
+    assert logged_steps(run_dir) == list(range(1, stopped_at + 2))

@@ -20,8 +20,14 @@ from mgrpo.commands import main as cli
 from mgrpo.config import load_config
 from mgrpo.loop.trainer import train
 from mgrpo.storage import checkpoint as ckpt
-from mgrpo.storage.checkpoint import (META_FILE, UnsafeCheckpointError, checkpoint_dirs, file_sha256, load_tensors,
-                                      verify_checkpoint)
+from mgrpo.storage.checkpoint import (
+    META_FILE,
+    UnsafeCheckpointError,
+    checkpoint_dirs,
+    file_sha256,
+    load_tensors,
+    verify_checkpoint,
+)
 from mgrpo.storage.run_dir import DiskFullError, RunDirError
 
 pytestmark = pytest.mark.slow
@@ -29,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def overrides(cache, run_dir, *extra):
-    return [f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run_dir}",
+    return [f"warm_start.cache_dir={cache}", f"run_dir={run_dir}",
             "progress=false", "log_every=0", "rollout.engine=hf", "algorithm.prompts_per_step=2",
             "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0", *extra]
 

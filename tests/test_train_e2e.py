@@ -14,8 +14,7 @@ pytestmark = pytest.mark.slow
 
 def tiny_config(tmp_path, cache, *overrides, run="run"):
     return load_config(None, [
-        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16",
-        f"run_dir={tmp_path / run}", "steps=4", "progress=false", "rollout.engine=hf",
+        f"warm_start.cache_dir={cache}", f"run_dir={tmp_path / run}", "steps=4", "progress=false", "rollout.engine=hf",
         "algorithm.prompts_per_step=2", "algorithm.group_size=4",
         "rollout.max_new_tokens=64", "data.num_eval=4", "optim.lr=1e-3", "optim.warmup_steps=1",
         *overrides])
@@ -167,10 +166,9 @@ def test_first_run_output_is_the_projects_own(tmp_path, cache):
     pytest.importorskip("vllm")
     import subprocess
     import sys
-    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={cache}", "warm_start.steps=150",
-            "warm_start.batch_size=16", f"run_dir={tmp_path / 'run'}", "steps=2", "rollout.engine=vllm",
-            "algorithm.prompts_per_step=2", "algorithm.group_size=4", "rollout.max_new_tokens=48",
-            "data.num_eval=8", "eval.k=2"]
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={cache}", f"run_dir={tmp_path / 'run'}",
+            "steps=2", "rollout.engine=vllm", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+            "rollout.max_new_tokens=48", "data.num_eval=8", "eval.k=2"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
@@ -189,11 +187,11 @@ def test_micro_batches_with_zero_advantage_run_no_backward(tmp_path, cache, answ
     the metrics and said in the step line); mixed answers train (only their all-zero micro-batches skipped)."""
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import base_model_dir, build_tokenizer
     from tests.scripted_engine import ScriptedEngine
     cfg = tiny_config(tmp_path, cache, "steps=1", "data.num_eval=0", "optim.micro_batch_tokens=160",
                       "optim.layout=padded", "log_every=1")
-    base = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    base = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(base).named_parameters()]
     lines = []
     train(cfg, log=lines.append, engine=ScriptedEngine(build_tokenizer(), names, answers=answers))

@@ -25,7 +25,7 @@ MAX_GRAD_NORM = 0.05            # below the tiny model's gradient norms (0.2-0.5
 
 def wiring_config(cache, run_dir, *extra):
     return load_config(None, [
-        f"warm_start.cache_dir={cache}", "warm_start.steps=150", "warm_start.batch_size=16", f"run_dir={run_dir}",
+        f"warm_start.cache_dir={cache}", f"run_dir={run_dir}",
         "steps=3", "progress=false", "log_every=0", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
         "rollout.max_new_tokens=32", "data.num_eval=0", "optim.lr=1e-3", "optim.warmup_steps=0",
         f"optim.max_grad_norm={MAX_GRAD_NORM}", *extra])
@@ -34,9 +34,9 @@ def wiring_config(cache, run_dir, *extra):
 def recording_engine(cache):
     from transformers import AutoModelForCausalLM
 
-    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import base_model_dir, build_tokenizer
     cfg = wiring_config(cache, "unused")
-    path = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    path = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(path).named_parameters()]
     return RecordingEngine(build_tokenizer(), names)
 
@@ -125,7 +125,7 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     """One update on fixed rollouts, without the KL term: the policy's log-prob of the responses the vote
     rewarded (advantage > 0) rises and of the others falls, response by response on average and as the
     advantage-weighted sum the loss maximises."""
-    from mgrpo.data.tiny import build_tokenizer, warm_started_model_dir
+    from mgrpo.data.tiny import base_model_dir, build_tokenizer
     run_dir = tmp_path / "run"
     cfg = wiring_config(tiny_cache, run_dir, "steps=1", "algorithm.kl_coef=0", "rollouts_every=1",
                         f"algorithm.logprob_impl={impl}", "optim.max_grad_norm=0", "optim.lr=2e-4")
@@ -135,7 +135,7 @@ def test_learning_goes_towards_the_vote(tiny_cache, tmp_path, impl):
     assert_advantages_follow_the_vote(rows)
     advantages = torch.tensor([r["advantage"] for r in trained], dtype=torch.float64)
     assert (advantages > 0).any() and (advantages < 0).any(), "no learning signal in these rollouts"
-    base = warm_started_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
+    base = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     args = (build_tokenizer(), cfg.data.instruction, cfg.rollout.temperature)
     change = response_logprobs(run_dir / "final", trained, *args) - response_logprobs(base, trained, *args)
     assert float(change[advantages > 0].mean()) > 0, "the rewarded responses became less likely"
