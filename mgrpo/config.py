@@ -8,6 +8,7 @@ Every value is checked in __post_init__, so a bad config fails before any model 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -485,8 +486,18 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> TrainConfig:
-    """Defaults <- YAML file (optional) <- dotted overrides like ``algorithm.group_size=16``."""
+def _merged(base: dict, over: dict) -> dict:
+    """`base` with `over`'s values in its place, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
+                base: Optional[dict] = None) -> TrainConfig:
+    """Defaults <- `base` (a saved config's values: a resumed run's config.yaml) <- YAML file (optional) <- dotted
+    overrides like ``algorithm.group_size=16``."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -502,6 +513,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections (model:, data:, ...), "
                               f"but it holds a {type(tree).__name__}")
+    tree = _merged(copy.deepcopy(base or {}), tree)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. algorithm.group_size=16)")
