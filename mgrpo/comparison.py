@@ -6,7 +6,8 @@
     mgrpo compare --preset long          # 900 steps (3x the default): does SRT collapse here, does M-GRPO hold?
     mgrpo compare --preset collapse      # a task where the vote is confidently wrong on one family of problems
     mgrpo compare --preset short         # a minute-long smoke version (what the tests run)
-    mgrpo compare --seeds 5 optim.lr=5e-5 ...      # any train override applies to every run
+    mgrpo compare --seeds 5 optim.lr=5e-5 ...      # a train override applies to every run (not those compare
+                                                   # sets itself: seed, run_dir, resume, a method's algorithm.mode)
     mgrpo compare --preset long --out DIR --report  # tables and plot of the runs finished so far; trains nothing
     mgrpo compare --methods mgrpo --sweep algorithm.momentum=0.9,0.999   # one method per value of a setting
     mgrpo compare --methods srt,mgrpo,mgrpo+algorithm.momentum=0.9 ...   # methods and sweep variants together
@@ -104,6 +105,57 @@ def sweep_methods(methods: list, sweep: str) -> list:
     return [f"{m}+{key}={v}" for m in methods for v in values.split(",") if v]
 
 
+# Keys compare sets on every run itself (why, how to get what was meant): an override of one would make the
+# comparison lie (every "seed" the same seed, every run in one directory, each resuming the last) or undo how it
+# skips finished runs and resumes interrupted ones.
+OWN_KEYS = {
+    "seed": ("compare sets seed per run from --seeds", "choose them with --seeds, that one alone: --seeds {0}-{0}"),
+    "run_dir": ("compare gives every run its own run_dir under --out", "choose where with --out"),
+    "resume": ("compare resumes each unfinished run of --out itself", "for a fresh comparison give a new --out"),
+    "resume_from": ("compare resumes each run of --out from its own checkpoints", "for a fresh one give a new --out"),
+    "overwrite": ("compare never overwrites a run of --out (finished runs are skipped)",
+                  "for a fresh comparison give a new --out"),
+}
+
+
+def set_key(override: str, keys) -> Optional[str]:
+    """The key of `keys` that a "key=value" override sets: the key itself, or a section holding it
+    ("algorithm={...}" replaces algorithm.mode too)."""
+    key = override.partition("=")[0].strip()
+    return next((k for k in keys if k == key or k.startswith(key + ".")), None) if key else None
+
+
+def check_overrides(methods: list, overrides: list) -> None:
+    """Refuse what would make the comparison lie, before any run: a trailing override of a key compare sets per run,
+    or of a setting that tells the methods apart (every method the same); a method's "+key=value" of compare's keys,
+    or of the setting that defines the method it names (its other settings, e.g. mgrpo+algorithm.momentum=0.99,
+    are what a sweep varies)."""
+    defining = {}                        # key -> the methods' values of it, e.g. algorithm.mode -> srt: ..., mgrpo: ...
+    for name, sets in METHODS.items():
+        for setting in sets:
+            defining.setdefault(setting.partition("=")[0], []).append(f"{name} sets {setting}")
+    for item in overrides:
+        key = set_key(item, [*OWN_KEYS, *defining])
+        if key in OWN_KEYS:
+            why, how = OWN_KEYS[key]
+            raise CompareError(f"{why}: remove {item} ({how.format(item.partition('=')[2].strip())})")
+        if key is not None:
+            raise CompareError(f"{key} tells the methods apart ({', '.join(defining[key])}) and {item} would set it "
+                               "for every one: remove it, and choose the methods with --methods")
+    for method in methods:
+        name, *settings = SETTING_SPLIT.split(method)
+        for item in settings:
+            key = set_key(item, [*OWN_KEYS, *(s.partition("=")[0] for s in METHODS[name])])
+            if key in OWN_KEYS:
+                raise CompareError(f"--methods/--sweep {method}: {OWN_KEYS[key][0]}, not per method: remove +{item}")
+            if key is not None:
+                raise CompareError(f"--methods/--sweep {method}: {name} is {' '.join(METHODS[name])}, and +{item} "
+                                   f"would change that under its name: name the method meant ({', '.join(METHODS)})")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:                  # one run directory per (method, seed): the two would share theirs
+        raise CompareError(f"--methods: {', '.join(twice)} given twice: name each method once")
+
+
 def run_overrides(preset: str, method: str, seed: int, out: Path, user: list) -> list:
     return [*PRESETS[preset][1], *method_overrides(method), f"seed={seed}", f"run_dir={out / f'{method}_seed{seed}'}",
             "progress=false", "log_every=0", *user]
@@ -131,26 +183,38 @@ def finished(cfg) -> bool:
 
 
 MAX_SEED_COUNT = 10     # a larger bare count is refused (a range or a list says it is meant)
+MAX_SEEDS = 1000        # runs per method in any form: more is a slip of the keyboard, not an experiment
 
 
 def parse_seeds(text: str) -> list:
     """--seeds: N (seeds 0..N-1), A-B (A..B inclusive) or A,B,C: tune on some seeds, claim on others."""
+    seeds = None            # a count or a range: (first, last), its list made once its size is known
     try:
         if "," in text:
             seeds = [int(v) for v in text.split(",") if v.strip()]
+            first, last = 0, len(seeds) - 1
         elif "-" in text.strip()[1:]:
             first, last = text.split("-", 1) if not text.startswith("-") else (text, "")
-            seeds = list(range(int(first), int(last) + 1))
+            first, last = int(first), int(last)
         else:
-            seeds = list(range(int(text)))
+            first, last = 0, int(text) - 1
     except ValueError:
         raise CompareError(f"--seeds {text}: give a count (3), a range (100-102) or a list (0,7,9)") from None
-    if text.strip().isdigit() and len(seeds) > MAX_SEED_COUNT:   # "--seeds 100", meant as the seed 100: 100 runs
-        raise CompareError(f"--seeds {text} is a count: {len(seeds)} runs per method (seeds 0-{len(seeds) - 1}). "
-                           f"For the seed {text} alone write --seeds {text}-{text}; for that many seeds, the range "
-                           f"--seeds 0-{len(seeds) - 1}")
-    if not seeds:
+    count = last - first + 1
+    if seeds is None and "-" in text.strip()[1:] and last < first:
+        if last < 0:
+            raise CompareError(f"--seeds {text}: seeds must be distinct and >= 0")
+        raise CompareError(f"--seeds {text}: the range is reversed ({first} down to {last}): write the lower seed "
+                           f"first, --seeds {last}-{first}")
+    if text.strip().isdigit() and count > MAX_SEED_COUNT:   # "--seeds 100", meant as the seed 100: 100 runs
+        raise CompareError(f"--seeds {text} is a count: {count} runs per method (seeds 0-{count - 1}). "
+                           f"For the seed {text} alone write --seeds {text}-{text}; for that many seeds, "
+                           + (f"the range --seeds 0-{count - 1}" if count <= MAX_SEEDS else f"at most {MAX_SEEDS}"))
+    if count > MAX_SEEDS:       # checked before the list is made: a range's list alone could fill the memory
+        raise CompareError(f"--seeds {text}: {count} runs per method, more than {MAX_SEEDS}: give fewer seeds")
+    if count < 1:
         raise CompareError(f"--seeds {text}: must be >= 1")
+    seeds = seeds if seeds is not None else list(range(first, last + 1))
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise CompareError(f"--seeds {text}: seeds must be distinct and >= 0")
     return seeds
@@ -437,6 +501,18 @@ def families_of_report(report: list) -> list:
     return sorted({key.split("/")[0] for r in report for key in r if key.count("/") == 2 and key.endswith("/greedy/best")})
 
 
+def read_settings(path: Path) -> dict:
+    """An --out's compare.json: the settings its runs were trained with (never overwritten: it says what they are)."""
+    try:
+        settings = json.loads(path.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError(f"a JSON {type(settings).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CompareError(f"{path} is not a comparison's settings ({e}): restore it, or move it away to continue "
+                           f"{path.parent} with these settings, or give a new --out") from None
+    return settings
+
+
 def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optional[str] = None,
             sweep: Optional[str] = None, out: Optional[str] = None, name: str = "compare", report_only: bool = False,
             overrides: tuple = ()) -> int:
@@ -452,12 +528,16 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
         raise CompareError(f"--name {name!r}: a file name's stem (letters, digits, _ . -), e.g. compare_momentum")
     if sweep:
         methods = sweep_methods(methods, sweep)
+    check_overrides(methods, overrides)
     out = Path(out or f"runs/compare-{preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file, not a directory: give a directory (a new one starts a "
+                           "comparison, an existing one continues it)")
     for method in methods:       # every config is checked before anything trains
         load_config(None, run_overrides(preset, method, 0, out, overrides))
     settings = {"preset": preset, "seeds": seeds, "methods": methods, "overrides": overrides}
     if (out / "compare.json").is_file():      # continuing: the finished runs must be of these settings
-        before = json.loads((out / "compare.json").read_text())
+        before = read_settings(out / "compare.json")
         if {k: before.get(k) for k in ("preset", "overrides")} != {k: settings[k] for k in ("preset", "overrides")}:
             raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
                                f"{before.get('overrides')}: continue it with those, or give a new --out")
@@ -468,8 +548,12 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
             raise CompareError(f"--report: no finished run of these methods and seeds in {out}")
         print(f"[compare] --report: {len(done)} of {len(methods) * len(seeds)} runs finished in {out}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(settings, indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "compare.json").write_text(json.dumps(settings, indent=1))
+        except OSError as e:
+            raise CompareError(f"--out {out} cannot be created or written ({e.strerror or e}): give a directory "
+                               "you can write to") from None
         run_all(preset, seeds, methods, out, overrides)
         done = None
     rows = collect(out, methods, seeds, done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,6 +27,17 @@ from .errors import MgrpoError
 BUILTIN_TASKS = {"builtin:arithmetic": (3, 4), "builtin:arithmetic-long": (3, 4, 5)}
 
 PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def looks_like_a_path(text: str) -> bool:
+    """A local path rather than a hub name (`Qwen/Qwen3-4B`): absolute, starting with . or ~, or more than one /."""
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1
+
+
+# Text settings whose values include true and false (YAML reads model.liger=true as a bool: the word is meant)
+TRUE_FALSE_TEXT = ("model.liger",)
+
+SEED_LIMIT = 2 ** 32   # numpy's and vLLM's seeds are unsigned 32-bit
 
 
 class ConfigError(MgrpoError, ValueError):
@@ -269,7 +281,7 @@ class OptimConfig:
     """Linear warmup steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW eps."""
@@ -315,7 +327,7 @@ class EvalConfig:
     """Samples per problem for avg@k and maj@k (the harness around the paper: 4 for MATH500, 64 for AIME)."""
     n: int = 0
     """Samples drawn per problem (n >= k); pass@k uses all n. 0: n = k."""
-    pass_k: list = field(default_factory=list)
+    pass_k: list[int] = field(default_factory=list)
     """k values for pass@k (each <= n); empty: none."""
     temperature: float = 0.6
     """Sampling temperature of the k samples (the harness's 0.6)."""
@@ -337,6 +349,7 @@ class EvalConfig:
         _check(self.temperature > 0, f"eval.temperature={self.temperature}: must be > 0 (greedy is eval.greedy)")
         _check(0 < self.top_p <= 1, f"eval.top_p={self.top_p}: must be in (0, 1]")
         _check(self.max_new_tokens >= 0, f"eval.max_new_tokens={self.max_new_tokens}: must be >= 0")
+        _check(0 <= self.seed < SEED_LIMIT, f"eval.seed={self.seed}: must be in [0, 2**32)")
 
     @property
     def num_samples(self) -> int:
@@ -419,6 +432,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
+        _check(0 <= self.seed < SEED_LIMIT, f"seed={self.seed}: must be in [0, 2**32)")
         _check(self.save_every >= 0, f"save_every={self.save_every}: must be >= 0")
         _check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints}: must be >= 0 (0 keeps all)")
         _check(self.snapshot_every >= 0, f"snapshot_every={self.snapshot_every}: must be >= 0")
@@ -440,7 +454,7 @@ class TrainConfig:
 
 def _from_dict(cls, values: dict, prefix: str = ""):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -456,19 +470,53 @@ def _from_dict(cls, values: dict, prefix: str = ""):
     try:
         return cls(**kwargs)
     except TypeError as e:  # a wrong type that made a comparison fail
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
 def _coerce(value: Any, annotation: str, name: str) -> Any:
-    """YAML 1.1 reads 1e-6 (no dot) as a string: turn numbers-as-text into the field's declared number type."""
-    base = str(annotation).replace("Optional[", "").rstrip("]")
-    if value is None or base not in ("float", "int", "bool"):
+    """YAML 1.1 reads 1e-6 (no dot) as a string: turn numbers-as-text into the field's declared number type, and
+    numbers into text where a field takes text (run_dir=123 means the directory "123")."""
+    base = str(annotation)
+    if base.startswith("Optional["):
+        base = base[len("Optional["):-1]
+    if value is None:
+        return value
+    if base.startswith(("list[", "tuple[")):   # pass_k: list[int], betas: tuple[float]
+        item = base[base.index("[") + 1:-1]
+        example = "[1, 4]" if item == "int" else "[0.9, 0.999]"
+        what = "integers" if item == "int" else "numbers"
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: expected a list of {what}, e.g. {example}")
+        try:
+            items = [_coerce(v, item, name) for v in value]
+        except ConfigError:
+            raise ConfigError(f"{name}={value!r}: expected a list of {what}, e.g. {example}") from None
+        return tuple(items) if base.startswith("tuple[") else items
+    if base == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):   # YAML's true/yes/on
+            word = str(value).lower()
+            if name in TRUE_FALSE_TEXT:    # a setting of auto/true/false: the word is one of its values
+                return word
+            raise ConfigError(f"{name}={word}: expected text, got true/false; quote it to mean the word "
+                              f"({name}=\"'{word}'\")")
+        if not isinstance(value, str):
+            kind = "mapping" if isinstance(value, dict) else type(value).__name__
+            raise ConfigError(f"{name}={value!r}: expected text, got a {kind}")
+        return value
+    if base not in ("float", "int", "bool"):
         return value
     if base == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={value!r}: expected a number") from None
+        if not math.isfinite(number):   # inf passes every "> 0" check and then poisons training
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+        return number
+    if base == "float":
+        raise ConfigError(f"{name}={value!r}: expected a number")
     if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{name}={value!r}: expected an integer")
     if base == "bool" and not isinstance(value, bool):
@@ -504,7 +552,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None,
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                              "UTF-8") from None
+        try:
+            tree = yaml.safe_load(text)
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -543,3 +596,7 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# How an invocation runs, not what the run is: a resume never takes these from the run's saved config.yaml.
+INVOCATION_KEYS = ("run_dir", "resume", "resume_from", "overwrite")

@@ -71,6 +71,12 @@ class PlanError(MgrpoError, ValueError):
     """The plan cannot be made; the message says what to fix."""
 
 
+def check_positive(flag: str, value: float, unit: str) -> None:
+    """A size or a speed: finite and > 0 (inf and nan pass a bare "> 0" or "<= 0" test)."""
+    if not (math.isfinite(value) and value > 0):
+        raise PlanError(f"{flag} {value:g}: must be > 0 and finite ({unit})")
+
+
 PHASES = ("load", "rollout", "score", "backward", "gradients", "step")
 """The phases of a step whose peaks the plan predicts (mgrpo/measure.py measures them): after setup; the rollouts
 (engine awake, weights pushed one tensor at a time); the no-grad scoring (and the KL reference's forward); the
@@ -244,8 +250,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
     (mgrpo plan --measure) is compared with; its figures then say nothing about a GPU. shape: the micro-batch to
     plan for (default: a full one, micro_batch_shape). gpus is the shard degree (the GPUs FSDP2 shards each
     parameter over); replicas: the copies of each shard (hsdp's nodes; plan_on_mesh gives both from a mesh)."""
-    if gpu_memory_gib <= 0:
-        raise PlanError(f"--gpu-memory {gpu_memory_gib}: must be > 0 GiB")
+    check_positive("--gpu-memory", gpu_memory_gib, "GiB")
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: must be >= 1")
     if replicas < 1:
@@ -674,8 +679,7 @@ def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None, nodes
     mesh = config_mesh(cfg) if mesh is None else mesh
     chosen = resolve_mesh(mesh, nodes)
     for flag, value in (("--inter-node-gbps", inter_node_gbps), ("--intra-node-gbps", intra_node_gbps)):
-        if not value > 0:
-            raise PlanError(f"{flag} {value:g}: must be > 0 (Gb/s)")
+        check_positive(flag, value, "Gb/s")
     memory = gpu_memory_gib
     if memory is None:
         memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -225,6 +226,108 @@ def test_a_large_seed_count_is_refused_as_probably_meant_as_one_seed(tmp_path, c
     assert "--seeds 100 is a count: 100 runs per method" in err and "--seeds 100-100" in err and "--seeds 0-99" in err
     assert not (tmp_path / "cmp").exists()
     assert parse_seeds("100-100") == [100] and parse_seeds("0-99") == list(range(100)) and parse_seeds("10") == list(range(10))
+
+
+def no_run(*args, **kwargs):
+    raise AssertionError("a run started")
+
+
+@pytest.mark.parametrize("seeds, said", [
+    ("2-0", "--seeds 2-0: the range is reversed (2 down to 0): write the lower seed first, --seeds 0-2"),
+    ("0-1000000000", "--seeds 0-1000000000: 1000000001 runs per method, more than 1000: give fewer seeds"),
+    ("1000000000000", "For the seed 1000000000000 alone write --seeds 1000000000000-1000000000000; for that many "
+                      "seeds, at most 1000"),
+    (",".join(map(str, range(1001))), "1001 runs per method, more than 1000: give fewer seeds"),
+])
+def test_a_reversed_or_huge_seed_range_is_refused_before_its_list_is_made(seeds, said, tmp_path, capsys,
+                                                                          monkeypatch):
+    import mgrpo.comparison as comparison
+
+    def small_range(*args):
+        assert len(range(*args)) <= 1000, f"a list of {len(range(*args))} seeds was made"
+        return range(*args)
+    monkeypatch.setattr(comparison, "range", small_range, raising=False)
+    monkeypatch.setattr(comparison, "run_all", no_run)
+    assert main(["compare", "--seeds", seeds, "--out", str(tmp_path / "cmp")]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert not (tmp_path / "cmp").exists()
+    assert comparison.parse_seeds("0-999") == list(range(1000))
+
+
+@pytest.mark.parametrize("where, argument, said", [
+    ("override", "run_dir={shared}", "compare gives every run its own run_dir under --out: remove run_dir="),
+    ("override", "seed=7", "compare sets seed per run from --seeds: remove seed=7 (choose them with --seeds, that "
+                           "one alone: --seeds 7-7)"),
+    ("override", "resume=true", "compare resumes each unfinished run of --out itself: remove resume=true"),
+    ("override", "resume_from={shared}", "remove resume_from="),
+    ("override", "overwrite=true", "compare never overwrites a run of --out (finished runs are skipped): remove "
+                                   "overwrite=true"),
+    ("override", "algorithm.mode=srt", "algorithm.mode tells the methods apart (srt sets algorithm.mode=srt, mgrpo "
+                                       "sets algorithm.mode=mgrpo"),
+    ("override", "algorithm.iqr_filter=false", "algorithm.iqr_filter tells the methods apart (mgrpo_no_iqr sets "
+                                               "algorithm.iqr_filter=false) and algorithm.iqr_filter=false would "
+                                               "set it for every one"),
+    ("override", "algorithm={{mode: srt}}", "algorithm.mode tells the methods apart"),   # the whole section
+    ("method", "mgrpo+seed=3", "--methods/--sweep mgrpo+seed=3: compare sets seed per run from --seeds, not per "
+                               "method: remove +seed=3"),
+    ("method", "srt+run_dir={shared}", "compare gives every run its own run_dir under --out, not per method"),
+    ("method", "mgrpo+algorithm.momentum=0.9+overwrite=true", "not per method: remove +overwrite=true"),
+    ("method", "mgrpo+algorithm.mode=srt", "mgrpo is algorithm.mode=mgrpo, and +algorithm.mode=srt would change "
+                                           "that under its name"),
+    ("method", "mgrpo_no_iqr+algorithm.iqr_filter=true", "+algorithm.iqr_filter=true would change that"),
+    ("method", "srt,mgrpo,srt", "--methods: srt given twice: name each method once"),
+    ("sweep", "seed=1,2", "--methods/--sweep mgrpo+seed=1: compare sets seed per run from --seeds"),
+])
+def test_overrides_of_what_compare_sets_itself_are_refused_before_any_run(where, argument, said, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Every run in one directory (each resuming the last), every "seed" the same seed, every method the same
+    method: refused, naming the key, before any run starts or any directory is made."""
+    import mgrpo.comparison as comparison
+    monkeypatch.setattr(comparison, "run_all", no_run)
+    shared, out = tmp_path / "shared", tmp_path / "cmp"
+    argument = argument.format(shared=shared)
+    args = {"override": ["--methods", "srt,mgrpo,mgrpo_no_iqr", argument], "method": ["--methods", argument],
+            "sweep": ["--methods", "mgrpo", "--sweep", argument]}[where]
+    assert main(["compare", "--preset", "short", "--seeds", "2", "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert not out.exists() and not shared.exists()
+
+
+def test_a_variants_own_settings_and_the_other_train_settings_are_not_refused():
+    """A method's variant may set what the method does not define (the collapse preset's anchored M-GRPO, a
+    sweep over the IQR filter); any other train setting applies to every run."""
+    from mgrpo.comparison import ANCHORED, check_overrides
+    check_overrides(["srt", "mgrpo", ANCHORED, "mgrpo+algorithm.iqr_filter=false"],
+                    ["optim.lr=5e-5", "steps=10", "eval.seed=3", "data.num_eval=8"])
+
+
+@pytest.mark.parametrize("out_is, report", [(out_is, False) for out_is in ("a file", "under a file", "not creatable",
+                                                                          "garbage settings", "a list of settings")]
+                         + [(out_is, True) for out_is in ("a file", "garbage settings", "a list of settings")])
+def test_an_out_that_cannot_hold_a_comparison_is_refused(out_is, report, tmp_path, capsys, monkeypatch):
+    import mgrpo.comparison as comparison
+    monkeypatch.setattr(comparison, "run_all", no_run)
+    (tmp_path / "afile").write_text("mine\n")
+    out, said = {"a file": (tmp_path / "afile", "is a file, not a directory: give a directory"),
+                 "under a file": (tmp_path / "afile" / "cmp", "cannot be created or written (Not a directory)"),
+                 "not creatable": (Path("/proc/mgrpo_cmp"), "cannot be created or written"),
+                 "garbage settings": (tmp_path / "old", "compare.json is not a comparison's settings (Expecting "),
+                 "a list of settings": (tmp_path / "old", "compare.json is not a comparison's settings (a JSON list")
+                 }[out_is]
+    if out_is == "not creatable" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    if out_is.endswith("settings"):
+        out.mkdir()
+        (out / "compare.json").write_text("xx{" if out_is == "garbage settings" else "[1]")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["compare", "--preset", "short", "--out", str(out), *(["--report"] if report else [])]) == 1
+    err = capsys.readouterr().err
+    assert said in err and str(out) in err and "Traceback" not in err
+    if out_is.endswith("settings"):
+        assert "restore it, or move it away" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before     # nothing overwritten
 
 
 def test_sweep_adds_one_method_per_value_checked_before_training(tmp_path):

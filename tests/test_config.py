@@ -71,7 +71,7 @@ def test_yaml_that_does_not_parse_or_is_not_a_mapping(tmp_path):
         load_config(str(listing))
     section = tmp_path / "section.yaml"
     section.write_text("algorithm: 16\n")
-    with pytest.raises(ConfigError, match="algorithm.: expected a mapping, got int"):
+    with pytest.raises(ConfigError, match="algorithm: expected a mapping, got int"):
         load_config(str(section))
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
@@ -105,3 +105,71 @@ def test_device_cuda_without_cuda_is_a_clear_error(capsys):
     assert cli(["train", "device=cuda"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mgrpo train: error: device=cuda") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.instruction=true", "data.instruction=true: expected text, got true/false"),
+    ("data.source=[a]", "data.source=['a']: expected text, got a list"),
+    ("run_dir={a: 1}", "run_dir={'a': 1}: expected text, got a mapping"),
+    ("eval.pass_k=abc", "eval.pass_k='abc': expected a list of integers, e.g. [1, 4]"),
+    ("eval.pass_k=5", "eval.pass_k=5: expected a list of integers, e.g. [1, 4]"),
+    ("eval.pass_k=[1, 2.5]", "eval.pass_k=[1, 2.5]: expected a list of integers"),
+    ("optim.betas=0.9", "optim.betas=0.9: expected a list of numbers, e.g. [0.9, 0.999]"),
+    ("seed=-1", "seed=-1: must be in [0, 2**32)"),
+    (f"seed={2 ** 32}", f"seed={2 ** 32}: must be in [0, 2**32)"),
+    ("eval.seed=-1", "eval.seed=-1: must be in [0, 2**32)"),
+    ("optim.lr=inf", "optim.lr='inf': expected a finite number"),
+    ("optim.lr=.nan", "optim.lr=nan: expected a finite number"),
+    ("plan.gpu_memory_gib=.inf", "plan.gpu_memory_gib=inf: expected a finite number"),
+])
+def test_wrongly_typed_values_are_config_errors_on_the_command_line(override, message, capsys):
+    """A wrong type or an impossible number is one `error:` line naming the setting, before any run starts."""
+    from mgrpo.commands import main
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [override])
+    assert str(raised.value) == message or str(raised.value).startswith(message)
+    assert main(["train", override]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgrpo train: error: {message}") and "Traceback" not in err
+
+
+def test_numbers_given_for_text_settings_are_their_text(tmp_path):
+    """run_dir=123 means the directory "123"; YAML reads it as a number."""
+    cfg = load_config(None, ["data.source=123", "run_dir=123", "resume_from=5", "warm_start.cache_dir=5"])
+    assert (cfg.data.source, cfg.run_dir, cfg.resume_from, cfg.warm_start.cache_dir) == ("123", "123", "5", "5")
+    path = tmp_path / "c.yaml"
+    path.write_text('eval:\n  pass_k: "1,4"\n')
+    with pytest.raises(ConfigError, match=r"eval.pass_k='1,4': expected a list of integers"):
+        load_config(str(path))
+
+
+def test_a_wrong_type_the_checks_trip_over_names_its_section():
+    with pytest.raises(ConfigError, match=r"^eval: '>=' not supported"):   # not "eval.: ..."
+        load_config(None, ["eval.k=null"])
+
+
+def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
+    from mgrpo.commands import main
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("steps: 3  # r\xe9sum\xe9\n".encode("latin-1"))
+    assert main(["plan", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: config file {path} is not UTF-8 text (byte 13" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/model", "./models/x", "~/no-such-model-dir", "models/qwen/x"])
+def test_a_local_model_path_that_is_not_there_says_so_before_the_hub(path, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    from mgrpo.commands import main
+    from mgrpo.models.loading import check_model_path
+
+    def from_pretrained(*args, **kwargs):
+        raise AssertionError("asked the hub")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    assert main(["train", f"model.path={path}", f"run_dir={tmp_path / 'run'}", "rollout.engine=hf",
+                 "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgrpo train: error: model.path={path}: no such directory") and "Traceback" not in err
+    check_model_path("Qwen/Qwen3-4B")        # a hub name goes on to transformers, as before

@@ -127,3 +127,47 @@ def test_family_field_of_a_file(tmp_path):
                     + json.dumps({"problem": "2+2", "answer": "4"}) + "\n")
     assert [p.family for p in load_problems(str(path), DataConfig(family_field="topic"))] == ["algebra", None]
     assert [p.family for p in load_problems(str(path), DataConfig())] == [None, None]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("unclosed.json", b'[{"problem": "x"}', "dataset file {path} is not valid JSON (line 1, column 18: "),
+    ("latin1.jsonl", '{"problem": "caf\xe9"}\n'.encode("latin-1"), "dataset file {path} is not UTF-8 text (byte 16"),
+    ("corrupt.parquet", b"not a parquet file", "dataset file {path} is not a readable parquet file"),
+])
+def test_broken_files_are_data_errors_naming_the_file(tmp_path, capsys, name, content, message):
+    from mgrpo.commands import main
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as raised:
+        load_problems(str(path), DataConfig())
+    assert str(raised.value).startswith(message.format(path=path))
+    assert main(["train", f"data.source={path}", f"run_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {message.format(path=path)}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("source,message", [
+    ("./data/typo", "dataset file ./data/typo does not exist"),
+    ("/no/such/data", "dataset file /no/such/data does not exist"),
+    ("builtin", "no such built-in task; did you mean builtin:arithmetic or builtin:arithmetic-long?"),
+    ("arithmetic-long", "no such built-in task; did you mean builtin:arithmetic"),
+])
+def test_a_source_that_is_no_file_says_so_before_any_dataset_library(source, message, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):   # the hub library is never reached for these
+        assert name != "datasets", f"{source} went to `datasets`"
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match=message.replace("?", r"\?")):
+        load_problems(source, DataConfig())
+
+
+def test_a_missing_file_without_datasets_installed_says_no_such_file():
+    """data/typo_no_ext could be a hub name (namespace/name): without `datasets` it can only be a file."""
+    import importlib.util
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed: the name goes to the hub")
+    with pytest.raises(DataError, match=r"dataset 'data/typo_no_ext': no such file \(a local dataset is a .jsonl"):
+        load_problems("data/typo_no_ext", DataConfig())

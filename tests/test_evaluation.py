@@ -326,3 +326,58 @@ def test_an_engine_longer_than_the_model_says_so(tiny_model_dir):
     with pytest.raises(EngineBuildError, match="rollout.max_model_len=600 is longer than .*max_position_embeddings=512"):
         VLLMEngine.from_config(RolloutConfig(max_model_len=600), 0, str(tiny_model_dir), Dist(), 100, [],
                                torch.float32)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails a test whose command got as far as loading a model."""
+    from mgrpo.evaluation import benchmarks
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(benchmarks, "load_model", load_model)
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_under_a_file", "out_in_proc", "negative_limit", "negative_seed",
+                                  "run_config_not_yaml", "run_config_unknown_key"])
+def test_bad_eval_input_fails_before_the_model_loads(case, tmp_path, capsys, no_model_loads):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = str(write_jsonl(tmp_path / "ok.jsonl", [{"problem": "Compute 1 + 2.", "answer": "3"}]))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    run = tmp_path / "run"
+    run.mkdir()
+    args, message = {
+        "out_is_a_file": (["--out", str(afile)], f"--out {afile} is a file, not a directory"),
+        "out_under_a_file": (["--out", str(afile / "x")], f"--out {afile / 'x'}: cannot write there (Not a directory)"),
+        "out_in_proc": (["--out", "/proc/mgrpo-x"], "--out /proc/mgrpo-x: cannot write there"),
+        "negative_limit": (["--limit", "-1"], "--limit -1: must be >= 0 (0: every problem)"),
+        "negative_seed": (["--seed", "-1"], "--seed=-1: must be in [0, 2**32)"),
+        "run_config_not_yaml": ([], f"{run / 'config.yaml'} is not valid YAML (line 2, column 1)"),
+        "run_config_unknown_key": ([], f"{run / 'config.yaml'}: unknown config key stpes (did you mean steps?)"),
+    }[case]
+    (run / "config.yaml").write_text("steps: [\n" if case == "run_config_not_yaml" else "stpes: 3\n")
+    target = run if case.startswith("run_config") else model
+    assert cli(["eval", str(target), "--data", data, "--engine", "hf", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgrpo eval: error: {message}") and "Traceback" not in err, err
+    assert not (model / "eval").exists() and not (tmp_path / "evals").exists()
+
+
+def test_max_new_tokens_0_is_the_default_budget_and_fits_the_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--max-new-tokens 0 means what eval.max_new_tokens=0 means (the default budget): shortened to fit the
+    model like the default is, where an explicit budget that does not fit is refused."""
+    from mgrpo.evaluation import benchmarks
+
+    def stop(*args, **kwargs):
+        raise EvalError("stopped before the engine")
+    monkeypatch.setattr(benchmarks, "make_engine", stop)
+    data = str(write_jsonl(tmp_path / "ok.jsonl", [{"problem": "Compute 1 + 2.", "answer": "3"}]))
+    assert cli(["eval", str(tiny_model_dir), "--data", data, "--engine", "hf", "--max-new-tokens", "0",
+                "--out", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "the default budget of 3072 new tokens does not fit this model" in captured.out
+    assert captured.err.startswith("mgrpo eval: error: stopped before the engine")
+    assert not (tmp_path / "o").exists()

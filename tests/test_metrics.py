@@ -111,3 +111,14 @@ def test_family_length_ratio_compares_each_familys_last_window_with_its_first():
     assert "shorter answers" in lines[0]
     # data without families: nothing to compare
     assert CollapseMonitor(window=1).observe(1, {"entropy": 0.1})["collapse/family_length_ratio"] is None
+
+
+def test_plot_to_a_path_that_cannot_be_written_is_an_error(tmp_path, capsys):
+    from mgrpo.commands import main
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["plot", str(tmp_path), "--out", str(afile / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgrpo plot: error: cannot write the plot to {afile / 'x.png'} (Not a directory)")
+    assert "Traceback" not in err

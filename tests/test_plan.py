@@ -306,3 +306,30 @@ def test_plan_measure_prints_planned_against_measured(capsys, tmp_path):
     assert [row.split()[0] for row in table[1:]] == ["load", "rollout", "score", "update", "step"]
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("date,device,model,phase,planned_bytes,measured_bytes")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--gpu-memory", "inf"], "--gpu-memory inf: must be > 0 and finite (GiB)"),
+    (["--gpu-memory", "nan"], "--gpu-memory nan: must be > 0 and finite (GiB)"),
+    (["--nodes", "2", "--inter-node-gbps", "inf"], "--inter-node-gbps inf: must be > 0 and finite (Gb/s)"),
+    (["--intra-node-gbps", "nan"], "--intra-node-gbps nan: must be > 0 and finite (Gb/s)"),
+    (["--steps", "3"], "--steps: only used by a measurement: add --measure"),
+    (["--csv", "x.csv", "--steps", "1"], "--steps and --csv: only used by a measurement: add --measure"),
+    (["--measure", "--steps", "0"], "--steps 0: must be >= 1"),
+    (["--measure", "--steps", "-1"], "--steps -1: must be >= 1"),
+    (["--measure", "--gpu-memory", "inf"], "--gpu-memory inf: must be > 0 and finite (GiB)"),
+    (["--measure", "--steps", "1", "--csv", "{afile}/x.csv"],
+     "--csv {afile}/x.csv: {afile} is a file, not a directory"),
+])
+def test_bad_flags_fail_before_any_measuring(args, says, tmp_path, capsys, monkeypatch):
+    from mgrpo.commands import plan as plan_command
+
+    def measure_phases(*a, **k):
+        raise AssertionError("measured before the flags were checked")
+    monkeypatch.setattr(plan_command, "measure_phases", measure_phases)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = [a.format(afile=afile) for a in args]
+    assert cli(["plan", *args]) == 1, args
+    err = capsys.readouterr().err
+    assert says.format(afile=afile) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

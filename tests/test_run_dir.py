@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mgrpo.commands import main as cli
 from mgrpo.config import load_config
@@ -204,6 +205,26 @@ def step_of_newest(run):
     return ckpt.step_of(checkpoint_dirs(run)[-1])
 
 
+@pytest.mark.parametrize("where, said", [
+    ("afile", "run_dir={tmp}/afile is a file, not a directory: choose another run_dir"),
+    ("afile/sub", "run_dir={tmp}/afile/sub is under {tmp}/afile, a file, not a directory: choose another run_dir"),
+    ("/proc/mgrpo_run", "run_dir=/proc/mgrpo_run cannot be created or written (No such file or directory): choose a "
+                        "run_dir you can write to"),
+    ("lockdir", "run_dir={tmp}/lockdir cannot be created or written (Is a directory: {tmp}/lockdir/.lock)"),
+])
+def test_a_run_dir_that_cannot_be_a_directory_is_refused_before_any_work(where, said, tiny_cache, tmp_path, capsys):
+    """A file where the run directory or one above it belongs, or a place it cannot be made: one line naming it
+    (the lock is the run directory's first use), and the file is left as it was."""
+    if where.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "lockdir" / ".lock").mkdir(parents=True)          # the lock file's place taken by a directory
+    assert cli(["train", *overrides(tiny_cache, tmp_path / where, "steps=1")]) == 1
+    err = capsys.readouterr().err
+    assert f"mgrpo train: error: {said.format(tmp=tmp_path)}" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Full disks
 
@@ -323,3 +344,75 @@ def test_the_plan_knows_what_a_run_directory_needs_on_disk(two_checkpoints, tiny
     assert plan.disk_per_checkpoint == pytest.approx(written, rel=0.10)
     exported = sum(p.stat().st_size for p in (two_checkpoints / "final").glob("*.safetensors"))
     assert plan.disk_final == pytest.approx(exported, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a command line does to a run that is already there
+
+def test_overwrite_deletes_the_earlier_run_only_once_the_new_one_builds(two_checkpoints, tiny_cache, tmp_path,
+                                                                          capsys):
+    """overwrite=true with a setting that fails (a missing data file) stops before touching the earlier run; with
+    settings that work, the earlier run's checkpoints are gone and the new one's written."""
+    run = copy_run(two_checkpoints, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    code = cli(["train", *overrides(tiny_cache, run, "steps=1", "overwrite=true",
+                                    f"data.source={tmp_path / 'missing.jsonl'}")])
+    assert code == 1 and "missing.jsonl" in capsys.readouterr().err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before                                       # checkpoints, final, metrics, config.yaml: as they were
+    assert cli(["train", *overrides(tiny_cache, run, "steps=1", "overwrite=true")]) == 0
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_000001"] and (run / "final" / "config.json").is_file()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_resume_continues_with_the_runs_own_settings(two_checkpoints, tiny_cache, tmp_path, capsys):
+    """`mgrpo train run_dir=X resume=true` takes X's config.yaml (group size, engine, ... of the run), not the
+    defaults; what the command line sets changes it, is printed, and the replaced config.yaml is kept."""
+    run = copy_run(two_checkpoints, tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert cli(["train", f"run_dir={run}", "resume=true", "steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "[resume] settings changed from the run's config.yaml: steps: 2 -> 3 (the earlier config is kept as " \
+           "config.until_step_000002.yaml)" in out
+    now = yaml.safe_load((run / "config.yaml").read_text())
+    assert now == {**saved, "steps": 3, "resume": True, "run_dir": str(run)}   # its settings, the change, how it ran
+    assert yaml.safe_load((run / "config.until_step_000002.yaml").read_text()) == saved
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # resumed again with nothing changed: nothing to say, nothing kept
+    assert cli(["train", f"run_dir={run}", "resume=true"]) == 0
+    assert "settings changed" not in capsys.readouterr().out and len(list(run.glob("config.until_*"))) == 1
+
+
+def test_a_damaged_config_of_the_run_is_named_before_any_work(two_checkpoints, tmp_path, capsys):
+    run = copy_run(two_checkpoints, tmp_path)
+    (run / "config.yaml").write_text("algorithm: {group_size: 4\n")
+    assert cli(["train", f"run_dir={run}", "resume=true"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {run / 'config.yaml'}, the settings of the run being resumed, cannot be used" in err
+    assert "Traceback" not in err
+
+
+def test_resume_from_another_runs_checkpoint_never_writes_over_a_run(two_checkpoints, tiny_cache, tmp_path, capsys):
+    """resume_from=<a checkpoint of run A> with run_dir=<run B> is refused (it would cut B's metrics to A's step
+    and replace its config); into a new run_dir it branches off A's checkpoint, with A's settings."""
+    a = copy_run(two_checkpoints, tmp_path / "a")
+    b = copy_run(two_checkpoints, tmp_path / "b")
+    metrics = (b / "metrics.jsonl").read_bytes()
+    first = a / "checkpoints" / "step_000001"
+    assert cli(["train", f"run_dir={b}", f"resume_from={first}"]) == 1
+    assert f"{b} already holds a run, and resume_from={first} is a checkpoint of another" in capsys.readouterr().err
+    assert (b / "metrics.jsonl").read_bytes() == metrics
+    branch = tmp_path / "branch"
+    assert cli(["train", f"run_dir={branch}", f"resume_from={first}"]) == 0
+    assert yaml.safe_load((branch / "config.yaml").read_text())["algorithm"]["group_size"] == 4   # A's, not 16
+    assert [json.loads(line)["step"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_a_run_that_stops_before_writing_anything_leaves_no_directory(tiny_cache, tmp_path, capsys):
+    new, given = tmp_path / "new", tmp_path / "given"
+    given.mkdir()
+    for run in (new, given):
+        code = cli(["train", *overrides(tiny_cache, run, "steps=1", f"data.source={tmp_path / 'missing.jsonl'}")])
+        assert code == 1 and "missing.jsonl" in capsys.readouterr().err
+    assert not new.exists()                                      # made by the run: removed with it
+    assert given.is_dir()                                        # the user's own directory stays

@@ -15,7 +15,7 @@ def run(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument("--seeds", help="seeds per method: a count N <= 10 (0..N-1; default: the preset's), a range "
-                                        "A-B or a list A,B,C (e.g. tune on 100-102, claim on 0-2)")
+                                        "A-B or a list A,B,C, at most 1000 seeds (e.g. tune on 100-102, claim on 0-2)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all three; --preset collapse adds "
                                           f"the anchored M-GRPO, {ANCHORED}); a sweep's variant is named "
                                           "METHOD+KEY=VALUE (e.g. srt,mgrpo,mgrpo+algorithm.momentum=0.9: one report "
@@ -29,4 +29,6 @@ def add_arguments(parser) -> None:
                              "--report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the tables and plot from the runs of --out finished so far")
-    parser.add_argument("overrides", nargs="*", help="train overrides applied to every run, e.g. optim.lr=5e-5")
+    parser.add_argument("overrides", nargs="*",
+                        help="train overrides applied to every run, e.g. optim.lr=5e-5 (not seed, run_dir, resume, "
+                             "overwrite or a method's own setting: compare sets those)")

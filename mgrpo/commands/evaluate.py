@@ -24,11 +24,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pass-k", type=lambda s: [int(v) for v in s.split(",") if v], help="e.g. 1,4,16")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="longest response (default: the preset's, else the run's eval.max_new_tokens; 0, as "
+                             "eval.max_new_tokens=0: the run's rollout.max_new_tokens, 3072 for a model directory)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                         help="also decode one greedy response per problem")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N problems of each benchmark (0: all of "
+                                                  "a file, data.num_eval of the built-in task)")
     parser.add_argument("--problem-field")
     parser.add_argument("--answer-field")
     parser.add_argument("--solution-field")

@@ -14,12 +14,13 @@ from ..config import load_config
 from ..environment import return_large_blocks_to_the_system
 from ..errors import MgrpoError
 from ..measure import MEASURED_PHASES, measure_phases, planned_for, planned_peak, report
-from ..plan import GIB, INTER_NODE_GBPS, INTRA_NODE_GBPS, print_plan
+from ..plan import GIB, INTER_NODE_GBPS, INTRA_NODE_GBPS, check_positive, print_plan
 
 HELP = "every part's GPU memory for a config, and whether it fits (exit 1 if not); --measure: measured against it"
 
 
 def run(args) -> int:
+    check_measure_flags(args)
     cfg = load_config(args.config, args.overrides)
     gpus = 1 if args.gpus is None else args.gpus
     if not args.measure:
@@ -45,6 +46,35 @@ def run(args) -> int:
     if args.csv:
         write_csv(args.csv, plans, measurement)
     return 0
+
+
+def check_measure_flags(args) -> None:
+    """--steps and --csv only with --measure, and usable: before a minute of measuring, not after it."""
+    if not args.measure:
+        given = [flag for flag, value in (("--steps", args.steps), ("--csv", args.csv)) if value is not None]
+        if given:
+            raise MgrpoError(f"{' and '.join(given)}: only used by a measurement: add --measure (or leave "
+                             f"{'them' if len(given) > 1 else 'it'} out)")
+        return
+    if args.steps is None:
+        args.steps = 2
+    if args.steps < 1:
+        raise MgrpoError(f"--steps {args.steps}: must be >= 1 (the last step is the one reported)")
+    if args.gpu_memory is not None:
+        check_positive("--gpu-memory", args.gpu_memory, "GiB")
+    if args.csv:
+        path = Path(args.csv)
+        if path.is_dir():
+            raise MgrpoError(f"--csv {path} is a directory: give a file path")
+        files = [p for p in path.parents if p.exists() and not p.is_dir()]
+        if files:
+            raise MgrpoError(f"--csv {path}: {files[0]} is a file, not a directory: give a path in a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MgrpoError(f"--csv {path}: cannot make its directory {path.parent} ({e.strerror or e})") from None
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise MgrpoError(f"--csv {path}: not writable here: give a path that can be written")
 
 
 def write_csv(path: str, plans: dict, measurement) -> None:
@@ -84,6 +114,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--measure", action="store_true",
                         help="run setup and --steps training steps here (random weights at the config's shape, "
                              "synthetic rollouts) and print each phase's measured peak against the plan")
-    parser.add_argument("--steps", type=int, default=2, help="with --measure: steps to run (the last one is reported)")
+    parser.add_argument("--steps", type=int, help="with --measure: steps to run (default 2; the last one is reported)")
     parser.add_argument("--csv", help="with --measure: append planned and measured bytes per phase to this CSV")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as mgrpo train takes them")

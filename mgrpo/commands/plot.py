@@ -17,4 +17,7 @@ def run(args) -> int:
         print(plot_metrics(args.run_dir, args.out))
     except (FileNotFoundError, ValueError) as e:
         raise MgrpoError(str(e)) from None
+    except OSError as e:   # writing the PNG: --out under a file, a read-only directory, a full disk
+        out = args.out or f"{args.run_dir}/metrics.png"
+        raise MgrpoError(f"cannot write the plot to {out} ({e.strerror or e}): give --out a writable path") from None
     return 0

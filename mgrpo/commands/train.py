@@ -5,8 +5,12 @@ resume=true continues; mgrpo/loop/preemption.py)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
-from ..config import load_config
+import yaml
+
+from ..config import INVOCATION_KEYS, ConfigError, TrainConfig, load_config
 from ..environment import return_large_blocks_to_the_system
 from ..loop.preemption import PREEMPTED_EXIT_CODE, Preempted
 from ..loop.trainer import train
@@ -19,8 +23,39 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.group_size=16 steps=100")
 
 
+def saved_config_of(cfg: TrainConfig) -> Optional[Path]:
+    """The config.yaml of the run a resume continues: run_dir's, or (resume_from=<run>/checkpoints/step_N) that
+    checkpoint's run's; None for a new run or where there is none."""
+    if cfg.resume_from:
+        checkpoint = Path(cfg.resume_from)
+        run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    else:
+        run = Path(cfg.run_dir) if cfg.resume and cfg.run_dir else None
+    return run / "config.yaml" if run is not None and (run / "config.yaml").is_file() else None
+
+
+def read_saved_config(path: Path) -> dict:
+    """A run's config.yaml as a mapping, less the invocation keys; checked on its own first, so that an error in
+    it is not blamed on the command line."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"it holds a {type(tree).__name__}, not a mapping of sections")
+        tree = {k: v for k, v in tree.items() if k not in INVOCATION_KEYS}
+        load_config(base=tree)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"{path}, the settings of the run being resumed, cannot be used: {e}. Restore it, or "
+                          "give every setting again with --config and overrides after moving it away") from None
+    return tree
+
+
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    saved = saved_config_of(cfg)
+    if saved is not None:
+        # A resume continues the run as it was configured (its config.yaml); what this command line sets (a
+        # --config file, overrides) changes it, and the trainer prints what changed.
+        cfg = load_config(args.config, args.overrides, base=read_saved_config(saved))
     if cfg.model.path is not None:
         return_large_blocks_to_the_system()          # a real model's activations (mgrpo/environment.py)
     try:

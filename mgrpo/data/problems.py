@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..answers import extract_boxed_answer
-from ..config import BUILTIN_TASKS, DataConfig
+from ..config import BUILTIN_TASKS, DataConfig, looks_like_a_path
 from ..errors import DataError
 from .tiny import held_out_dataset, training_problem
 
@@ -41,10 +41,21 @@ def _read_rows(source: str, split: str) -> list:
                 import pyarrow.parquet as pq
             except ImportError as e:
                 raise DataError("reading parquet needs pyarrow: pip install pyarrow") from e
-            return pq.read_table(path).to_pylist()
-        text = path.read_text()
+            try:
+                return pq.read_table(path).to_pylist()
+            except (OSError, ValueError) as e:   # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+                raise DataError(f"dataset file {source} is not a readable parquet file: {e}") from None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"dataset file {source} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                            "UTF-8") from None
         if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"dataset file {source} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                                f"{e.msg})") from None
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -53,13 +64,17 @@ def _read_rows(source: str, split: str) -> list:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{source} line {n} is not valid JSON: {e}") from e
         return rows
+    if source.partition(":")[0] == "builtin" or source in {task.partition(":")[2] for task in BUILTIN_TASKS}:
+        raise DataError(f"dataset {source!r}: no such built-in task; did you mean {' or '.join(BUILTIN_TASKS)}?")
     if path.exists():
         raise DataError(f"dataset {source}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    if looks_like_a_path(source):   # not a `datasets` name (namespace/name): a file that is not there
+        raise DataError(f"dataset file {source} does not exist (a local dataset is a .jsonl, .json or .parquet file)")
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"dataset {source!r} is neither a local .jsonl/.parquet file nor loadable: "
-                        "install `datasets` (pip install datasets) to read a dataset by name") from e
+        raise DataError(f"dataset {source!r}: no such file (a local dataset is a .jsonl, .json or .parquet file); "
+                        "to read it as a `datasets` name, install `datasets` (pip install datasets)") from e
     try:
         return list(datasets.load_dataset(source, split=split))
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters

@@ -15,8 +15,10 @@ figure, the settings, the model, versions and date), eval.csv, and with --sample
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..build import make_engine
-from ..config import DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
+from ..config import ConfigError, DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
 from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems, is_builtin
 from ..data.prompts import check_prompt_ids, encode_prompt
 from ..distributed import compute_dtype, init_distributed
@@ -121,7 +123,19 @@ def resolve_model(target: str) -> tuple:
     path = Path(target)
     if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
         import yaml
-        cfg = _from_dict(TrainConfig, yaml.safe_load((path / "config.yaml").read_text()) or {})
+        config_file = path / "config.yaml"
+        try:
+            cfg = _from_dict(TrainConfig, yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+        except UnicodeDecodeError as e:
+            raise EvalError(f"{config_file} is not UTF-8 text (byte {e.start}: {e.reason}): a run's config.yaml is "
+                            "written by mgrpo train; restore or fix it") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise EvalError(f"{config_file} is not valid YAML{at}: {getattr(e, 'problem', None) or e}; a run's "
+                            "config.yaml is written by mgrpo train: restore or fix it") from None
+        except ConfigError as e:
+            raise EvalError(f"{config_file}: {e}: fix the run's config file") from None
         return path / "final", path, cfg
     if (path / "config.json").is_file():
         return path, None, None
@@ -239,7 +253,7 @@ class Evaluator:
             if limit - longest_b < 1:
                 raise EvalError(f"{b.name}: its longest prompt ({longest_b} tokens) alone fills what the model can "
                                 f"hold ({limit} positions): shorten the instruction or use --limit")
-            if args.max_new_tokens is not None:   # an explicit budget is never changed behind the user's back
+            if args.max_new_tokens:   # an explicit budget is never changed behind the user's back (0: the default)
                 raise EvalError(f"{b.name}: max_new_tokens={b.max_new_tokens} plus the longest prompt ({longest_b} "
                                 f"tokens) exceeds what the model can hold ({limit}): pass --max-new-tokens "
                                 f"{limit - longest_b} or less")
@@ -314,10 +328,26 @@ def format_table(rows: list) -> str:
 
 
 def output_dir(args, run_dir: Optional[Path]) -> Path:
+    """The output directory, checked by making it (and removing what was made: a failed evaluation leaves nothing):
+    one that cannot be written fails before the model loads, not after the evaluation ran."""
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.out) if args.out else (run_dir / "eval" / stamp if run_dir else Path("evals") / stamp)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file, not a directory: give a new directory")
     if out.exists() and any(out.iterdir()):
         raise EvalError(f"--out {out} exists and is not empty: give a new directory (nothing is overwritten)")
+    made = [p for p in (out, *out.parents) if not p.exists()]   # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        raise EvalError(f"--out {out}: cannot write there ({e.strerror or e}): give a directory that can be "
+                        "made and written") from None
+    finally:
+        for p in made:
+            if p.is_dir():
+                p.rmdir()
     return out
 
 
@@ -379,6 +409,8 @@ def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
 def run_evaluation(args: "EvalRequest") -> int:
     """`mgrpo eval`: evaluate a model or a run (its final model, or with all_checkpoints every checkpoint) on
     its benchmarks; prints the table and writes eval.json and eval.csv (accuracy_vs_step.* for a sweep)."""
+    if args.limit is not None and args.limit < 0:   # problems[:-1] would quietly drop the last one
+        raise EvalError(f"--limit {args.limit}: must be >= 0 (0: every problem)")
     dist = init_distributed("auto")
     say = print if dist.is_main else (lambda *a, **k: None)
     model_path, run_dir, run_cfg = resolve_model(args.model)

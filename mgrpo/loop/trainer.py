@@ -26,6 +26,7 @@ The parts are built once by mgrpo/build.py (`setup`); checkpoints and exports ar
 """
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from ..build import Parts, memory_report, setup
-from ..config import TrainConfig, save_config
+from ..config import INVOCATION_KEYS, TrainConfig, config_to_dict, save_config
 from ..distributed import Dist, init_distributed
 from ..engines.base import RolloutEngine, SamplingParams, sampling_seed
 from ..errors import TrainingError
@@ -50,7 +53,7 @@ from ..storage.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ..storage.run_dir import RunDirLock
+from ..storage.run_dir import RunDirLock, clear_run
 from .preemption import Preempted, PreemptionWatch, StepAbandoned, clear_marker, write_marker
 from .records import eval_metrics, no_answer_settings, padding_figures, rollout_rows, step_record, write_rollouts
 from .stages import (
@@ -146,14 +149,52 @@ def train(cfg: TrainConfig, log=print, stop_after_steps: Optional[int] = None,
                             "of the world size")
     log = log if dist.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir or dist.broadcast_object(f"runs/{datetime.now():%Y%m%d-%H%M%S}"))
+    made_here = dist.is_main and not run_dir.exists()
     lock = lock_run_dir(run_dir, dist)                        # one writer per run directory, for the whole run
     try:
         # the metrics writer closes however the run ends (an error too): a torchrun rank leaves through
         # os._exit (mgrpo/distributed.py, exit_process), which runs no finalizer to flush it
         with ExitStack() as open_files:
             return _train(cfg, dist, run_dir, log, stop_after_steps, engine, open_files)
+    except BaseException:
+        if made_here and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir, ignore_errors=True)    # a run that stopped before writing anything leaves no trace
+        raise
     finally:
         lock.release()
+
+
+def keep_changed_config(run_dir: Path, cfg: TrainConfig, checkpoint: str, log) -> None:
+    """A resume that changes settings (the command line over the run's config.yaml) says which, and keeps the
+    config.yaml they replace as config.until_<checkpoint>.yaml: what ran up to that checkpoint stays on record."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        before = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        before = {}
+    changes = changed_settings(before, config_to_dict(cfg))
+    if changes:
+        kept = run_dir / f"config.until_{checkpoint}.yaml"
+        path.replace(kept)
+        log(f"[resume] settings changed from the run's config.yaml: {', '.join(changes)} (the earlier config is "
+            f"kept as {kept.name})")
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list:
+    """["key: old -> new", ...] between two config mappings, less how the run was invoked (run_dir, resume, ...)."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        name = f"{prefix}{key}"
+        if name in INVOCATION_KEYS:
+            continue
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{name}.")
+        elif old != new:
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
 
 
 def lock_run_dir(run_dir: Path, dist: Dist) -> RunDirLock:
@@ -178,12 +219,18 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     written_by = None
     if resume_from is not None:
         written_by = check_resumable(resume_from, dist, resume_settings(cfg))["world_size"]   # before any model
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     parts = setup(cfg, dist, log, engine)
     models, optimization = parts.models, parts.optimization
     scoring = scoring_for(cfg, parts, dist)
     if dist.is_main:
+        # Only now that the model, the data and the engine were built from these settings: a bad one has
+        # stopped the run above with the directory as it was (an earlier run is deleted by overwrite=true here,
+        # not before, and its config.yaml is replaced only by settings that work).
+        if resume_from is None and cfg.overwrite:
+            clear_run(run_dir)
+        if resume_from is not None:
+            keep_changed_config(run_dir, cfg, resume_from.name, log)
+        save_config(cfg, run_dir / "config.yaml")
         (run_dir / "base_model.txt").write_text(parts.base_model + "\n")
 
     base_votes = None     # the base model's majority answer per held-out problem: what later greedy answers are held to

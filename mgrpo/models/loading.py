@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, looks_like_a_path
 from ..distributed import Dist, is_dtensor, local_tensor, shard_model
 from ..errors import TrainingError
 from . import grouped_attention
@@ -34,8 +34,17 @@ from .logprobs import TokenScorer
 # ---------------------------------------------------------------------------------------------------------
 # The model directory, its tokenizer and config (no weights)
 
+def check_model_path(path: str) -> None:
+    """A model.path that names a local directory must be one: before the hub, which would answer with its repo-id
+    rules (or minutes of retries offline). A hub name (Qwen/Qwen3-4B) goes on to transformers."""
+    if looks_like_a_path(path) and not Path(path).expanduser().is_dir():
+        raise TrainingError(f"model.path={path}: no such directory: give a Hugging Face model directory (or a hub "
+                            "name such as Qwen/Qwen3-4B)")
+
+
 def load_tokenizer_and_config(path: str):
     """The tokenizer and the model config (cheap: no weights), or a TrainingError naming model.path."""
+    check_model_path(path)
     from transformers import AutoConfig, AutoTokenizer
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)

@@ -46,7 +46,6 @@ from ..distributed import Dist
 from .reshard import flatten, overlapping_ranks, reshard_rank_state, shard_layout
 from .run_dir import (
     RunDirError,
-    clear_run,
     directory_bytes,
     disk_full_error,
     file_sha256,
@@ -151,8 +150,8 @@ def choose_checkpoint(run_dir: Path, resume_from: Optional[str], log=print) -> P
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional[Dist] = None,
                     resume_from: Optional[str] = None, log=print) -> Optional[Path]:
     """Check the run directory before anything expensive; return the checkpoint to resume from (or None).
-    Rank 0 decides (verifying checkpoints, deleting with overwrite=true) and tells the others, so no rank scans
-    a directory another one is changing. The caller holds the run directory's lock."""
+    Rank 0 decides (verifying checkpoints) and tells the others, so no rank scans a directory another one is
+    changing. The caller holds the run directory's lock; overwrite=true's deletion is the trainer's, later."""
     dist = dist or Dist()
     outcome = None
     if dist.is_main:
@@ -168,13 +167,17 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: Optional[str], log) -> Optional[Path]:
+    if resume_from and holds_a_run(run_dir) and not Path(resume_from).resolve().is_relative_to(run_dir.resolve()):
+        raise RunDirError(f"{run_dir} already holds a run, and resume_from={resume_from} is a checkpoint of another: "
+                          "continuing from it would write over that run. Give a new run_dir (to branch off that "
+                          "checkpoint), or resume the checkpoint's own run (its run_dir with resume=true).")
     if resume or resume_from:
         return choose_checkpoint(run_dir, resume_from, log)
-    if holds_a_run(run_dir):
-        if not overwrite:
-            raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
-                              "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
-        clear_run(run_dir)
+    if holds_a_run(run_dir) and not overwrite:
+        raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
+                          "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
+    # overwrite=true deletes the earlier run only once the new one's model and data are built (the trainer):
+    # a setting that fails before then leaves it as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
 

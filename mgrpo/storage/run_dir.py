@@ -40,6 +40,18 @@ class DiskFullError(RunDirError):
 # ---------------------------------------------------------------------------------------------------------
 # One writer
 
+def unusable(run_dir: Path, error: OSError) -> str:
+    """Why run_dir cannot be made or written (the OSError of its mkdir or its lock file), and what to do."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run_dir={run_dir} is a file, not a directory: choose another run_dir"
+    above = next((p for p in run_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"run_dir={run_dir} is under {above}, a file, not a directory: choose another run_dir"
+    return (f"run_dir={run_dir} cannot be created or written ({error.strerror or error}"
+            + (f": {error.filename}" if error.filename and Path(error.filename) != run_dir else "")
+            + "): choose a run_dir you can write to")
+
+
 class RunDirLock:
     """An exclusive flock on run_dir/.lock, held until `release` or the process's end."""
 
@@ -48,8 +60,11 @@ class RunDirLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(unusable(self.path.parent, e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -164,3 +179,5 @@ def clear_run(run_dir: Path) -> None:
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
+    for earlier in Path(run_dir).glob("config.until_*.yaml"):     # configs a resume replaced (mgrpo/loop/trainer.py)
+        earlier.unlink()
