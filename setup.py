@@ -22,6 +22,7 @@ setup(
         "torch>=2.6",
         "triton>=3.2",
         "transformers>=5.16.1,<5.20",
+        "huggingface-hub>=1.31",    # model.path as a hub name: reach the hub, or its cache offline (models/loading.py)
         "tokenizers",
         "safetensors",
         "math-verify[antlr4_13_2]>=0.7",

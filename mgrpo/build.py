@@ -34,7 +34,14 @@ from .engines.hf import HFGenerateEngine
 from .errors import TrainingError
 from .metrics import peak_memory_gib, process_memory_gib, reset_peak_memory
 from .models.liger import LigerError, use_liger
-from .models.loading import build_reference, load_policy, load_tokenizer_and_config, parameter_names, stored_dtype
+from .models.loading import (
+    build_reference,
+    load_policy,
+    load_tokenizer_and_config,
+    model_source,
+    parameter_names,
+    stored_dtype,
+)
 from .models.logprobs import TokenScorer, resolve_logprob_impl, triton_can_run
 from .models.momentum import FP32Momentum, MomentumModel
 from .models.momentum_int8 import Int8DeltaMomentum
@@ -91,7 +98,7 @@ def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
     """model.path, or the embedded default's base model: the shipped one, or a warm start (trained by rank 0;
     the others wait for it)."""
     if cfg.model.path is not None:
-        return cfg.model.path
+        return model_source(cfg.model.path, log if dist.is_main else (lambda *a: None))
     try:
         if dist.is_main:
             base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)

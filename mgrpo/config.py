@@ -52,7 +52,8 @@ def _check(condition: bool, message: str) -> None:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None
-    """Hugging Face causal-LM directory (or hub name already in the local cache). None: the embedded tiny
+    """Hugging Face causal-LM directory, or a hub name (downloaded where the hub answers; where it cannot be
+    reached, opened from the local cache at once: mgrpo/models/loading.py, model_source). None: the embedded tiny
     Qwen3-architecture model, built and warm-started by the project itself (see `warm_start`)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend for training forwards: sdpa | eager | flash_attention_2."""

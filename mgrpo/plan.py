@@ -40,7 +40,7 @@ from mgrpo_kernels.momentum_int8 import PUSH_CHUNK, QUANT_BLOCK
 
 from .config import load_config_from
 from .data.tiny import TINY_MODEL_CONFIG
-from .errors import MgrpoError
+from .errors import MgrpoError, TrainingError
 
 GIB = 2 ** 30
 
@@ -191,11 +191,16 @@ def model_config(path: Optional[str]):
     key = Path(path).name.lower().removesuffix("-base").removesuffix("-instruct")
     if key in BUILT_IN:
         return Qwen3Config(**BUILT_IN[key]), f"{path} (built-in {key} config)"
+    from .models.loading import model_source
     try:
-        return AutoConfig.from_pretrained(path), path
-    except Exception as e:  # noqa: BLE001 - not a directory, not built in, not in the local hub cache
+        source = model_source(path, log=lambda *a: None)      # offline: the cached copy, without minutes of retries
+    except TrainingError as e:
+        raise PlanError(f"{e}; or name a built-in config ({', '.join(BUILT_IN)})") from None
+    try:
+        return AutoConfig.from_pretrained(source), path
+    except Exception as e:  # noqa: BLE001 - not a directory, not built in, not on the hub or in its cache
         raise PlanError(f"model.path={path}: no config.json there, not a built-in config ({', '.join(BUILT_IN)}) "
-                        f"and not loadable from the Hugging Face cache ({type(e).__name__})") from None
+                        f"and not loadable from the Hugging Face hub or its cache ({type(e).__name__})") from None
 
 
 def parameter_shapes(config) -> list:

@@ -394,3 +394,37 @@ def test_the_default_preset_trains_the_embedded_default_and_quick_its_60_steps(t
         assert (cfg.rollout, cfg.algorithm, cfg.optim, cfg.model) == (embedded.rollout, embedded.algorithm,
                                                                         embedded.optim, embedded.model), preset
         assert cfg.data.eval_every > 0 and cfg.steps % cfg.data.eval_every == 0, preset
+
+
+def test_a_run_stopped_by_ctrl_c_is_checkpointed_and_the_same_command_continues(tiny_cache, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Ctrl-C during a run of a comparison: that run checkpoints, compare exits 130 naming the --out that continues
+    it (not a traceback, nor the next run started); the same command then resumes it and logs every step once."""
+    import os
+    import signal
+
+    import mgrpo.loop.trainer as trainer_module
+    real, calls = trainer_module.policy_gradients, []
+
+    def update_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "policy_gradients", update_then_ctrl_c)
+    out = tmp_path / "cmp"
+    common = ["compare", "--preset", "short", "--methods", "srt,mgrpo", "--seeds", "1", "--out", str(out),
+              f"warm_start.cache_dir={tiny_cache}", "rollout.engine=hf"]
+    assert main(common) == 130
+    err = capsys.readouterr().err
+    assert f"--out {out} continues" in err and "Traceback" not in err, err
+    steps = [json.loads(line)["step"] for line in (out / "srt_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2 and (out / "srt_seed0" / "checkpoints" / "step_000002").is_dir()
+    assert not (out / "mgrpo_seed0").exists()                          # the next run did not start
+    monkeypatch.setattr(trainer_module, "policy_gradients", real)
+    assert main(common) == 0
+    assert "srt seed 0 -> " in (printed := capsys.readouterr().out) and "(resuming)" in printed, printed
+    steps = [json.loads(line)["step"] for line in (out / "srt_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [0, 1, 2, 3] and steps.count(1) == 1
+    assert (out / "mgrpo_seed0" / "final" / "config.json").is_file()

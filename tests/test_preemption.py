@@ -1,5 +1,6 @@
 """Preemption (mgrpo/loop/preemption.py): SIGTERM or SIGUSR1 during a step ends the run with a checkpoint and
-exit code 75; resume=true continues, losing nothing beyond the step in flight and logging each step once.
+exit code 75; resume=true continues, losing nothing beyond the step in flight and logging each step once. Ctrl-C
+(SIGINT) does the same with exit code 130 and no requeue marker; a second Ctrl-C stops at once.
 
 The signals are real (os.kill of this process, or of a torchrun worker in test_distributed.py), sent at a known
 point of a step: during the rollout (the step is abandoned) or during the update (the step is finished)."""
@@ -8,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import mgrpo.loop.trainer as trainer_module
-from mgrpo.loop.preemption import PREEMPTED_EXIT_CODE, Preempted
+from mgrpo.loop.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, Preempted
 from mgrpo.loop.trainer import train
 from tests.scripted_engine import ScriptedEngine
 from tests.test_train_e2e import tiny_config
@@ -35,16 +37,20 @@ def engine_for(cache):
 
 
 class SignalDuringRollout(ScriptedEngine):
-    """Sends `sig` to this process from inside the rollout of training step `at_step` (1-based)."""
+    """Sends `sig` to this process `times` times, `apart` seconds apart, from inside the rollout of training step
+    `at_step` (1-based)."""
 
-    def __init__(self, base: ScriptedEngine, sig, at_step: int):
+    def __init__(self, base: ScriptedEngine, sig, at_step: int, times: int = 1, apart: float = 0.0):
         super().__init__(base.tokenizer, base.expected, record_pushes=False)
-        self.sig, self.at_step, self.training_calls = sig, at_step, 0
+        self.sig, self.at_step, self.times, self.apart, self.training_calls = sig, at_step, times, apart, 0
 
     def generate(self, prompts, params):
         self.training_calls += 1                             # no validation here: every call is a rollout
         if self.training_calls == 2 * self.at_step - 1:              # the policy's samples of that step
-            os.kill(os.getpid(), self.sig)
+            for i in range(self.times):
+                if i:
+                    time.sleep(self.apart)
+                os.kill(os.getpid(), self.sig)
         return super().generate(prompts, params)
 
 
@@ -66,17 +72,25 @@ def straight(tiny_cache, tmp_path_factory):
     return final_weights(train(config(tmp, tiny_cache, "run"), log=lambda *a: None, engine=engine_for(tiny_cache)))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1])       # SIGTERM: test_mgrpo_train_exits_75_on_sigterm_and_resumes
-def test_a_signal_during_the_rollout_abandons_the_step_and_resume_redoes_it(tmp_path, tiny_cache, straight, sig):
-    engine = SignalDuringRollout(engine_for(tiny_cache), sig, at_step=2)
+# SIGTERM: test_mgrpo_train_exits_75_on_sigterm_and_resumes; SIGINT twice at once: one Ctrl-C that torchrun passed on
+@pytest.mark.parametrize("sig, times", [(signal.SIGUSR1, 1), (signal.SIGINT, 2)],
+                         ids=["SIGUSR1", "SIGINT-delivered-twice"])
+def test_a_signal_during_the_rollout_abandons_the_step_and_resume_redoes_it(tmp_path, tiny_cache, straight, sig,
+                                                                            times):
+    engine = SignalDuringRollout(engine_for(tiny_cache), sig, at_step=2, times=times)
     before = signal.getsignal(sig)
     with pytest.raises(Preempted) as stopped:
         train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
     run_dir = tmp_path / "run"
-    assert stopped.value.step == 1 and stopped.value.signal_name == sig.name      # step 2 abandoned, step 1 kept
+    name = "Ctrl-C (SIGINT)" if sig == signal.SIGINT else sig.name
+    assert stopped.value.step == 1 and stopped.value.signal_name == name          # step 2 abandoned, step 1 kept
     assert signal.getsignal(sig) is before                                          # the handler is put back
-    marker = json.loads((run_dir / "preempted.json").read_text())
-    assert marker["step"] == 1 and marker["signal"] == sig.name
+    if sig == signal.SIGINT:               # a person stopped it: exit 130, nothing for a batch script to requeue
+        assert stopped.value.exit_code == INTERRUPTED_EXIT_CODE and not (run_dir / "preempted.json").exists()
+    else:
+        assert stopped.value.exit_code == PREEMPTED_EXIT_CODE
+        marker = json.loads((run_dir / "preempted.json").read_text())
+        assert marker["step"] == 1 and marker["signal"] == sig.name
     assert (run_dir / "checkpoints" / "step_000001" / "checkpoint.json").is_file()
     assert logged_steps(run_dir) == [1]
     resumed = train(config(tmp_path, tiny_cache, "run", "resume=true"), log=lambda *a: None,
@@ -85,6 +99,21 @@ def test_a_signal_during_the_rollout_abandons_the_step_and_resume_redoes_it(tmp_
     assert not (run_dir / "preempted.json").exists()
     for name, w in final_weights(resumed).items():       # the abandoned step was redone exactly (data, RNG)
         assert torch.equal(w, straight[name]), name
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_cache):
+    """Two Ctrl-C presses (further apart than one press delivered twice) during step 2's rollout: the second raises
+    KeyboardInterrupt there; no checkpoint is written, step 1 stays logged, and the handler is put back."""
+    engine = SignalDuringRollout(engine_for(tiny_cache), signal.SIGINT, at_step=2, times=2,
+                                 apart=REPEAT_WINDOW_S + 0.3)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
+    run_dir = tmp_path / "run"
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "preempted.json").exists()
+    assert logged_steps(run_dir) == [1]
 
 
 def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, straight, monkeypatch):
@@ -134,6 +163,48 @@ def test_mgrpo_train_exits_75_on_sigterm_and_resumes(tmp_path, tiny_cache):
     assert done.returncode == 0, done.stderr[-3000:]
     assert logged_steps(run_dir) == list(range(1, marker["step"] + 2))
     assert metrics.is_file()
+
+
+def test_mgrpo_train_exits_130_on_ctrl_c_with_a_checkpoint(tmp_path, tiny_cache):
+    """Ctrl-C (SIGINT) while the command trains: it says it stops, finishes or abandons the step, writes a
+    checkpoint, and exits 130 without a traceback and without the requeue marker."""
+    run_dir = tmp_path / "cli"
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}",
+            "steps=40", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
+            "rollout.max_new_tokens=32", "data.num_eval=0"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, err[-3000:]
+    assert "[stopping] Ctrl-C" in err and "resume=true" in err and "Traceback" not in err, err[-3000:]
+    assert not (run_dir / "preempted.json").exists()
+    steps = logged_steps(run_dir)
+    assert steps and (run_dir / "checkpoints" / f"step_{steps[-1]:06d}" / "checkpoint.json").is_file()
+
+
+def test_an_interrupt_outside_training_is_one_line(monkeypatch, capsys):
+    """Ctrl-C where no checkpoint can be made (loading, evaluating): exit 130 and one line saying where, no
+    traceback."""
+    import mgrpo.commands as commands
+
+    class Interrupted:                      # `mgrpo plot`'s arguments, interrupted while it runs
+        HELP, add_arguments = commands.plot.HELP, staticmethod(commands.plot.add_arguments)
+
+        @staticmethod
+        def run(args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(commands.COMMANDS, "plot", Interrupted)
+    codes = []
+    monkeypatch.setattr(commands, "exit_process", codes.append)
+    commands.run_and_exit(["plot", "somewhere"])
+    err = capsys.readouterr().err
+    assert codes == [INTERRUPTED_EXIT_CODE]
+    assert "mgrpo: interrupted (Ctrl-C) in " in err and "(run)" in err and "Traceback" not in err, err
 
 
 def children(pid: int) -> list:
@@ -187,3 +258,29 @@ def test_torchrun_ranks_stop_together_and_resume(tmp_path, tiny_cache):
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert logged_steps(run_dir) == list(range(1, stopped_at + 2))
+
+
+def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(tmp_path, tiny_cache):
+    """A terminal's Ctrl-C under torchrun: SIGINT to the whole process group (torchrun and both ranks), and torchrun
+    passes it on to the ranks a second time at once (here the two deliveries reach Python as one; two that do not
+    are the SIGINT-delivered-twice case above). Both ranks finish or abandon the step and write one checkpoint; no
+    requeue marker; every finished step logged once."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mgrpo", "train",
+            f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}", "rollout.engine=hf", "progress=false",
+            "algorithm.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=32", "data.num_eval=0",
+            "steps=40"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 1/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)                   # what the terminal does: every process of the job
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert "[stopped] Ctrl-C (SIGINT): checkpoint" in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert not (run_dir / "preempted.json").exists()
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 40
+    assert (run_dir / "checkpoints" / f"step_{steps[-1]:06d}" / "checkpoint.json").is_file()

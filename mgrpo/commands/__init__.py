@@ -8,7 +8,8 @@
 
 Under torchrun: `torchrun --nproc_per_node=8 -m mgrpo train ...` (and `... -m mgrpo eval ...`); on several nodes
 `torchrun --nnodes N ... --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m mgrpo train ...` (README, "Many nodes").
-`mgrpo train` exits 75 when SIGTERM or SIGUSR1 stopped it after a checkpoint (resume=true continues).
+`mgrpo train` exits 75 when SIGTERM or SIGUSR1 stopped it after a checkpoint (resume=true continues), 130 on
+Ctrl-C (after a checkpoint where training was under way; a second Ctrl-C stops at once); `mgrpo compare` the same.
 An error the user can fix (mgrpo.errors.MgrpoError: a setting, a file, a run directory, the disk) prints one line,
 `mgrpo <command>: error: ...`, and exits 1; anything else is a bug and keeps its traceback.
 """
@@ -46,11 +47,13 @@ def main(argv=None) -> int:
 def run_and_exit(argv=None) -> NoReturn:
     """The `mgrpo` script and `python -m mgrpo` (what torchrun launches): main(), then exit with its status
     (through os._exit where a process group was opened: mgrpo/distributed.py, exit_process). A bug's traceback is
-    printed here, so that it too leaves that way: exit 1 (130 on Ctrl-C)."""
+    printed here, so that it too leaves that way: exit 1 (130 on Ctrl-C, with the line it stopped at)."""
     try:
         code = main(argv)
-    except KeyboardInterrupt:
-        traceback.print_exc()
+    except KeyboardInterrupt as e:   # Ctrl-C outside training, or a second one in it: where it stopped, one line
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" in {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+        print(f"\nmgrpo: interrupted (Ctrl-C){where}", file=sys.stderr)
         code = 130
     except Exception:             # noqa: BLE001 - a bug: its traceback, then the same exit path
         traceback.print_exc()

@@ -2,14 +2,24 @@
 tables and plots)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from ..comparison import ANCHORED, METHODS, PRESETS, compare
+from ..loop.preemption import Preempted
 
 HELP = "SRT vs M-GRPO vs M-GRPO without the IQR filter, over seeds"
 
 
 def run(args) -> int:
-    return compare(args.preset, args.seeds, args.methods, args.sweep, args.out, args.name, args.report,
-                   tuple(args.overrides))
+    try:
+        return compare(args.preset, args.seeds, args.methods, args.sweep, args.out, args.name, args.report,
+                       tuple(args.overrides))
+    except Preempted as e:   # a run stopped by SIGTERM/SIGUSR1 or Ctrl-C after its checkpoint: the others wait
+        out = Path(e.checkpoint).parents[2]        # OUT/<method>_seed<N>/checkpoints/step_N
+        print(f"mgrpo compare: stopped: {e.signal_name}: {e.checkpoint} holds {e.step} steps; the same command "
+              f"with --out {out} continues (finished runs are skipped, this one resumes)", file=sys.stderr)
+        return e.exit_code
 
 
 def add_arguments(parser) -> None:

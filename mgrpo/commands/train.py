@@ -1,7 +1,8 @@
 """`mgrpo train [--config FILE] [key.sub=value ...]`: train (no arguments: the embedded default).
 
 Exit status: 0 done, 1 an error the user can fix, 75 preempted (SIGTERM or SIGUSR1: a checkpoint was written;
-resume=true continues; mgrpo/loop/preemption.py)."""
+resume=true continues; mgrpo/loop/preemption.py), 130 stopped by Ctrl-C (a checkpoint was written after the first
+one; none after a second)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,7 @@ import yaml
 
 from ..config import INVOCATION_KEYS, ConfigError, TrainConfig, load_config
 from ..environment import return_large_blocks_to_the_system
-from ..loop.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ..loop.preemption import Preempted
 from ..loop.trainer import train
 
 HELP = "train (no arguments: the embedded tiny default on the built-in task)"
@@ -60,7 +61,7 @@ def run(args) -> int:
         return_large_blocks_to_the_system()          # a real model's activations (mgrpo/environment.py)
     try:
         train(cfg)
-    except Preempted as e:            # SIGTERM / SIGUSR1: checkpointed; a batch script requeues on this code
+    except Preempted as e:            # SIGTERM / SIGUSR1 (a batch script requeues on 75) or Ctrl-C: checkpointed
         print(f"mgrpo train: stopped: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return e.exit_code
     return 0

@@ -287,15 +287,16 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
                                cfg.keep_checkpoints, dist, log=say)
 
     def stop_for(watch: PreemptionWatch, steps_done: int, saved: Path):
-        if dist.is_main:
+        if dist.is_main and watch.preempted:     # a Ctrl-C is no preemption: nothing for a batch script to requeue
             write_marker(run_dir, watch.signal_name, steps_done, saved)
         dist.barrier()                       # no rank exits (and has torchrun stop the others) before the marker
         if metrics is not None:
             metrics.close()
         if progress is not None:
             progress.close()
-        say(f"[preempted] {watch.signal_name}: checkpoint {saved} ({steps_done} steps); continue with resume=true")
-        return Preempted(watch.signal_name, steps_done, saved)
+        say(f"[{'preempted' if watch.preempted else 'stopped'}] {watch.signal_name}: checkpoint {saved} "
+            f"({steps_done} steps); continue with resume=true")
+        return Preempted(watch.signal_name, steps_done, saved, watch.exit_code)
 
     with PreemptionWatch(dist) as watch:
         for step in range(start_step, end_step):

@@ -42,6 +42,49 @@ def check_model_path(path: str) -> None:
                             "name such as Qwen/Qwen3-4B)")
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face hub (HF_ENDPOINT, huggingface.co by default) cannot be reached from here, or None: one
+    HEAD request without retries, through huggingface_hub's own session (its proxy settings). HF_HUB_OFFLINE=1
+    counts as unreachable; so does a server error (transformers would retry it as it retries a refused
+    connection)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        response = get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - any transport failure (name, connection, timeout, proxy) is the answer
+        return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
+    return f"{constants.ENDPOINT} answered HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def model_source(path: str, log=print) -> str:
+    """model.path as transformers and vLLM should open it. A local directory: itself. A hub name (Qwen/Qwen3-4B)
+    where the hub answers: itself (they download it, or check that the cached copy is current). Where the hub
+    cannot be reached (an offline node): the cached snapshot's directory, because transformers would first retry
+    every file's request five times with back-off (2 min 23 s for a tiny model's config and tokenizer, measured
+    2026-12-07; then the weights, then vLLM again). Neither reachable nor cached: a TrainingError saying so."""
+    check_model_path(path)
+    if Path(path).expanduser().is_dir():
+        return path
+    why = hub_unreachable()
+    if why is None:
+        return path
+    from huggingface_hub import constants, snapshot_download
+    try:
+        cached = snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or not a valid name): one answer either way
+        raise TrainingError(f"model.path={path}: the Hugging Face hub cannot be reached ({why}) and the model is not "
+                            f"in its cache ({constants.HF_HUB_CACHE}): download it where the hub can be reached "
+                            f"(`hf download {path}`), then copy the cache here or set model.path to the model's "
+                            "directory") from None
+    log(f"[model] the Hugging Face hub cannot be reached ({why}): {path} from its cache, {cached}")
+    return cached
+
+
 def load_tokenizer_and_config(path: str):
     """The tokenizer and the model config (cheap: no weights), or a TrainingError naming model.path."""
     check_model_path(path)

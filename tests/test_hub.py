@@ -1,0 +1,119 @@
+"""model.path as a Hugging Face hub name (mgrpo/models/loading.py, model_source): where the hub answers, the name
+goes on to transformers; where it cannot be reached, the cached snapshot is opened at once (transformers alone
+retries every file's request five times with back-off first: 2 min 23 s for the tiny model's config and tokenizer),
+and a model that is not cached is an error within seconds.
+
+The hub is made unreachable on purpose (HF_ENDPOINT at a closed local port), so these tests do not depend on the
+machine's network; "reachable" is a local HTTP server. The cache is a real huggingface_hub cache layout (refs/main
+naming a snapshot directory) holding the shipped tiny model."""
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from huggingface_hub import constants
+
+from mgrpo.commands import main
+from mgrpo.data.tiny import SHIPPED_BASE
+from mgrpo.errors import TrainingError
+from mgrpo.models.loading import model_source
+
+CLOSED = "http://127.0.0.1:9"          # the discard port: nothing listens, the connection is refused at once
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A hub cache holding acme/tiny (the shipped tiny model), made the process's cache."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    shutil.copytree(SHIPPED_BASE, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def unreachable(monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def serving(status: int):
+    """A local 'hub' answering every HEAD with `status`; returns (server, its URL)."""
+    class Answer(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_where_the_hub_answers_the_name_goes_on_to_transformers(hub_cache, monkeypatch):
+    server, url = serving(200)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        assert model_source("acme/tiny") == "acme/tiny"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("how", ["refused", "server error", "HF_HUB_OFFLINE"])
+def test_where_the_hub_cannot_be_reached_the_cached_snapshot_is_opened(hub_cache, monkeypatch, how):
+    server = None
+    if how == "refused":
+        monkeypatch.setattr(constants, "ENDPOINT", CLOSED)
+    elif how == "server error":
+        server, url = serving(503)
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", how == "HF_HUB_OFFLINE")
+    said = []
+    try:
+        assert model_source("acme/tiny", log=said.append) == str(hub_cache / "models--acme--tiny" / "snapshots"
+                                                                 / SNAPSHOT)
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert len(said) == 1 and "cannot be reached" in said[0]
+    assert model_source(str(SHIPPED_BASE)) == str(SHIPPED_BASE)          # a local directory: as it is, always
+
+
+def test_a_model_neither_reachable_nor_cached_is_an_error_within_seconds(hub_cache, unreachable, tmp_path, capsys):
+    with pytest.raises(TrainingError, match="not in its cache"):
+        model_source("acme/missing")
+    start = time.monotonic()
+    assert main(["train", "model.path=acme/missing", f"run_dir={tmp_path / 'run'}", "rollout.engine=hf",
+                 "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mgrpo train: error: model.path=acme/missing: the Hugging Face hub cannot be reached")
+    assert "hf download acme/missing" in err and "Traceback" not in err
+    assert time.monotonic() - start < 30 and not (tmp_path / "run").exists()
+    assert main(["plan", "model.path=acme/missing"]) == 1
+    assert "not in its cache" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_cached_hub_model_trains_and_plans_offline_without_waiting(hub_cache, unreachable, tmp_path, capsys):
+    """`mgrpo plan` and one training step of acme/tiny with the hub unreachable: each in seconds (transformers' own
+    retries would take minutes), and the run records the snapshot it loaded as its base model."""
+    start = time.monotonic()
+    assert main(["plan", "model.path=acme/tiny", "--gpu-memory", "80"]) in (0, 1)
+    assert "acme/tiny" in capsys.readouterr().out
+    planned = time.monotonic() - start
+    run = tmp_path / "run"
+    start = time.monotonic()
+    assert main(["train", "model.path=acme/tiny", f"run_dir={run}", "steps=1", "data.num_eval=0",
+                 "rollout.engine=hf", "progress=false"]) == 0
+    trained = time.monotonic() - start
+    assert planned < 20 and trained < 90, (planned, trained)
+    assert (run / "base_model.txt").read_text().strip() == str(hub_cache / "models--acme--tiny" / "snapshots"
+                                                                  / SNAPSHOT)
+    assert (run / "final" / "config.json").is_file()
+    assert "from its cache" in capsys.readouterr().out
