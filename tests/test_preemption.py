@@ -284,3 +284,27 @@ def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(tmp_path, tiny_cache):
     steps = logged_steps(run_dir)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 40
     assert (run_dir / "checkpoints" / f"step_{steps[-1]:06d}" / "checkpoint.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["_HashingStream.write", "space_warning"])
+def test_a_second_ctrl_c_during_the_checkpoint_leaves_no_partial_one(tmp_path, tiny_cache, monkeypatch, where):
+    """The first Ctrl-C during step 2's rollout starts the checkpoint of step 1; the second comes while its files
+    are written (inside DCP, which wraps it as a failed write) or before them (its directory made): the run stops
+    at once (KeyboardInterrupt), and neither a checkpoint nor its temporary directory is left."""
+    import mgrpo.storage.checkpoint as ckpt
+    owner, name = (ckpt._HashingStream, "write") if where == "_HashingStream.write" else (ckpt, "space_warning")
+    real, calls = getattr(owner, name), []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(REPEAT_WINDOW_S + 0.3)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, slow)
+    engine = SignalDuringRollout(engine_for(tiny_cache), signal.SIGINT, at_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert calls and not (checkpoints.exists() and list(checkpoints.iterdir())), list(checkpoints.iterdir())

@@ -331,7 +331,17 @@ def _leaves(tree):
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int, dist: Dist, log=print) -> Path:
     """Write `state` (tensors, DTensors and JSON values) as checkpoints/step_N; a collective. A write that fails
-    for lack of space raises DiskFullError after removing its temporary directory; earlier checkpoints stay."""
+    for lack of space raises DiskFullError after removing its temporary directory; earlier checkpoints stay. So
+    does one stopped by Ctrl-C (the second press of mgrpo/loop/preemption.py: stop at once)."""
+    try:
+        return _write_checkpoint(run_dir, step, state, meta, keep, dist, log)
+    except KeyboardInterrupt:
+        if dist.is_main:
+            shutil.rmtree(Path(run_dir) / "checkpoints" / f".tmp_step_{step:06d}", ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int, dist: Dist, log) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -362,6 +372,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int
         dist.barrier()
         if any(full for *_, full in every_rank):
             raise disk_full_error(root, f"checkpoint step_{step:06d}", needed) from None
+        if isinstance(failure, CheckpointException) and any(isinstance(wrapped[0], KeyboardInterrupt)
+                                                            for wrapped in failure.failures.values()):
+            raise KeyboardInterrupt from None          # DCP wraps a Ctrl-C as a failed write: it is the Ctrl-C
         raise failure if failure is not None else RunDirError(f"checkpoint step_{step:06d} failed on another rank")
     if dist.is_main:
         all_files, all_objects = {}, {}
