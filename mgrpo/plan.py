@@ -41,6 +41,7 @@ from mgrpo_kernels.momentum_int8 import PUSH_CHUNK, QUANT_BLOCK
 from .config import load_config_from
 from .data.tiny import TINY_MODEL_CONFIG
 from .errors import MgrpoError, TrainingError
+from .models.loading import model_source
 
 GIB = 2 ** 30
 
@@ -191,7 +192,6 @@ def model_config(path: Optional[str]):
     key = Path(path).name.lower().removesuffix("-base").removesuffix("-instruct")
     if key in BUILT_IN:
         return Qwen3Config(**BUILT_IN[key]), f"{path} (built-in {key} config)"
-    from .models.loading import model_source
     try:
         source = model_source(path, log=lambda *a: None)      # offline: the cached copy, without minutes of retries
     except TrainingError as e:
