@@ -117,3 +117,23 @@ def test_a_cached_hub_model_trains_and_plans_offline_without_waiting(hub_cache, 
                                                                   / SNAPSHOT)
     assert (run / "final" / "config.json").is_file()
     assert "from its cache" in capsys.readouterr().out
+
+
+def test_eval_takes_a_hub_name_and_a_sweep_a_base_trained_from_one(hub_cache, unreachable, tmp_path, capsys):
+    """`mgrpo eval acme/tiny` (offline: the cached snapshot), a sweep of a run whose base_model.txt names the hub
+    model (trained where the hub answered), and a mistyped run directory, which reads as a hub name: its error
+    says both readings."""
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"problem": "Compute 1 + 2.", "answer": "3"}\n{"problem": "Compute 4 + 1.", "answer": "5"}\n')
+    common = ["--data", str(data), "--engine", "hf", "--k", "2", "--n", "2"]
+    assert main(["eval", "acme/tiny", *common, "--out", str(tmp_path / "direct")]) == 0
+    assert (tmp_path / "direct" / "eval.json").is_file()
+    run = tmp_path / "run"
+    shutil.copytree(SHIPPED_BASE, run / "final")
+    (run / "config.yaml").write_text("steps: 1\n")
+    (run / "base_model.txt").write_text("acme/tiny\n")
+    assert main(["eval", str(run), "--all-checkpoints", *common, "--out", str(tmp_path / "sweep")]) == 0
+    assert "[eval] step 0: " + str(hub_cache / "models--acme--tiny" / "snapshots" / SNAPSHOT) in capsys.readouterr().out
+    assert main(["eval", "runs/mistyped", *common]) == 1
+    err = capsys.readouterr().err
+    assert "runs/mistyped is no directory here, and as a hub name: " in err and "not in its cache" in err

@@ -27,12 +27,13 @@ from typing import Optional
 import torch
 
 from ..build import make_engine
-from ..config import ConfigError, DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict
+from ..config import ConfigError, DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict, looks_like_a_path
 from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems, is_builtin
 from ..data.prompts import check_prompt_ids, encode_prompt
 from ..distributed import compute_dtype, init_distributed
-from ..errors import DataError
+from ..errors import DataError, TrainingError
 from ..metrics import write_csv
+from ..models.loading import model_source
 from ..storage.checkpoint import META_FILE, checkpoint_dirs, load_policy_weights, step_of
 from .harness import EvalError, check_settings, evaluate, no_answer_warning
 
@@ -139,8 +140,19 @@ def resolve_model(target: str) -> tuple:
         return path / "final", path, cfg
     if (path / "config.json").is_file():
         return path, None, None
+    if not path.exists() and not looks_like_a_path(target):       # a hub name (Qwen/Qwen3-4B-Base)
+        return hub_model(target), None, None
     raise EvalError(f"{target} is neither a Hugging Face model directory (config.json) nor a run directory "
-                    "(config.yaml, written by mgrpo train)")
+                    "(config.yaml, written by mgrpo train) nor a Hugging Face hub name")
+
+
+def hub_model(name: str) -> Path:
+    """A hub name as the loaders open it: the name where the hub answers (transformers downloads it), the cached
+    snapshot where it cannot be reached (mgrpo/models/loading.py, model_source)."""
+    try:
+        return Path(model_source(name))
+    except TrainingError as e:          # say the local reading too: a mistyped run directory looks like a hub name
+        raise EvalError(f"{name} is no directory here, and as a hub name: {e}") from None
 
 
 def parse_data(spec: str) -> tuple:
@@ -393,7 +405,8 @@ def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
     if not base_file.is_file():
         raise EvalError(f"{run_dir} has no base_model.txt (written when training starts): not a run directory "
                         "of this mgrpo version")
-    points = {0: Path(base_file.read_text().strip())}
+    base = base_file.read_text().strip()
+    points = {0: Path(base) if Path(base).is_dir() else hub_model(base)}   # a hub name when trained online
     for path in checkpoint_dirs(run_dir):
         points[step_of(path)] = path
     for path in checkpoint_dirs(run_dir, "snapshots", "config.json"):
@@ -418,7 +431,7 @@ def run_evaluation(args: "EvalRequest") -> int:
         raise EvalError("--all-checkpoints needs a run directory (written by mgrpo train), not a model directory")
     benchmarks = load_benchmarks(args, run_cfg)
     points = sweep_points(run_dir, run_cfg) if args.all_checkpoints else [(None, model_path)]
-    if not args.all_checkpoints and not (model_path / "config.json").is_file():
+    if not args.all_checkpoints and run_dir is not None and not (model_path / "config.json").is_file():
         raise EvalError(f"{run_dir} has no final model yet (final/): evaluate a checkpoint sweep with "
                         "--all-checkpoints, or a snapshot directory")
     out = output_dir(args, run_dir) if dist.is_main else None
