@@ -36,6 +36,7 @@ from .metrics import peak_memory_gib, process_memory_gib, reset_peak_memory
 from .models.liger import LigerError, use_liger
 from .models.loading import (
     build_reference,
+    hub_unreachable,
     load_policy,
     load_tokenizer_and_config,
     model_source,
@@ -98,7 +99,8 @@ def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
     """model.path, or the embedded default's base model: the shipped one, or a warm start (trained by rank 0;
     the others wait for it)."""
     if cfg.model.path is not None:
-        return model_source(cfg.model.path, log if dist.is_main else (lambda *a: None))
+        return model_source(cfg.model.path, log if dist.is_main else (lambda *a: None),   # rank 0 asks the hub
+                            probe=lambda: dist.all_gather_object(hub_unreachable() if dist.is_main else None)[0])
     try:
         if dist.is_main:
             base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)

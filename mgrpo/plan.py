@@ -193,7 +193,7 @@ def model_config(path: Optional[str]):
     if key in BUILT_IN:
         return Qwen3Config(**BUILT_IN[key]), f"{path} (built-in {key} config)"
     try:
-        source = model_source(path, log=lambda *a: None)      # offline: the cached copy, without minutes of retries
+        source = model_source(path, log=lambda *a: None, whole=False)   # offline: the cached config, no retries
     except TrainingError as e:
         raise PlanError(f"{e}; or name a built-in config ({', '.join(BUILT_IN)})") from None
     try:

@@ -137,3 +137,34 @@ def test_eval_takes_a_hub_name_and_a_sweep_a_base_trained_from_one(hub_cache, un
     assert main(["eval", "runs/mistyped", *common]) == 1
     err = capsys.readouterr().err
     assert "runs/mistyped is no directory here, and as a hub name: " in err and "not in its cache" in err
+
+
+def test_a_cached_copy_with_only_the_config_plans_and_does_not_train(hub_cache, unreachable, tmp_path, capsys):
+    """A cache that fetched config.json alone (`mgrpo plan` on a login node): plan reads it; training is refused
+    naming what the copy lacks, before any model is built (transformers would build a tokenizer of one token from
+    such a directory and fail later on something else)."""
+    snapshot = hub_cache / "models--acme--tiny" / "snapshots" / SNAPSHOT
+    for path in snapshot.iterdir():
+        if path.name != "config.json":
+            path.unlink()
+    assert main(["plan", "model.path=acme/tiny", "--gpu-memory", "80"]) in (0, 1)
+    assert "acme/tiny" in capsys.readouterr().out
+    assert main(["train", "model.path=acme/tiny", f"run_dir={tmp_path / 'run'}", "rollout.engine=hf",
+                 "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert f"its cached copy {snapshot} lacks a tokenizer (tokenizer.json), the weights (model.safetensors)" in err
+
+
+def test_every_shard_an_index_names_must_be_cached(tmp_path):
+    from mgrpo.models.loading import missing_files
+    model = tmp_path / "m"
+    shutil.copytree(SHIPPED_BASE, model)
+    assert missing_files(model) == []
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    assert missing_files(model) == ["model-00002-of-00002.safetensors"]
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer_config.json").unlink()
+    assert missing_files(model, whole=False) == []
+    assert missing_files(model)[0] == "a tokenizer (tokenizer.json)"

@@ -36,22 +36,26 @@ def engine_for(cache):
     return ScriptedEngine(build_tokenizer(), names, record_pushes=False)
 
 
-class SignalDuringRollout(ScriptedEngine):
-    """Sends `sig` to this process `times` times, `apart` seconds apart, from inside the rollout of training step
-    `at_step` (1-based)."""
+class SignalSequenceDuringRollout(ScriptedEngine):
+    """Sends each of `signals` to this process, `apart` seconds apart, from inside the rollout of step `at_step`."""
 
-    def __init__(self, base: ScriptedEngine, sig, at_step: int, times: int = 1, apart: float = 0.0):
+    def __init__(self, base: ScriptedEngine, signals: list, at_step: int, apart: float):
         super().__init__(base.tokenizer, base.expected, record_pushes=False)
-        self.sig, self.at_step, self.times, self.apart, self.training_calls = sig, at_step, times, apart, 0
+        self.signals, self.at_step, self.apart, self.training_calls = signals, at_step, apart, 0
 
     def generate(self, prompts, params):
-        self.training_calls += 1                             # no validation here: every call is a rollout
-        if self.training_calls == 2 * self.at_step - 1:              # the policy's samples of that step
-            for i in range(self.times):
+        self.training_calls += 1
+        if self.training_calls == 2 * self.at_step - 1:
+            for i, sig in enumerate(self.signals):
                 if i:
                     time.sleep(self.apart)
-                os.kill(os.getpid(), self.sig)
+                os.kill(os.getpid(), sig)
         return super().generate(prompts, params)
+
+
+def SignalDuringRollout(base: ScriptedEngine, sig, at_step: int, times: int = 1, apart: float = 0.0):
+    """`sig` sent `times` times, `apart` seconds apart, from inside the rollout of step `at_step` (1-based)."""
+    return SignalSequenceDuringRollout(base, [sig] * times, at_step, apart)
 
 
 def config(tmp_path, cache, run, *overrides):
@@ -101,11 +105,14 @@ def test_a_signal_during_the_rollout_abandons_the_step_and_resume_redoes_it(tmp_
         assert torch.equal(w, straight[name]), name
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_cache):
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM-from-torchrun"])
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_cache, second):
     """Two Ctrl-C presses (further apart than one press delivered twice) during step 2's rollout: the second raises
-    KeyboardInterrupt there; no checkpoint is written, step 1 stays logged, and the handler is put back."""
-    engine = SignalDuringRollout(engine_for(tiny_cache), signal.SIGINT, at_step=2, times=2,
-                                 apart=REPEAT_WINDOW_S + 0.3)
+    KeyboardInterrupt there; no checkpoint is written, step 1 stays logged, and the handler is put back. Under
+    torchrun a rank gets the second press as SIGTERM (torchrun's shutdown after its own second SIGINT): after a
+    Ctrl-C that is the second press, not a preemption (no marker, no exit 75)."""
+    engine = SignalSequenceDuringRollout(engine_for(tiny_cache), [signal.SIGINT, second], at_step=2,
+                                         apart=REPEAT_WINDOW_S + 0.3)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
@@ -114,6 +121,48 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_cache
     assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
     assert not (run_dir / "preempted.json").exists()
     assert logged_steps(run_dir) == [1]
+
+
+def test_a_resumed_run_stopped_in_its_first_step_keeps_its_checkpoint_as_it_was(tmp_path, tiny_cache):
+    """Resumed from step 1 and stopped by Ctrl-C in the rollout of step 2: the state is step 1's, the checkpoint it
+    resumed from; it is named, not written again over itself (a second Ctrl-C during that write would have had
+    nothing to fall back on)."""
+    train(config(tmp_path, tiny_cache, "run", "steps=1"), log=lambda *a: None, engine=engine_for(tiny_cache))
+    saved = tmp_path / "run" / "checkpoints" / "step_000001"
+    stamp = (saved.stat().st_ino, (saved / "checkpoint.json").stat().st_mtime_ns)
+    engine = SignalDuringRollout(engine_for(tiny_cache), signal.SIGINT, at_step=1)    # the resumed run's 1st step
+    with pytest.raises(Preempted) as stopped:
+        train(config(tmp_path, tiny_cache, "run", "resume=true"), log=lambda *a: None, engine=engine)
+    assert stopped.value.step == 1 and stopped.value.checkpoint == saved
+    assert (saved.stat().st_ino, (saved / "checkpoint.json").stat().st_mtime_ns) == stamp
+
+
+def test_a_ctrl_c_while_a_step_is_saved_again_puts_the_earlier_copy_back(tmp_path, tiny_cache, monkeypatch):
+    """A run resumed from its step 1 re-reaches step 2, which it had saved: the new copy replaces the old one by a
+    swap; a KeyboardInterrupt in the middle of the swap puts the old copy back (never no step_2)."""
+    from pathlib import Path as RealPath
+
+    from mgrpo.storage.checkpoint import verify_checkpoint
+    run_dir = tmp_path / "run"
+    train(config(tmp_path, tiny_cache, "run", "steps=2", "save_every=1"), log=lambda *a: None,
+          engine=engine_for(tiny_cache))
+    old = (run_dir / "checkpoints" / "step_000002" / "checkpoint.json").read_text()
+    real_rename = RealPath.rename
+
+    def rename(self, target):
+        if self.name == ".tmp_step_000002":
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(RealPath, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, tiny_cache, "run", "steps=2", "save_every=1",
+                     f"resume_from={run_dir / 'checkpoints' / 'step_000001'}"), log=lambda *a: None,
+              engine=engine_for(tiny_cache))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert (run_dir / "checkpoints" / "step_000002" / "checkpoint.json").read_text() == old
+    assert verify_checkpoint(run_dir / "checkpoints" / "step_000002") is None
 
 
 def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, straight, monkeypatch):
@@ -261,10 +310,10 @@ def test_torchrun_ranks_stop_together_and_resume(tmp_path, tiny_cache):
 
 
 def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(tmp_path, tiny_cache):
-    """A terminal's Ctrl-C under torchrun: SIGINT to the whole process group (torchrun and both ranks), and torchrun
-    passes it on to the ranks a second time at once (here the two deliveries reach Python as one; two that do not
-    are the SIGINT-delivered-twice case above). Both ranks finish or abandon the step and write one checkpoint; no
-    requeue marker; every finished step logged once."""
+    """A terminal's Ctrl-C under torchrun: SIGINT to the terminal's process group, which holds torchrun only (its
+    ranks run in sessions of their own); torchrun passes SIGINT on to both ranks, which finish or abandon the step
+    and write one checkpoint; no requeue marker; every finished step logged once. torchrun itself reports the signal
+    (exit 1), not the ranks' 130."""
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mgrpo", "train",
             f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}", "rollout.engine=hf", "progress=false",
@@ -277,8 +326,9 @@ def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(tmp_path, tiny_cache):
         seen.append(line)
         if line.startswith("step 1/"):
             break
-    os.killpg(proc.pid, signal.SIGINT)                   # what the terminal does: every process of the job
+    os.killpg(proc.pid, signal.SIGINT)                   # what the terminal does: its foreground process group
     out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "SignalException" in out, out[-3000:]
     assert "[stopped] Ctrl-C (SIGINT): checkpoint" in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert not (run_dir / "preempted.json").exists()
     steps = logged_steps(run_dir)

@@ -51,7 +51,8 @@ def run_and_exit(argv=None) -> NoReturn:
     try:
         code = main(argv)
     except KeyboardInterrupt as e:   # Ctrl-C outside training, or a second one in it: where it stopped, one line
-        frames = traceback.extract_tb(e.__traceback__)
+        frames = [f for f in traceback.extract_tb(e.__traceback__)      # not the handler that raised it
+                  if not f.filename.endswith(("preemption.py", "checkpoint.py"))]
         where = f" in {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
         print(f"\nmgrpo: interrupted (Ctrl-C){where}", file=sys.stderr)
         code = 130

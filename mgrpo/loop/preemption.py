@@ -19,8 +19,13 @@ Ctrl-C is the person at the terminal stopping a run that saves only at its end b
 handled the same way, so the steps done are kept, but it is not a preemption: no preempted.json (a batch script
 must not requeue what a person stopped) and exit code 130, the shell's for Ctrl-C. A second Ctrl-C stops at once,
 without a checkpoint (KeyboardInterrupt), for a step that takes too long to wait for; one that comes within
-REPEAT_WINDOW_S of the first is the same press delivered twice (torchrun passes the terminal's SIGINT on to its
-workers, which got it from the terminal already).
+REPEAT_WINDOW_S of the first is the same press delivered twice (a launcher in the same process group that passes
+the terminal's SIGINT on to a process that got it already).
+
+Under torchrun the ranks run in sessions of their own: the terminal's Ctrl-C reaches torchrun only, which passes
+SIGINT on to every rank and SIGKILLs them --shutdown-timeout seconds later (30 by default): time for a small
+model's step and checkpoint, not for a large one's. A second Ctrl-C makes torchrun send SIGTERM: after a Ctrl-C
+that is the second press, not a preemption.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..distributed import launched_by_torchrun
+
 PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: "try again later", distinct from a failure (1) and a kill (137)
 INTERRUPTED_EXIT_CODE = 130       # 128 + SIGINT: what a shell reports for a Ctrl-C
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)     # the cluster's: checkpoint, marker, exit 75
@@ -39,6 +46,12 @@ REPEAT_WINDOW_S = 1.0
 MARKER = "preempted.json"
 # What requested() reduces over ranks (max): a cluster's signal outranks a Ctrl-C (its job must be requeued).
 NOTHING, INTERRUPTED, PREEMPTED = 0.0, 1.0, 2.0
+
+
+STOPPING = (b"\n[stopping] Ctrl-C: the run stops after this step and writes a checkpoint (resume=true continues it); "
+            b"Ctrl-C again to stop at once without one\n")
+STOPPING_UNDER_TORCHRUN = STOPPING.rstrip() + (b" (torchrun kills the ranks --shutdown-timeout seconds after the "
+                                               b"first, 30 unless set)\n")
 
 
 class Preempted(Exception):
@@ -78,16 +91,15 @@ class PreemptionWatch:
         self._previous.clear()
 
     def _catch(self, signum, frame) -> None:
-        if signum == INTERRUPT:
-            now = time.monotonic()
+        if signum == INTERRUPT or (signum == signal.SIGTERM and self.interrupted_at is not None):
+            now = time.monotonic()               # SIGTERM after a Ctrl-C: torchrun passing on the second press
             if self.interrupted_at is not None:
                 if now - self.interrupted_at > REPEAT_WINDOW_S:
                     raise KeyboardInterrupt          # the second press: stop now, no checkpoint
                 return
             self.interrupted_at = now
             if self.dist.is_main:                    # os.write: a print here could re-enter a print it interrupted
-                os.write(2, b"\n[stopping] Ctrl-C: the run stops after this step and writes a checkpoint "
-                            b"(resume=true continues it); Ctrl-C again to stop at once without one\n")
+                os.write(2, STOPPING_UNDER_TORCHRUN if launched_by_torchrun() else STOPPING)
         if self.caught is None or (self.caught == INTERRUPT and signum != INTERRUPT):
             self.caught = signum
 
@@ -108,7 +120,7 @@ class PreemptionWatch:
 
     @property
     def signal_name(self) -> str:
-        if self.caught is None:
+        if self.caught is None or (self.caught == INTERRUPT and self.preempted):
             return "a signal on another rank"
         return "Ctrl-C (SIGINT)" if self.caught == INTERRUPT else signal.Signals(self.caught).name
 

@@ -279,12 +279,22 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     if dist.is_main:
         clear_marker(run_dir)
 
+    # Checkpoints of this run written or resumed from by this process: the state at that step. A stop at the start
+    # of a step whose state is one of them (a resumed run stopped in its first step, a stop signalled during a
+    # save_every write) names it instead of writing the same checkpoint again over it.
+    ours = resume_from is not None and Path(resume_from).resolve().parent == (run_dir / "checkpoints").resolve()
+    held = {start_step: Path(resume_from)} if ours else {}
+
     def checkpoint(steps_done: int, data_position: int, nonfinite: int, rng=None) -> Path:
+        if steps_done in held and held[steps_done].is_dir():
+            return held[steps_done]
         trainer = {"step": steps_done, "data_position": data_position, "nonfinite_in_a_row": nonfinite,
                    "before": before, "monitor": monitor.state(), "base_votes": base_votes}
-        return save_checkpoint(run_dir, steps_done, checkpoint_state(models, optimization, dist, algo.kl_reference, rng),
-                               {"base_model": parts.base_model, "trainer": trainer, "settings": resume_settings(cfg)},
-                               cfg.keep_checkpoints, dist, log=say)
+        held[steps_done] = save_checkpoint(run_dir, steps_done,
+                                           checkpoint_state(models, optimization, dist, algo.kl_reference, rng),
+                                           {"base_model": parts.base_model, "trainer": trainer,
+                                            "settings": resume_settings(cfg)}, cfg.keep_checkpoints, dist, log=say)
+        return held[steps_done]
 
     def stop_for(watch: PreemptionWatch, steps_done: int, saved: Path):
         if dist.is_main and watch.preempted:     # a Ctrl-C is no preemption: nothing for a batch script to requeue

@@ -61,26 +61,50 @@ def hub_unreachable() -> Optional[str]:
     return f"{constants.ENDPOINT} answered HTTP {response.status_code}" if response.status_code >= 500 else None
 
 
-def model_source(path: str, log=print) -> str:
+def missing_files(directory: Path, whole: bool = True) -> list:
+    """What a model directory lacks to load: config.json, and (whole) a tokenizer and its weight files, every
+    shard an index names. A cached snapshot holds only what was fetched from it (`mgrpo plan` reads config.json
+    alone)."""
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not whole:
+        return missing
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("a tokenizer (tokenizer.json)")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).is_file():
+            shards = sorted(set(json.loads((directory / index_name).read_text()).get("weight_map", {}).values()))
+            return missing + [name for name in shards if not (directory / name).is_file()]
+    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("the weights (model.safetensors)")
+    return missing
+
+
+def model_source(path: str, log=print, whole: bool = True, probe=hub_unreachable) -> str:
     """model.path as transformers and vLLM should open it. A local directory: itself. A hub name (Qwen/Qwen3-4B)
     where the hub answers: itself (they download it, or check that the cached copy is current). Where the hub
     cannot be reached (an offline node): the cached snapshot's directory, because transformers would first retry
     every file's request five times with back-off (2 min 23 s for a tiny model's config and tokenizer, measured
-    2026-12-07; then the weights, then vLLM again). Neither reachable nor cached: a TrainingError saying so."""
+    2026-12-07; then the weights, then vLLM again). Neither reachable nor cached (config.json, and with `whole`
+    the tokenizer and every weight file): a TrainingError saying so. `probe`: why the hub cannot be reached, or
+    None (under torchrun, rank 0's answer for every rank: build.py)."""
     check_model_path(path)
     if Path(path).expanduser().is_dir():
         return path
-    why = hub_unreachable()
+    why = probe()
     if why is None:
         return path
     from huggingface_hub import constants, snapshot_download
+    get = f"download it where the hub can be reached (`hf download {path}`), then copy the cache here or set " \
+          "model.path to the model's directory"
     try:
         cached = snapshot_download(path, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached (or not a valid name): one answer either way
         raise TrainingError(f"model.path={path}: the Hugging Face hub cannot be reached ({why}) and the model is not "
-                            f"in its cache ({constants.HF_HUB_CACHE}): download it where the hub can be reached "
-                            f"(`hf download {path}`), then copy the cache here or set model.path to the model's "
-                            "directory") from None
+                            f"in its cache ({constants.HF_HUB_CACHE}): {get}") from None
+    lacking = missing_files(Path(cached), whole)
+    if lacking:
+        raise TrainingError(f"model.path={path}: the Hugging Face hub cannot be reached ({why}) and its cached copy "
+                            f"{cached} lacks {', '.join(lacking)}: {get}")
     log(f"[model] the Hugging Face hub cannot be reached ({why}): {path} from its cache, {cached}")
     return cached
 

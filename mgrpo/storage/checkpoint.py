@@ -337,7 +337,12 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int
         return _write_checkpoint(run_dir, step, state, meta, keep, dist, log)
     except KeyboardInterrupt:
         if dist.is_main:
-            shutil.rmtree(Path(run_dir) / "checkpoints" / f".tmp_step_{step:06d}", ignore_errors=True)
+            root = Path(run_dir) / "checkpoints"
+            target, aside = root / f"step_{step:06d}", root / f".old_step_{step:06d}"
+            if aside.is_dir() and not target.exists():       # stopped mid-swap: the earlier copy goes back
+                aside.rename(target)
+            for partial in (root / f".tmp_step_{step:06d}", aside):
+                shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
@@ -393,9 +398,14 @@ def _write_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: i
             if is_out_of_space(e):
                 raise disk_full_error(root, f"checkpoint step_{step:06d}", needed) from None
             raise
-        if target.exists():   # the same step saved again (a resumed run re-reaching it)
-            shutil.rmtree(target)
-        tmp.rename(target)
+        if target.exists():   # the same step saved again (a resumed run re-reaching it): swapped, never absent
+            aside = root / f".old_step_{step:06d}"
+            shutil.rmtree(aside, ignore_errors=True)
+            target.rename(aside)
+            tmp.rename(target)
+            shutil.rmtree(aside)
+        else:
+            tmp.rename(target)
         if keep:
             for old in checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(old)
