@@ -235,17 +235,23 @@ def test_mgrpo_train_exits_130_on_ctrl_c_with_a_checkpoint(tmp_path, tiny_cache)
     assert steps and (run_dir / "checkpoints" / f"step_{steps[-1]:06d}" / "checkpoint.json").is_file()
 
 
-def test_an_interrupt_outside_training_is_one_line(monkeypatch, capsys):
-    """Ctrl-C where no checkpoint can be made (loading, evaluating): exit 130 and one line saying where, no
-    traceback."""
+@pytest.mark.parametrize("raised_by", ["the command", "the second press's handler"])
+def test_an_interrupt_is_one_line_naming_where_it_stopped(monkeypatch, capsys, raised_by):
+    """Ctrl-C where no checkpoint can be made (loading, evaluating), or a second press: exit 130 and one line
+    saying where it stopped (the command's own line, not the signal handler's), no traceback."""
     import mgrpo.commands as commands
+    from mgrpo.loop.preemption import PreemptionWatch
 
     class Interrupted:                      # `mgrpo plot`'s arguments, interrupted while it runs
         HELP, add_arguments = commands.plot.HELP, staticmethod(commands.plot.add_arguments)
 
         @staticmethod
         def run(args):
-            raise KeyboardInterrupt
+            if raised_by == "the command":
+                raise KeyboardInterrupt
+            watch = PreemptionWatch(dist=None)
+            watch.interrupted_at = time.monotonic() - 2 * REPEAT_WINDOW_S      # a first press, 2 windows ago
+            watch._catch(signal.SIGINT, None)
 
     monkeypatch.setitem(commands.COMMANDS, "plot", Interrupted)
     codes = []
@@ -253,7 +259,8 @@ def test_an_interrupt_outside_training_is_one_line(monkeypatch, capsys):
     commands.run_and_exit(["plot", "somewhere"])
     err = capsys.readouterr().err
     assert codes == [INTERRUPTED_EXIT_CODE]
-    assert "mgrpo: interrupted (Ctrl-C) in " in err and "(run)" in err and "Traceback" not in err, err
+    assert "mgrpo: interrupted (Ctrl-C) in " in err and "test_preemption.py" in err and "(run)" in err, err
+    assert "Traceback" not in err and "_catch" not in err, err
 
 
 def children(pid: int) -> list:

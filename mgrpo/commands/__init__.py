@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 from ..distributed import close_distributed, exit_process
@@ -26,6 +27,8 @@ from ..errors import MgrpoError
 from . import compare, evaluate, plan, plot, train
 
 COMMANDS = {"train": train, "eval": evaluate, "compare": compare, "plan": plan, "plot": plot}
+# Where a second Ctrl-C's KeyboardInterrupt is raised or re-raised: the line that says where it stopped skips them
+RAISED_IN = {("mgrpo", "loop", "preemption.py"), ("mgrpo", "storage", "checkpoint.py")}
 
 
 def main(argv=None) -> int:
@@ -52,7 +55,7 @@ def run_and_exit(argv=None) -> NoReturn:
         code = main(argv)
     except KeyboardInterrupt as e:   # Ctrl-C outside training, or a second one in it: where it stopped, one line
         frames = [f for f in traceback.extract_tb(e.__traceback__)      # not the handler that raised it
-                  if not f.filename.endswith(("preemption.py", "checkpoint.py"))]
+                  if Path(f.filename).parts[-3:] not in RAISED_IN]
         where = f" in {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
         print(f"\nmgrpo: interrupted (Ctrl-C){where}", file=sys.stderr)
         code = 130
