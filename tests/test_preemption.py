@@ -6,6 +6,7 @@ The signals are real (os.kill of this process, or of a torchrun worker in test_d
 point of a step: during the rollout (the step is abandoned) or during the update (the step is finished)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,3 +366,24 @@ def test_a_second_ctrl_c_during_the_checkpoint_leaves_no_partial_one(tmp_path, t
         train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert calls and not (checkpoints.exists() and list(checkpoints.iterdir())), list(checkpoints.iterdir())
+
+
+def test_a_resume_finishes_what_a_killed_save_left(tmp_path, tiny_cache):
+    """A save killed between its two renames (kill -9 mid-swap) leaves step_2 as .old_step_000002 and the new copy
+    as .tmp_step_000002: a resume puts step_2 back, removes the partial copy, and continues from step 2; an .old
+    copy beside its step is removed."""
+    run_dir = tmp_path / "run"
+    train(config(tmp_path, tiny_cache, "run", "steps=2", "save_every=1"), log=lambda *a: None,
+          engine=engine_for(tiny_cache))
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_000002").rename(checkpoints / ".old_step_000002")
+    (checkpoints / ".tmp_step_000002").mkdir()
+    (checkpoints / ".tmp_step_000002" / "__0_0.distcp").write_bytes(b"partial")
+    shutil.copytree(checkpoints / "step_000001", checkpoints / ".old_step_000001")       # beside its step
+    said = []
+    summary = train(config(tmp_path, tiny_cache, "run", "steps=3", "save_every=1", "resume=true"), log=said.append,
+                    engine=engine_for(tiny_cache))
+    assert any("step_000002 was being replaced" in line for line in said), said
+    assert any(line.startswith("[resume] from ") and "step_000002" in line for line in said), said
+    assert summary["steps_done"] == 3 and logged_steps(run_dir) == [1, 2, 3]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002", "step_000003"]

@@ -147,6 +147,25 @@ def choose_checkpoint(run_dir: Path, resume_from: Optional[str], log=print) -> P
                       "start a fresh run without resume=true")
 
 
+def finish_interrupted_saves(run_dir: Path, log=print) -> None:
+    """What a save killed before its end (kill -9, a node lost) left in run_dir/checkpoints: a step saved again
+    swaps its new copy in by two renames (save_checkpoint), and between them the earlier copy is .old_step_N; it
+    goes back to step_N where that is missing, else it is removed, as is every .tmp_step_N (a partial write). Run
+    by the process that holds the run's lock, before a resume chooses its checkpoint."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for aside in sorted(root.glob(".old_step_*")):
+        target = root / aside.name.removeprefix(".old_")
+        if not target.exists() and (aside / META_FILE).is_file():
+            aside.rename(target)
+            log(f"[resume] {target.name} was being replaced when its run stopped: the earlier copy put back")
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for partial in root.glob(".tmp_step_*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, dist: Optional[Dist] = None,
                     resume_from: Optional[str] = None, log=print) -> Optional[Path]:
     """Check the run directory before anything expensive; return the checkpoint to resume from (or None).
@@ -172,6 +191,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: 
                           "continuing from it would write over that run. Give a new run_dir (to branch off that "
                           "checkpoint), or resume the checkpoint's own run (its run_dir with resume=true).")
     if resume or resume_from:
+        finish_interrupted_saves(run_dir, log)
         return choose_checkpoint(run_dir, resume_from, log)
     if holds_a_run(run_dir) and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
