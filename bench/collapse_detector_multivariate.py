@@ -261,6 +261,28 @@ def select(tuning: list, feature_set: str, kind: str, grid: list, log) -> tuple:
 
 # ---------------------------------------------------------------------------------------------------- ceiling
 
+def ascend_over_active_set(w, healthy, active: set, lr: float, schedule, objective):
+    """Adam ascent of objective(u, h, tau, soft) over the unit rows u of w (100 steps per (tau, soft) of
+    `schedule`), h the healthy rows in `active`; then the healthy rows each direction ranks first join `active`
+    and the ascent restarts, until none is new (at most 6 rounds). Returns w."""
+    for _ in range(6):
+        h = healthy[sorted(active)]
+        opt = torch.optim.Adam([w], lr=lr)
+        for tau, soft in schedule:
+            for _ in range(100):
+                u = w / w.norm(dim=1, keepdim=True)
+                opt.zero_grad()
+                (-objective(u, h, tau, soft)).backward()
+                opt.step()
+        with torch.no_grad():
+            u = w / w.norm(dim=1, keepdim=True)
+            top = (healthy @ u.T).argmax(0).tolist()
+        if set(top) <= active:
+            break
+        active |= set(top)
+    return w
+
+
 def separable_runs(runs: list, feature_set: str, inits=None) -> tuple:
     """Per collapsed run: whether some direction w puts one of its pre-decline steps above every step of every
     healthy run (searched: smoothed margin, Adam from the axes, their negatives, random and given starts; over an
@@ -285,24 +307,11 @@ def separable_runs(runs: list, feature_set: str, inits=None) -> tuple:
         if len(pre) == 0:
             out[name] = (False, None)
             continue
-        active = set(base)
-        w = starts.clone().requires_grad_(True)
-        for _ in range(6):
-            h = healthy[sorted(active)]
-            opt = torch.optim.Adam([w], lr=0.05)
-            for tau in (0.3, 0.1, 0.03):
-                for _ in range(100):
-                    u = w / w.norm(dim=1, keepdim=True)
-                    margin = tau * torch.logsumexp(pre @ u.T / tau, 0) - tau * torch.logsumexp(h @ u.T / tau, 0)
-                    opt.zero_grad()
-                    (-margin.sum()).backward()
-                    opt.step()
-            with torch.no_grad():
-                u = w / w.norm(dim=1, keepdim=True)
-                top = (healthy @ u.T).argmax(0).tolist()
-            if set(top) <= active:
-                break
-            active |= set(top)
+        def smoothed_margin(u, h, tau, soft, pre=pre):   # pre-decline maximum over the healthy maximum
+            return (tau * torch.logsumexp(pre @ u.T / tau, 0) - tau * torch.logsumexp(h @ u.T / tau, 0)).sum()
+
+        w = ascend_over_active_set(starts.clone().requires_grad_(True), healthy, set(base), 0.05,
+                                   ((0.3, None), (0.1, None), (0.03, None)), smoothed_margin)
         with torch.no_grad():
             u = w / w.norm(dim=1, keepdim=True)
             exact = (pre @ u.T).max(0).values - (healthy @ u.T).max(0).values
@@ -319,25 +328,14 @@ def separable_runs(runs: list, feature_set: str, inits=None) -> tuple:
     for i in range(len(names)):
         seeds |= set(margins[i].topk(JOINT_TOPK).indices.tolist())
     seeds |= set((margins > 0).sum(0).topk(5).indices.tolist())
-    w = found[sorted(seeds)].clone().requires_grad_(True)
-    active = set(base) | set((healthy @ found.T).argmax(0).tolist())
-    for _ in range(6):
-        h = healthy[sorted(active)]
-        opt = torch.optim.Adam([w], lr=0.02)
-        for tau, soft in ((0.1, 0.1), (0.03, 0.03), (0.01, 0.01)):
-            for _ in range(100):
-                u = w / w.norm(dim=1, keepdim=True)
-                top = tau * torch.logsumexp(h @ u.T / tau, 0)
-                m = torch.stack([tau * torch.logsumexp(pres[nm] @ u.T / tau, 0) for nm in names]) - top
-                opt.zero_grad()
-                (-torch.sigmoid(m / soft).sum()).backward()
-                opt.step()
-        with torch.no_grad():
-            u = w / w.norm(dim=1, keepdim=True)
-            top = (healthy @ u.T).argmax(0).tolist()
-        if set(top) <= active:
-            break
-        active |= set(top)
+    def smoothed_count(u, h, tau, soft):                  # runs caught, each a sigmoid of its smoothed margin
+        top = tau * torch.logsumexp(h @ u.T / tau, 0)
+        m = torch.stack([tau * torch.logsumexp(pres[nm] @ u.T / tau, 0) for nm in names]) - top
+        return torch.sigmoid(m / soft).sum()
+
+    w = ascend_over_active_set(found[sorted(seeds)].clone().requires_grad_(True), healthy,
+                               set(base) | set((healthy @ found.T).argmax(0).tolist()), 0.02,
+                               ((0.1, 0.1), (0.03, 0.03), (0.01, 0.01)), smoothed_count)
     with torch.no_grad():
         u = torch.cat([found, w / w.norm(dim=1, keepdim=True)])
         limit = (healthy @ u.T).max(0).values

@@ -400,19 +400,10 @@ def test_a_run_stopped_by_ctrl_c_is_checkpointed_and_the_same_command_continues(
                                                                                  monkeypatch):
     """Ctrl-C during a run of a comparison: that run checkpoints, compare exits 130 naming the --out that continues
     it (not a traceback, nor the next run started); the same command then resumes it and logs every step once."""
-    import os
     import signal
 
-    import mgrpo.loop.trainer as trainer_module
-    real, calls = trainer_module.policy_gradients, []
-
-    def update_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "policy_gradients", update_then_ctrl_c)
+    from tests.signals import signal_during_update
+    signal_during_update(monkeypatch, signal.SIGINT)      # in step 2's update: step 2 finishes, then the stop
     out = tmp_path / "cmp"
     common = ["compare", "--preset", "short", "--methods", "srt,mgrpo", "--seeds", "1", "--out", str(out),
               f"warm_start.cache_dir={tiny_cache}", "rollout.engine=hf"]
@@ -422,7 +413,7 @@ def test_a_run_stopped_by_ctrl_c_is_checkpointed_and_the_same_command_continues(
     steps = [json.loads(line)["step"] for line in (out / "srt_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 2 and (out / "srt_seed0" / "checkpoints" / "step_000002").is_dir()
     assert not (out / "mgrpo_seed0").exists()                          # the next run did not start
-    monkeypatch.setattr(trainer_module, "policy_gradients", real)
+    monkeypatch.undo()
     assert main(common) == 0
     assert "srt seed 0 -> " in (printed := capsys.readouterr().out) and "(resuming)" in printed, printed
     steps = [json.loads(line)["step"] for line in (out / "srt_seed0" / "metrics.jsonl").read_text().splitlines()]

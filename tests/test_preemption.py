@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mgrpo.loop.trainer as trainer_module
 from mgrpo.loop.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, Preempted
 from mgrpo.loop.trainer import train
 from tests.scripted_engine import ScriptedEngine
+from tests.signals import signal_during_update
 from tests.test_train_e2e import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -167,21 +167,12 @@ def test_a_ctrl_c_while_a_step_is_saved_again_puts_the_earlier_copy_back(tmp_pat
 
 
 def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, straight, monkeypatch):
-    real = trainer_module.policy_gradients
-    calls = []
-
-    def update_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "policy_gradients", update_then_signal)
+    signal_during_update(monkeypatch, signal.SIGUSR1)
     with pytest.raises(Preempted) as stopped:
         train(config(tmp_path, tiny_cache, "run"), log=lambda *a: None, engine=engine_for(tiny_cache))
     assert stopped.value.step == 2                      # the step in flight was finished and checkpointed
     assert logged_steps(tmp_path / "run") == [1, 2]
-    monkeypatch.setattr(trainer_module, "policy_gradients", real)
+    monkeypatch.undo()
     resumed = train(config(tmp_path, tiny_cache, "run", "resume=true"), log=lambda *a: None,
                     engine=engine_for(tiny_cache))
     assert logged_steps(tmp_path / "run") == [1, 2, 3]
@@ -189,18 +180,25 @@ def test_a_signal_during_the_update_finishes_the_step(tmp_path, tiny_cache, stra
         assert torch.equal(w, straight[name]), name
 
 
-def test_mgrpo_train_exits_75_on_sigterm_and_resumes(tmp_path, tiny_cache):
-    """The command itself: SIGTERM from outside while it trains; exit status 75, then resume=true finishes."""
-    run_dir = tmp_path / "cli"
-    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}",
+def start_train_command(run_dir: Path, cache) -> tuple:
+    """`mgrpo train` (40 small steps on the HF engine) as a child process, returned with its arguments once it has
+    printed its first step line: it is training."""
+    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={cache}", f"run_dir={run_dir}",
             "steps=40", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
             "rollout.max_new_tokens=32", "data.num_eval=0"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = run_dir / "metrics.jsonl"
-    for line in proc.stdout:                              # a step line: it is training
+    for line in proc.stdout:
         if line.startswith("step "):
             break
+    return proc, args
+
+
+def test_mgrpo_train_exits_75_on_sigterm_and_resumes(tmp_path, tiny_cache):
+    """The command itself: SIGTERM from outside while it trains; exit status 75, then resume=true finishes."""
+    run_dir = tmp_path / "cli"
+    proc, args = start_train_command(run_dir, tiny_cache)
+    metrics = run_dir / "metrics.jsonl"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
@@ -219,14 +217,7 @@ def test_mgrpo_train_exits_130_on_ctrl_c_with_a_checkpoint(tmp_path, tiny_cache)
     """Ctrl-C (SIGINT) while the command trains: it says it stops, finishes or abandons the step, writes a
     checkpoint, and exits 130 without a traceback and without the requeue marker."""
     run_dir = tmp_path / "cli"
-    args = [sys.executable, "-m", "mgrpo", "train", f"warm_start.cache_dir={tiny_cache}", f"run_dir={run_dir}",
-            "steps=40", "rollout.engine=hf", "progress=false", "algorithm.prompts_per_step=2", "algorithm.group_size=4",
-            "rollout.max_new_tokens=32", "data.num_eval=0"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("step "):
-            break
+    proc, _ = start_train_command(run_dir, tiny_cache)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == INTERRUPTED_EXIT_CODE, err[-3000:]
