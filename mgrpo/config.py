@@ -63,7 +63,7 @@ class ModelConfig:
     """Wrap prompts with the tokenizer's chat template (system instruction + problem as user message).
     False: plain text prompt "<problem> <instruction>\\n", the format of the paper's base-model runs."""
     liger: str = "auto"
-    """Liger-Kernel's RMSNorm, RoPE and SwiGLU Triton kernels in the trained models (mgrpo/liger.py): auto (on a
+    """Liger-Kernel's RMSNorm, RoPE and SwiGLU Triton kernels in the trained models (mgrpo/models/liger.py): auto (on a
     GPU when liger-kernel is installed), true, or false. The log-prob/entropy head is ours either way."""
     precision: str = "auto"
     """Numerics of training: bf16 (the GPU's mixed precision: fp32 master weights, bf16 forwards and head
@@ -289,13 +289,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     name: str = "adamw"
-    """The optimizer (mgrpo/optimizers.py): adamw (torch's; fp32 moments, 8 bytes per parameter), adamw8bit or
+    """The optimizer (mgrpo/models/optimizers.py): adamw (torch's; fp32 moments, 8 bytes per parameter), adamw8bit or
     paged_adamw8bit (bitsandbytes' 8-bit AdamW: ~2 bytes per parameter, what fits Qwen3-4B on one GPU).
     Master weights stay fp32 either way; the int8 momentum model works with all three."""
     micro_batch_tokens: int = 4096
     """Token budget (prompt + response, padding included) of one forward/backward micro-batch."""
     layout: str = "auto"
-    """How sequences become forward passes (mgrpo/batching.py): padded (a row per sequence), packed (no
+    """How sequences become forward passes (mgrpo/models/batching.py): padded (a row per sequence), packed (no
     padding: sequences concatenated, flash-attention's varlen kernels on GPUs), grouped (a row per prompt: the
     prompt once, then its responses, which share its forward and backward), or auto (grouped where every
     group fits a micro-batch row and it saves a fifth of the tokens, packed with flash_attention_2, else

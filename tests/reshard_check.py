@@ -22,7 +22,7 @@ def shard_start(p) -> int:
 
 def moments(optimizer, i: int, p) -> dict:
     """Parameter i's optimizer moments as fp32 values of its local shard."""
-    if hasattr(optimizer, "locals"):                         # bitsandbytes on local shards (mgrpo/optimizers.py)
+    if hasattr(optimizer, "locals"):                         # bitsandbytes on local shards (mgrpo/models/optimizers.py)
         state = optimizer.state[optimizer.locals[i]]
         out = {}
         for k in ("1", "2"):

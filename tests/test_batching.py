@@ -1,4 +1,4 @@
-"""Layouts of micro-batches (mgrpo/batching.py): padded, packed and grouped rows give the same log-probs,
+"""Layouts of micro-batches (mgrpo/models/batching.py): padded, packed and grouped rows give the same log-probs,
 entropies and gradients; each target is computed once, from the right hidden state; auto picks sensibly."""
 import random
 

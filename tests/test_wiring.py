@@ -1,6 +1,6 @@
 """How the loop wires the algorithm's parts together, checked on one process with the tiny model (2 ranks: the
 "wiring" scenario in tests/test_distributed.py). Each test names the mistake it exists to catch; each was
-planted once in mgrpo/trainer.py and seen to fail (README, "Development: a test must be able to fail").
+planted once in mgrpo/loop/trainer.py and seen to fail (README, "A new test must be seen failing").
 
     the momentum samples come from the policy (the momentum push skipped)   -> test_each_sampler_draws_from_its_own_weights
     the momentum samples reuse the policy's sampling seed                   -> test_each_sampler_draws_from_its_own_weights

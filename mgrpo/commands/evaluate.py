@@ -14,7 +14,8 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="a Hugging Face model directory, or a run directory (its final model)")
+    parser.add_argument("model", help="a Hugging Face model directory, a hub name (Qwen/Qwen3-4B; read from the "
+                        "cache where the hub cannot be reached), or a run directory (its final model)")
     parser.add_argument("--data", action="append", metavar="[PRESET=]SOURCE",
                         help=f"a benchmark (repeatable): PRESET=FILE, PRESET, or FILE; presets: {', '.join(PRESETS)}")
     parser.add_argument("--all-checkpoints", action="store_true",

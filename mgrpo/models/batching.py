@@ -82,7 +82,7 @@ class MicroBatch:
     seq_index: torch.Tensor          # [N] b of each target in the [B, L] arrays
     seq_pos: torch.Tensor            # [N] its position l there
     grouped: Optional[GroupedRows] = None
-    """Grouped rows for the blockwise attention (mgrpo/grouped_attention.py), which then replaces the mask."""
+    """Grouped rows for the blockwise attention (mgrpo/models/grouped_attention.py), which then replaces the mask."""
 
     def to(self, device) -> "MicroBatch":
         return MicroBatch(*(None if t is None else t.to(device) for t in (
@@ -130,7 +130,7 @@ def micro_batches(seqs: Sequences, layout: str, token_budget: int, pad_id: int,
                   mask_for_flash: bool = False, blockwise: bool = False) -> list:
     """The micro-batches of `seqs` in a resolved layout, each within `token_budget` tokens (a row longer than
     the budget gets a micro-batch of its own). blockwise: grouped rows carry their blocks for
-    mgrpo/grouped_attention.py instead of a dense [T, T] mask (the model must use that attention)."""
+    mgrpo/models/grouped_attention.py instead of a dense [T, T] mask (the model must use that attention)."""
     if layout == "padded":
         return [_padded(seqs, rows, pad_id) for rows in _consecutive(seqs._lengths(), token_budget)]
     if layout == "packed":

@@ -1,4 +1,4 @@
-"""Attention over grouped rows (mgrpo/batching.py's grouped layout), block by block.
+"""Attention over grouped rows (mgrpo/models/batching.py's grouped layout), block by block.
 
 A grouped row holds one prompt and then its G responses. Every response attends to the prompt and to itself
 (causally), nothing else: so instead of one attention over the whole row (T^2 scores, almost all masked), the

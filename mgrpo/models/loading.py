@@ -124,7 +124,7 @@ def load_tokenizer_and_config(path: str):
 
 def training_attention(cfg: TrainConfig) -> str:
     """The attention the trained models (policy, reference) run: sdpa becomes mgrpo_grouped, which is sdpa for
-    padded and packed micro-batches and computes grouped rows block by block (mgrpo/grouped_attention.py)."""
+    padded and packed micro-batches and computes grouped rows block by block (mgrpo/models/grouped_attention.py)."""
     if cfg.model.attn_implementation == "sdpa":
         return grouped_attention.register()
     return cfg.model.attn_implementation

@@ -1,7 +1,7 @@
 """A run directory: one writer at a time, never overwritten by accident, and the disk it needs.
 
     config.yaml        the resolved config                      metrics.jsonl   one line per step
-    checkpoints/       resumable checkpoints (mgrpo/checkpoint.py), rotated by keep_checkpoints
+    checkpoints/       resumable checkpoints (mgrpo/storage/checkpoint.py), rotated by keep_checkpoints
     snapshots/         policy-only Hugging Face exports, kept   final/          the trained policy
     rollouts/          the sampled responses (rollouts_every)   .lock           who writes here now
 
