@@ -130,8 +130,8 @@ class CollapseMonitor:
 
     _ACT = "Watch eval/*; consider a lower optim.lr, M-GRPO instead of SRT, or a checkpoint from before this step."
     MEANING = {
-        "kl": "the policy has moved far from its initial model: validate, this is no forecast (README, "
-              "\"Collapse\"). " + _ACT,
+        "kl": "the policy has moved far from its initial model: validate, this is no forecast "
+              "(README, \"Collapse\"). " + _ACT,
         "collapse/momentum_agreement": "a sign of collapse. " + _ACT,
         "collapse/family_length_ratio": "training is teaching one family of problems much shorter answers (on "
               "the collapse task: a confident error being learned). " + _ACT,

@@ -13,7 +13,7 @@ gradients at every step (after the trainer's clipping). Its state is per rank, c
 
 A hook after each parameter's update (`after_update(index, before, after)`) lets the int8 momentum model,
 which needs the optimizer's step dq = after - before, run its delta EMA with an optimizer that is not our
-fused one (mgrpo/momentum_int8.py): one parameter is copied at a time, never the whole model.
+fused one (mgrpo/models/momentum_int8.py): one parameter is copied at a time, never the whole model.
 """
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""The README and the code's docstrings point at what exists: the files they name, the README sections the code
+cites, and the config keys they tell a user to type. Each of these had drifted once (modules moved under
+mgrpo/models/, a section renamed, `kl_reference=initial` for `algorithm.kl_reference=initial`)."""
+import re
+from pathlib import Path
+
+from mgrpo.config import TrainConfig, config_to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SOURCES = sorted([*ROOT.glob("mgrpo/**/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("bench/*.sh"),
+                  *ROOT.glob("tests/*.py"), ROOT / "setup.py", README])
+PATH = re.compile(r"(?<![\w/.-])((?:mgrpo|bench|tests|kernels|configs|examples)/[\w/.-]*\w\.(?:py|sh|md|csv|json|jsonl|"
+                  r"gz|png|yaml|txt))")
+# Files a benchmark appends its rows to when it is run; the repository holds none yet.
+WRITTEN_WHEN_RUN = {"bench/results/grouped_attention.csv", "bench/results/train_step.csv"}
+ELSEWHERE = {"examples/offline_inference/torchrun_dp_example.py"}     # in vLLM's repository
+
+
+def named_paths(text: str) -> set:
+    return set(PATH.findall(text))
+
+
+def test_every_file_the_docs_name_exists():
+    missing, named = {}, set()
+    for source in SOURCES:
+        if source.name == "test_docs.py":
+            continue
+        named |= named_paths(source.read_text(encoding="utf-8"))
+        for path in named_paths(source.read_text(encoding="utf-8")) - WRITTEN_WHEN_RUN - ELSEWHERE:
+            if not (ROOT / path).exists() and not Path(path).name.startswith("no_such"):   # a test's bad input
+                missing.setdefault(path, []).append(str(source.relative_to(ROOT)))
+    assert len(named) > 50, f"the scan found only {len(named)} paths"
+    assert not missing, f"named but not in the repository (path: where it is named): {missing}"
+
+
+def test_files_written_when_run_are_written_by_their_benchmarks():
+    """The exceptions above are outputs, named by the script that writes them."""
+    for path in WRITTEN_WHEN_RUN:
+        script = ROOT / "bench" / f"bench_{Path(path).stem}.py"
+        assert path in script.read_text(), f"{path} is not written by {script.name}"
+
+
+def readme_sections() -> list:
+    """Headings and bold paragraph leads ('**The documented setting**'), which the README's prose cites too."""
+    text = README.read_text(encoding="utf-8")
+    headings = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+    return headings + re.findall(r"\*\*([^*\n]+)\*\*", text)
+
+
+def test_every_readme_section_the_code_cites_exists():
+    sections = readme_sections()
+    dangling, cited = {}, 0
+    for source in SOURCES:
+        if source.name == "test_docs.py":
+            continue
+        for title in re.findall(r'README, \\?"([^"\\]+)\\?"', source.read_text(encoding="utf-8")):
+            title, cited = " ".join(title.split()), cited + 1     # a docstring's line break inside the title
+            if not any(title in section for section in sections):
+                dangling.setdefault(title, []).append(str(source.relative_to(ROOT)))
+    assert cited > 10, f"the scan found only {cited} citations"
+    assert not dangling, f"README sections cited but not in README.md (title: cited in): {dangling}"
+
+
+def readme_key_settings(text: str) -> list:
+    """The `key=value` settings of the README's inline code and code blocks, keyword arguments of a call
+    (`fully_shard(mesh=...)`) left out."""
+    spans = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "",
+                                                                                                  text, flags=re.S))
+    return [m.group(1) for span in spans for m in re.finditer(r"(?<![\w./(-])(?<!, )([a-z_]+(?:\.\w+)*)=", span)]
+
+
+def test_every_config_key_the_readme_names_exists():
+    tree = config_to_dict(TrainConfig())
+    top = {key for key, value in tree.items() if not isinstance(value, dict)}
+    sections = {key: value for key, value in tree.items() if isinstance(value, dict)}
+    unknown, unqualified = set(), set()
+    for key in readme_key_settings(README.read_text(encoding="utf-8")):
+        first, *rest = key.split(".")
+        if first in sections:
+            node = tree
+            for part in key.split("."):
+                if not (isinstance(node, dict) and part in node):
+                    unknown.add(key)
+                    break
+                node = node[part]
+        elif not rest and first not in top:
+            owners = [name for name, fields in sections.items() if first in fields]
+            if owners:                       # a section's field written without its section: load_config refuses it
+                unqualified.add(f"{first} (write {' or '.join(f'{o}.{first}' for o in owners)})")
+    assert not unknown, f"README names config keys that do not exist: {sorted(unknown)}"
+    assert not unqualified, f"README names section fields without their section: {sorted(unqualified)}"
+
+
+def test_the_key_scan_sees_what_a_user_types():
+    """The scan itself: a command line's settings are found, a call's keyword arguments are not."""
+    found = readme_key_settings("run `mgrpo train algorithm.kl_reference=initial steps=3 kl_reference=x` and\n"
+                                "```bash\nmgrpo compare optim.lr=1e-4 --out d\n```\n`fully_shard(m, mesh=x)`")
+    assert found == ["optim.lr", "algorithm.kl_reference", "steps", "kl_reference"]
