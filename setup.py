@@ -34,7 +34,8 @@ setup(
         "liger-kernel>=0.8",        # Triton RMSNorm/RoPE/SwiGLU for the trained model (model.liger)
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pyarrow"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pyarrow",
+                 "datasets"],   # a `datasets` name read from the cache offline (tests/test_hub.py)
         "bench": ["trl==1.16.0"],   # the peer trainer bench/bench_trl.py compares against
         "data": ["datasets", "pyarrow"],
     },

@@ -32,11 +32,11 @@ from .distributed import Dist, compute_dtype, tensor_bytes
 from .engines.base import EngineError, RolloutEngine
 from .engines.hf import HFGenerateEngine
 from .errors import TrainingError
+from .hub import hub_unreachable
 from .metrics import peak_memory_gib, process_memory_gib, reset_peak_memory
 from .models.liger import LigerError, use_liger
 from .models.loading import (
     build_reference,
-    hub_unreachable,
     load_policy,
     load_tokenizer_and_config,
     model_source,

@@ -10,11 +10,14 @@ import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
 
 from mgrpo.commands import main
+from mgrpo.config import DataConfig
+from mgrpo.data.problems import load_problems
 from mgrpo.data.tiny import SHIPPED_BASE
 from mgrpo.errors import TrainingError
 from mgrpo.models.loading import model_source
@@ -168,3 +171,61 @@ def test_every_shard_an_index_names_must_be_cached(tmp_path):
     (model / "tokenizer_config.json").unlink()
     assert missing_files(model, whole=False) == []
     assert missing_files(model)[0] == "a tokenizer (tokenizer.json)"
+
+
+# data.source (and `mgrpo eval --data`) as a `datasets` name: the same, for the datasets cache
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """A datasets cache holding acme/problems as datasets keeps a hub dataset it has loaded
+    (<cache>/acme___problems/default/0.0.0/<revision>/: the arrow file and dataset_info.json, written here by
+    datasets' own json builder), made the process's cache, with datasets' endpoint the closed port too."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"problem": "Compute 1 + 2.", "answer": "3"}\n{"problem": "Compute 4 + 1.", "answer": "5"}\n')
+    built = Json(data_files={"train": str(rows)}, dataset_name="problems", config_name="default",
+                 cache_dir=str(tmp_path / "build"))
+    built.download_and_prepare()
+    cache = tmp_path / "datasets"
+    revision = cache / "acme___problems" / "default" / "0.0.0" / SNAPSHOT
+    revision.mkdir(parents=True)
+    for path in Path(built.cache_dir).iterdir():
+        if path.suffix in (".arrow", ".json"):
+            shutil.copy(path, revision)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", CLOSED)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def test_a_cached_hub_dataset_is_read_offline_without_waiting(unreachable, datasets_cache, capsys):
+    import datasets
+    start = time.monotonic()
+    problems = load_problems("acme/problems", DataConfig(source="acme/problems"))
+    assert time.monotonic() - start < 10                 # datasets' own retries: 24 s
+    assert [(p.problem, p.answer) for p in problems] == [("Compute 1 + 2.", "3"), ("Compute 4 + 1.", "5")]
+    assert "[data] the Hugging Face hub cannot be reached" in capsys.readouterr().out
+    assert datasets.config.HF_HUB_OFFLINE is False       # datasets' offline mode only for that read
+
+
+def test_a_dataset_neither_reachable_nor_cached_is_an_error_within_seconds(unreachable, datasets_cache, tmp_path,
+                                                                         capsys):
+    start = time.monotonic()
+    assert main(["train", f"model.path={SHIPPED_BASE}", "data.source=acme/missing", f"run_dir={tmp_path / 'run'}",
+                 "rollout.engine=hf", "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mgrpo train: error: dataset 'acme/missing': the Hugging Face hub cannot be reached")
+    assert "not in the datasets cache" in err and "Traceback" not in err
+    assert time.monotonic() - start < 20 and not (tmp_path / "run").exists()
+
+
+def test_eval_reads_a_cached_hub_dataset_offline(hub_cache, unreachable, datasets_cache, tmp_path, capsys):
+    """`mgrpo eval acme/tiny --data acme/problems` with the hub unreachable: model and data from their caches."""
+    start = time.monotonic()
+    assert main(["eval", "acme/tiny", "--data", "acme/problems", "--engine", "hf", "--k", "2", "--n", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert time.monotonic() - start < 30
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert "dataset acme/problems from the datasets cache" in capsys.readouterr().out

@@ -6,6 +6,7 @@ monitoring only: it never enters the reward.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional
 from ..answers import extract_boxed_answer
 from ..config import BUILTIN_TASKS, DataConfig, looks_like_a_path
 from ..errors import DataError
+from ..hub import hub_unreachable
 from .tiny import held_out_dataset, training_problem
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
@@ -70,15 +72,38 @@ def _read_rows(source: str, split: str) -> list:
         raise DataError(f"dataset {source}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if looks_like_a_path(source):   # not a `datasets` name (namespace/name): a file that is not there
         raise DataError(f"dataset file {source} does not exist (a local dataset is a .jsonl, .json or .parquet file)")
+    return _read_hub_dataset(source, split)
+
+
+def _read_hub_dataset(source: str, split: str) -> list:
+    """The rows of a `datasets` name: from the hub, or, where the hub cannot be reached, from the datasets cache at
+    once (datasets would retry every request with back-off first: 24 s a dataset, measured 2026-12-08)."""
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"dataset {source!r}: no such file (a local dataset is a .jsonl, .json or .parquet file); "
                         "to read it as a `datasets` name, install `datasets` (pip install datasets)") from e
+    unreachable = hub_unreachable()
+    if unreachable is None:
+        try:
+            return list(datasets.load_dataset(source, split=split))
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+            raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+    if os.environ.get("RANK", "0") == "0":      # one line under torchrun, not one per rank
+        print(f"[data] the Hugging Face hub cannot be reached ({unreachable}): dataset {source} from the datasets "
+              f"cache, {datasets.config.HF_DATASETS_CACHE}", flush=True)
+    offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     try:
         return list(datasets.load_dataset(source, split=split))
+    except ConnectionError:                     # datasets' answer for a name it has not cached
+        raise DataError(f"dataset {source!r}: the Hugging Face hub cannot be reached ({unreachable}) and the dataset "
+                        f"is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}): load it once where the "
+                        f"hub is reachable (python -c \"import datasets; datasets.load_dataset('{source}')\"), or "
+                        "give a local .jsonl, .json or .parquet file") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+        raise DataError(f"could not load dataset {source!r} (split {split!r}) from the datasets cache: {e}") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def load_problems(source: str, cfg: DataConfig) -> list:

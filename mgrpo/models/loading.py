@@ -27,6 +27,7 @@ import torch
 from ..config import TrainConfig, looks_like_a_path
 from ..distributed import Dist, is_dtensor, local_tensor, shard_model
 from ..errors import TrainingError
+from ..hub import hub_unreachable
 from . import grouped_attention
 from .liger import LigerError, apply_liger, use_liger
 from .logprobs import TokenScorer
@@ -40,25 +41,6 @@ def check_model_path(path: str) -> None:
     if looks_like_a_path(path) and not Path(path).expanduser().is_dir():
         raise TrainingError(f"model.path={path}: no such directory: give a Hugging Face model directory (or a hub "
                             "name such as Qwen/Qwen3-4B)")
-
-
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
-def hub_unreachable() -> Optional[str]:
-    """Why the Hugging Face hub (HF_ENDPOINT, huggingface.co by default) cannot be reached from here, or None: one
-    HEAD request without retries, through huggingface_hub's own session (its proxy settings). HF_HUB_OFFLINE=1
-    counts as unreachable; so does a server error (transformers would retry it as it retries a refused
-    connection)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        response = get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as e:  # noqa: BLE001 - any transport failure (name, connection, timeout, proxy) is the answer
-        return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
-    return f"{constants.ENDPOINT} answered HTTP {response.status_code}" if response.status_code >= 500 else None
 
 
 def missing_files(directory: Path, whole: bool = True) -> list:
