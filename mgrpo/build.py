@@ -32,7 +32,7 @@ from .distributed import Dist, compute_dtype, tensor_bytes
 from .engines.base import EngineError, RolloutEngine
 from .engines.hf import HFGenerateEngine
 from .errors import TrainingError
-from .hub import hub_unreachable
+from .hub import hub_unreachable, may_name_the_hub, settle
 from .metrics import peak_memory_gib, process_memory_gib, reset_peak_memory
 from .models.liger import LigerError, use_liger
 from .models.loading import (
@@ -99,8 +99,7 @@ def resolve_model_path(cfg: TrainConfig, dist: Dist, log=print) -> str:
     """model.path, or the embedded default's base model: the shipped one, or a warm start (trained by rank 0;
     the others wait for it)."""
     if cfg.model.path is not None:
-        return model_source(cfg.model.path, log if dist.is_main else (lambda *a: None),   # rank 0 asks the hub
-                            probe=lambda: dist.all_gather_object(hub_unreachable() if dist.is_main else None)[0])
+        return model_source(cfg.model.path, log if dist.is_main else (lambda *a: None))    # the hub: settled
     try:
         if dist.is_main:
             base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=log)
@@ -252,6 +251,9 @@ def setup(cfg: TrainConfig, dist: Dist, log=print, engine: Optional[RolloutEngin
     if dtype != torch.float32 and not dist.fsdp:
         raise TrainingError(f"model.precision={cfg.model.precision} computes in {dtype} through FSDP2's mixed "
                             "precision: start the run with init_distributed(..., precision=cfg.model.precision)")
+    if dist.world_size > 1 and any(may_name_the_hub(source) for source in
+                                   (cfg.model.path, cfg.data.source, cfg.data.eval_source)):
+        settle(dist.all_gather_object(hub_unreachable() if dist.is_main else None)[0])   # rank 0 asks, for all
     stream = PromptStream(cfg.data, cfg.seed)             # 1. reads and validates the data before any model work
     held_out = eval_problems(cfg.data)
     if random_weights is None:                            # 2.

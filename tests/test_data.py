@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -164,10 +165,8 @@ def test_a_source_that_is_no_file_says_so_before_any_dataset_library(source, mes
         load_problems(source, DataConfig())
 
 
-def test_a_missing_file_without_datasets_installed_says_no_such_file():
+def test_a_missing_file_without_datasets_installed_says_no_such_file(monkeypatch):
     """data/typo_no_ext could be a hub name (namespace/name): without `datasets` it can only be a file."""
-    import importlib.util
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed: the name goes to the hub")
+    monkeypatch.setitem(sys.modules, "datasets", None)      # `import datasets` raises ImportError, as uninstalled
     with pytest.raises(DataError, match=r"dataset 'data/typo_no_ext': no such file \(a local dataset is a .jsonl"):
         load_problems("data/typo_no_ext", DataConfig())

@@ -11,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from huggingface_hub import constants
@@ -20,6 +21,7 @@ from mgrpo.config import DataConfig
 from mgrpo.data.problems import load_problems
 from mgrpo.data.tiny import SHIPPED_BASE
 from mgrpo.errors import TrainingError
+from mgrpo.hub import hub_unreachable, may_name_the_hub, settle
 from mgrpo.models.loading import model_source
 
 CLOSED = "http://127.0.0.1:9"          # the discard port: nothing listens, the connection is refused at once
@@ -44,10 +46,12 @@ def unreachable(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-def serving(status: int):
-    """A local 'hub' answering every HEAD with `status`; returns (server, its URL)."""
+def serving(status: int, heads: Optional[list] = None):
+    """A local 'hub' answering every HEAD with `status` (each one noted in `heads`); returns (server, its URL)."""
     class Answer(BaseHTTPRequestHandler):
         def do_HEAD(self):
+            if heads is not None:
+                heads.append(self.path)
             self.send_response(status)
             self.end_headers()
 
@@ -218,7 +222,32 @@ def test_a_dataset_neither_reachable_nor_cached_is_an_error_within_seconds(unrea
     err = capsys.readouterr().err
     assert err.startswith("mgrpo train: error: dataset 'acme/missing': the Hugging Face hub cannot be reached")
     assert "not in the datasets cache" in err and "Traceback" not in err
-    assert time.monotonic() - start < 20 and not (tmp_path / "run").exists()
+    assert time.monotonic() - start < 10 and not (tmp_path / "run").exists()     # datasets' own retries: 24 s
+
+
+def test_the_hub_is_asked_once_per_endpoint_and_a_settled_answer_is_kept(monkeypatch):
+    """One HEAD per process and endpoint (a run reads its model and datasets, eval several, compare many runs);
+    `settle` (rank 0's answer under torchrun) replaces this process's own."""
+    heads = []
+    server, url = serving(200, heads)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        assert hub_unreachable() is None and hub_unreachable() is None and len(heads) == 1
+        settle("rank 0 could not reach it")
+        assert hub_unreachable() == "rank 0 could not reach it" and len(heads) == 1
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)          # another setting: asked anew
+        assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+    finally:
+        server.shutdown()
+
+
+def test_whether_a_setting_may_name_the_hub_is_read_from_its_text():
+    """From the text alone: every rank must agree, whatever its node's disk holds (the rank-0 answer is shared by
+    a collective only where this says so)."""
+    assert may_name_the_hub("Qwen/Qwen3-4B") and may_name_the_hub("gsm8k") and may_name_the_hub("runs/x")
+    assert not any(may_name_the_hub(s) for s in (None, "builtin:arithmetic", "/models/q", "./d.jsonl", "~/m",
+                                                 "data/math/train.jsonl"))
 
 
 def test_eval_reads_a_cached_hub_dataset_offline(hub_cache, unreachable, datasets_cache, tmp_path, capsys):

@@ -89,12 +89,13 @@ def _read_hub_dataset(source: str, split: str) -> list:
             return list(datasets.load_dataset(source, split=split))
         except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
             raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
-    if os.environ.get("RANK", "0") == "0":      # one line under torchrun, not one per rank
-        print(f"[data] the Hugging Face hub cannot be reached ({unreachable}): dataset {source} from the datasets "
-              f"cache, {datasets.config.HF_DATASETS_CACHE}", flush=True)
     offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     try:
-        return list(datasets.load_dataset(source, split=split))
+        rows = list(datasets.load_dataset(source, split=split))
+        if os.environ.get("RANK", "0") == "0":      # one line under torchrun (whose ranks settled on one answer)
+            print(f"[data] the Hugging Face hub cannot be reached ({unreachable}): dataset {source} from the "
+                  f"datasets cache, {datasets.config.HF_DATASETS_CACHE}", flush=True)
+        return rows
     except ConnectionError:                     # datasets' answer for a name it has not cached
         raise DataError(f"dataset {source!r}: the Hugging Face hub cannot be reached ({unreachable}) and the dataset "
                         f"is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}): load it once where the "

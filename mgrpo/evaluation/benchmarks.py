@@ -32,6 +32,7 @@ from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems, is_builtin
 from ..data.prompts import check_prompt_ids, encode_prompt
 from ..distributed import compute_dtype, init_distributed
 from ..errors import DataError, TrainingError
+from ..hub import hub_unreachable, may_name_the_hub, settle
 from ..metrics import write_csv
 from ..models.loading import model_source
 from ..storage.checkpoint import META_FILE, checkpoint_dirs, load_policy_weights, step_of
@@ -426,6 +427,9 @@ def run_evaluation(args: "EvalRequest") -> int:
         raise EvalError(f"--limit {args.limit}: must be >= 0 (0: every problem)")
     dist = init_distributed("auto")
     say = print if dist.is_main else (lambda *a, **k: None)
+    if dist.world_size > 1 and any(may_name_the_hub(source) for source in
+                                   [args.model, *(parse_data(spec)[1] for spec in args.data or [])]):
+        settle(dist.all_gather_object(hub_unreachable() if dist.is_main else None)[0])   # rank 0 asks, for all
     model_path, run_dir, run_cfg = resolve_model(args.model)
     if args.all_checkpoints and run_dir is None:
         raise EvalError("--all-checkpoints needs a run directory (written by mgrpo train), not a model directory")
