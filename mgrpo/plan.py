@@ -356,7 +356,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
     host = (2 * total if rollout.sleep_level == 1 else 0) + 4 * GIB
     plan = Plan(label, gpus, gpu_memory_gib * GIB, parts, kv_tokens, max_model_len, max_util, host, replicas=replicas)
     plan.disk_per_checkpoint = checkpoint_bytes(cfg, [math.prod(s) for _, s in shapes], bf16)
-    stored = "float32" if cfg.model.path is None else str(getattr(config, "torch_dtype", None) or "bfloat16")
+    stored = "float32" if cfg.model.path is None else str(getattr(config, "dtype", None) or "bfloat16")
     plan.disk_final = (4 if "float32" in stored else 2) * total          # exported in the base model's dtype
     return plan
 
