@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -539,8 +540,10 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
     if (out / "compare.json").is_file():      # continuing: the finished runs must be of these settings
         before = read_settings(out / "compare.json")
         if {k: before.get(k) for k in ("preset", "overrides")} != {k: settings[k] for k in ("preset", "overrides")}:
+            made_with = " ".join([f"--preset {before.get('preset')}", *map(shlex.quote, before.get("overrides") or [])])
             raise CompareError(f"{out} holds a comparison with preset {before.get('preset')} and overrides "
-                               f"{before.get('overrides')}: continue it with those, or give a new --out")
+                               f"{before.get('overrides')}: continue it with those (mgrpo compare {made_with} "
+                               f"--out {out} ...), or give a new --out")
     if report_only:          # train nothing: the tables and plot of the runs finished so far
         done = {(m, s) for m in methods for s in seeds
                 if finished(load_config(None, run_overrides(preset, m, s, out, overrides)))}

@@ -199,7 +199,8 @@ def test_short_comparison_writes_csv_and_png(tiny_cache, tmp_path, capsys):
 
     # Other overrides on the same --out would mix two experiments in one table: refused.
     assert main(["compare", *common, "optim.lr=1e-3"]) == 1
-    assert "holds a comparison" in capsys.readouterr().err
+    err = capsys.readouterr().err       # ... and the settings it was made with given as a command line
+    assert "holds a comparison" in err and f"(mgrpo compare --preset short warm_start.cache_dir={tiny_cache}" in err
 
 
 def test_unknown_method_is_refused(capsys, tmp_path):

@@ -167,3 +167,18 @@ def test_the_readmes_commands_parse_and_their_settings_load(monkeypatch):
             settings_by_out.setdefault(args.out, set()).add((args.preset, tuple(args.overrides)))
     differing = {out: settings for out, settings in settings_by_out.items() if len(settings) > 1}
     assert not differing, f"commands on one --out with different presets or overrides: {differing}"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but - and _ dropped, each space a -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_reaches_a_heading():
+    text = README.read_text(encoding="utf-8")
+    anchors = {github_anchor(line.lstrip("#")) for line in FENCE.sub("", text).splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(#([^)\s]+)\)", text)
+    assert len(links) >= 10, f"the scan found only {len(links)} links"
+    assert not set(links) - anchors, f"README links to no heading: {sorted(set(links) - anchors)}"
+    assert github_anchor("Collapse: where (`mgrpo compare --preset collapse`)") == \
+        "collapse-where-mgrpo-compare---preset-collapse"
