@@ -125,7 +125,7 @@ def majority_vote_reward(group_size: int):
                 raise ValueError("a block of G completions mixes prompts: TRL's batch is not grouped by prompt")
             answers = [extract_boxed_answer(c) for c in completions[start:start + group_size]]
             label = vote(answers).pseudo_label
-            rewards.extend(1.0 if label is not None and answers_equivalent(a, label) else 0.0 for a in answers)
+            rewards.extend(1.0 if label is not None and answers_equivalent(label, a) else 0.0 for a in answers)
         return rewards
 
     return majority_vote

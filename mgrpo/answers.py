@@ -70,27 +70,29 @@ def _parse_cached(answer: str, use_alarm: bool):
     return parse(f"${answer}$", parsing_timeout=timeout) or parse(answer, parsing_timeout=timeout)
 
 
-def _verify_no_timeout(a: str, b: str) -> bool:
-    return bool(verify(_parse_cached(a, False), _parse_cached(b, False), timeout_seconds=None))
+def _verify_no_timeout(gold: str, answer: str) -> bool:
+    return bool(verify(_parse_cached(gold, False), _parse_cached(answer, False), timeout_seconds=None))
 
 
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
 
 
-def answers_equivalent(a: Optional[str], b: Optional[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """True when two extracted answers are mathematically the same ("\\frac12", "\\frac{1}{2}", "0.5").
+def answers_equivalent(gold: Optional[str], answer: Optional[str], timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """True when an extracted answer is mathematically the gold one ("\\frac12", "\\frac{1}{2}", "0.5").
 
+    The gold answer (ground truth, or the vote's label) comes first: math-verify's verify(gold, target) is not
+    symmetric (gold `x<2` accepts the answer `(-\\infty,2)`, gold `(-\\infty,2)` refuses the answer `x<2`).
     None (no answer) is equivalent to nothing. Identical strings (after whitespace normalisation) short-cut
     math-verify. A comparison that times out counts as not equivalent.
     """
-    if a is None or b is None:
+    if gold is None or answer is None:
         return False
-    if _normalize(a) == _normalize(b):
+    if _normalize(gold) == _normalize(answer):
         return True
     if _on_main_thread():
-        return bool(verify(_parse_cached(a, True), _parse_cached(b, True), timeout_seconds=DEFAULT_TIMEOUT_S))
+        return bool(verify(_parse_cached(gold, True), _parse_cached(answer, True), timeout_seconds=DEFAULT_TIMEOUT_S))
     # Off the main thread math-verify's alarms cannot fire: run without them under our own deadline.
-    future = _pool.submit(_verify_no_timeout, a, b)
+    future = _pool.submit(_verify_no_timeout, gold, answer)
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:

@@ -244,6 +244,27 @@ def bad_world_size(cache, out_dir):
     return {"error": None}
 
 
+def hub_settled(cache, out_dir, rank):
+    """A run whose data names the hub, on ranks whose probes would disagree (rank 0's cannot reach it, rank 1's
+    can): rank 0 asks for both (build.py settles its answer), so both read the datasets cache and fail alike,
+    before any model is read (the run directory it locked is removed: tests/test_distributed.py looks)."""
+    import mgrpo.hub as hub
+    asked = []
+
+    def ask(endpoint, offline):
+        asked.append(endpoint)
+        return "scenario: rank 0 cannot reach it" if rank == 0 else None
+    hub._answers.clear()
+    hub._ask, real = ask, hub._ask
+    try:
+        train(config(cache, out_dir / "run", "data.source=mgrpo-tests/never-published-dataset"), log=lambda *a: None)
+    except Exception as e:  # noqa: BLE001 - the test reads which error each rank met
+        return {"error": f"{type(e).__name__}: {e}", "asked": asked, "answer": hub.hub_unreachable()}
+    finally:
+        hub._ask = real
+    return {"error": None, "asked": asked}
+
+
 if __name__ == "__main__":
     configure_process()
     cache, out = sys.argv[1], Path(sys.argv[2])
@@ -259,6 +280,7 @@ if __name__ == "__main__":
 
     scenarios = {
         "bad_world_size": lambda: bad_world_size(cache, out),
+        "hub_settled": lambda: hub_settled(cache, out / "hub_settled", dist.rank),
         "fused": lambda: fused_through_fsdp(dist),
         "fused_bf16": lambda: fused_through_fsdp(dist, "bf16", cache),
         "update_fp32": lambda: one_update(cache, out / "update_fp32", "fp32"),

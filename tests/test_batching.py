@@ -78,6 +78,46 @@ def test_layouts_agree_forward_and_gradients(architecture, attn):
                 torch.testing.assert_close(grads[name], g, atol=2e-5, rtol=1e-4, msg=f"blockwise {layout} {name}")
 
 
+@pytest.mark.parametrize("kl_coef", [0.005, 0.0])
+def test_the_update_does_not_depend_on_the_micro_batch_budget(kl_coef):
+    """policy_gradients (loss, logged KL, gradients) on one micro-batch and on many, with one group unanimous
+    (advantage 0) and the KL reference away from the policy (a later step): with a KL term every response is
+    pulled towards the reference wherever the budget packed it; without one a zero-advantage micro-batch is
+    skipped and changes nothing."""
+    from mgrpo.config import AlgorithmConfig
+    from mgrpo.distributed import Dist
+    from mgrpo.loop.stages import Scoring, TrainingBatch, policy_gradients, score_sequences
+    seqs = ragged_groups(seed=5, prompts=3, group=4)
+    policy, reference = model_of("qwen3", "eager"), model_of("qwen3", "eager")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    advantages = torch.tensor([0.0] * 4 + [0.9, -0.3, -0.3, -0.3] + [0.0] * 4)     # groups 0 and 2 unanimous
+    tokens = torch.tensor([float(len(r)) for r in seqs.responses])
+    algo = AlgorithmConfig(kl_coef=kl_coef)
+
+    def update(budget):
+        scoring = Scoring("padded", budget, "eager", 1, 0.8, "torch", Dist())
+        old_logp, _ = score_sequences(policy, seqs, scoring)
+        ref_logp = score_sequences(reference, seqs, scoring)[0] if kl_coef > 0 else None
+        batch = TrainingBatch(seqs, old_logp, advantages, tokens, float(tokens.sum()), float(len(seqs)))
+        policy.zero_grad(set_to_none=True)
+        result = policy_gradients(policy, batch, ref_logp, algo, scoring)
+        return result, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = update(10_000)
+    split, split_grads = update(16)
+    assert whole.micro_batches == 1 and split.micro_batches > 3
+    assert (split.skipped_micro_batches > 0) == (kl_coef == 0)          # one response per micro-batch here
+    assert split.loss == pytest.approx(whole.loss, rel=1e-5, abs=1e-9)
+    assert split.kl == pytest.approx(whole.kl, rel=1e-5)
+    if kl_coef > 0:
+        assert whole.kl > 1e-3                   # the reference is away from the policy: the KL term is live
+    assert whole_grads.keys() == split_grads.keys()
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_grouped_rows_predict_the_first_response_token_from_the_prompts_last():
     seqs = Sequences([[5, 6, 7]] * 2, [[8, 9], [10]], [0, 0])
     (batch,) = micro_batches(seqs, "grouped", 64, pad_id=1)

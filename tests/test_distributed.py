@@ -307,6 +307,19 @@ def test_world_size_must_divide_prompts_per_step(two_ranks):
         assert not got["run_dir_created"]      # refused before anything was written or loaded
 
 
+def test_rank_0_asks_the_hub_for_every_rank(two_ranks):
+    """data.source names the hub; rank 0's probe fails, rank 1's would succeed: rank 1 takes rank 0's answer
+    (build.py's settle), asks nothing itself, and reads the datasets cache as rank 0 does (here: not cached)."""
+    load, out = two_ranks
+    rank0, rank1 = load("hub_settled")
+    assert len(rank0["asked"]) == 1 and rank1["asked"] == []
+    for got in (rank0, rank1):
+        assert got["answer"] == "scenario: rank 0 cannot reach it"
+        assert got["error"].startswith("DataError") and "not in the datasets cache" in got["error"], got["error"]
+    assert rank0["error"] == rank1["error"]
+    assert not (out / "hub_settled" / "run").exists()     # stopped before writing anything: no trace left
+
+
 @pytest.fixture(scope="module")
 def four_ranks(tiny_cache, tmp_path_factory, two_ranks):
     """4 ranks: the 2-rank checkpoints resumed, and checkpoints of 4 written (for one process to resume)."""

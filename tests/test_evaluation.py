@@ -125,6 +125,30 @@ def test_evaluate_with_answers_in_other_forms():
     assert free["avg@4"] == 0.75 and free["no_answer_frac"] == 0.0 and free["maj@4"] == 1.0
 
 
+def test_grading_puts_the_ground_truth_first_where_math_verify_is_asymmetric():
+    """math-verify's verify(gold, answer) is not symmetric: gold "x<2" accepts "(-\\infty,2)", gold "(-\\infty,2)"
+    refuses "x<2". Held-out grading (greedy, samples, maj@k) and the base-vote agreement take the ground truth, or
+    the base's vote, as the gold, as training's pseudo-label accuracy does (loop/stages.py)."""
+    from mgrpo.answers import answers_equivalent
+    from mgrpo.data.tiny import build_tokenizer
+    interval, inequality = "(-\\infty,2)", "x<2"
+    assert answers_equivalent(inequality, interval) and not answers_equivalent(interval, inequality)
+    tok = build_tokenizer()
+    problems = [Problem("A", inequality), Problem("B", "1/2")]
+    samples = {"A": [f"\\boxed{{{interval}}}"] * 3, "B": ["\\boxed{0.5}", "\\boxed{3}", "\\boxed{0.5}"]}
+    greedy = {"A": f"\\boxed{{{interval}}}", "B": "\\boxed{0.5}"}
+    settings = EvalConfig(k=3, n=0, pass_k=[], temperature=0.6, greedy=True)
+    figures, results = evaluate(FixedEngine(tok, greedy, samples), problems, lambda text: tok.encode(text),
+                                settings, 16)
+    assert figures["greedy"] == 1.0 and figures["maj@3"] == 1.0 and figures["avg@3"] == pytest.approx(5 / 6)
+    assert maj_at_k([interval] * 3, inequality, 3) and not maj_at_k([inequality] * 3, interval, 3)
+    # the base's vote is the gold of the agreement: a later greedy (-\infty,2) agrees with a vote of x<2
+    later = {"A": f"\\boxed{{{interval}}}", "B": "\\boxed{3}"}
+    _, later_results = evaluate(FixedEngine(tok, later, samples), problems, lambda text: tok.encode(text),
+                                settings, 16)
+    assert agreement_with_votes(later_results, [inequality, "0.5"])["base_vote_agreement"] == 0.5
+
+
 def test_bad_settings_fail_before_generation():
     from mgrpo.config import ConfigError
     with pytest.raises(ConfigError, match="k >= 1"):

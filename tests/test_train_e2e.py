@@ -183,14 +183,15 @@ def test_first_run_output_is_the_projects_own(tmp_path, cache):
 
 @pytest.mark.parametrize("answers,all_skipped", [(("7",), True), (("7", "7", "5", None), False)])
 def test_micro_batches_with_zero_advantage_run_no_backward(tmp_path, cache, answers, all_skipped):
-    """A unanimous vote gives every response advantage 0: no reward signal, so no forward or backward (counted in
-    the metrics and said in the step line); mixed answers train (only their all-zero micro-batches skipped)."""
+    """Without a KL term, a unanimous vote gives every response advantage 0 and a loss of 0: no forward or
+    backward (counted in the metrics and said in the step line); mixed answers train (only their all-zero
+    micro-batches skipped). With the KL term (the default) nothing is skipped: tests/test_batching.py."""
     from transformers import AutoModelForCausalLM
 
     from mgrpo.data.tiny import base_model_dir, build_tokenizer
     from tests.scripted_engine import ScriptedEngine
     cfg = tiny_config(tmp_path, cache, "steps=1", "data.num_eval=0", "optim.micro_batch_tokens=160",
-                      "optim.layout=padded", "log_every=1")
+                      "optim.layout=padded", "log_every=1", "algorithm.kl_coef=0")
     base = base_model_dir(cfg.warm_start, cfg.data.instruction, seed=0, log=lambda *a: None)
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(base).named_parameters()]
     lines = []

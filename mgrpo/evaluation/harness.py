@@ -53,7 +53,7 @@ def avg_at_k(correct: Sequence[bool], k: int) -> float:
 
 def maj_at_k(answers: Sequence[Optional[str]], truth: str, k: int) -> bool:
     """Whether the majority answer of the first k samples (the training vote) is the ground truth."""
-    return answers_equivalent(majority_vote(list(answers[:k])).pseudo_label, truth)
+    return answers_equivalent(truth, majority_vote(list(answers[:k])).pseudo_label)
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ProblemResult:
 
 def grade(text: str, length: int, truth: str, answer_format: str = "boxed") -> dict:
     answer = extract_answer(text, answer_format)
-    return {"text": text, "answer": answer, "correct": answers_equivalent(answer, truth), "length": length}
+    return {"text": text, "answer": answer, "correct": answers_equivalent(truth, answer), "length": length}
 
 
 def summarize(results: Sequence[ProblemResult], k: int, pass_ks: Sequence[int]) -> dict:
@@ -115,7 +115,7 @@ def agreement_with_votes(results: Sequence[ProblemResult], votes: Sequence[Optio
         raise EvalError(f"{len(votes)} base votes for {len(results)} problems: they must be of the same held-out set")
     if not results or results[0].greedy is None:
         return {}
-    agree = [(r.family, answers_equivalent(r.greedy["answer"], vote))
+    agree = [(r.family, answers_equivalent(vote, r.greedy["answer"]))
              for r, vote in zip(results, votes) if vote is not None]
     out = {"base_vote_agreement": sum(a for _, a in agree) / len(agree)} if agree else {}
     families = sorted({f for f, _ in agree if f is not None})

@@ -225,18 +225,21 @@ class Gradients:
 def policy_gradients(policy: TokenScorer, batch: TrainingBatch, ref_logp: Optional[torch.Tensor],
                      algo: AlgorithmConfig, scoring: Scoring) -> Gradients:
     """Micro-batched clipped policy loss + k3 KL, normalised over the whole batch (all ranks), backward: the
-    gradients accumulate on the policy's parameters. A micro-batch whose responses all have zero advantage
-    carries no reward signal and is not run (a dummy pass keeps the ranks' collectives in step): its KL term,
-    which only pulls towards the reference where there is nothing to learn, goes with it."""
+    gradients accumulate on the policy's parameters. Without a KL term (kl_coef 0, or no reference), a micro-batch
+    whose responses all have zero advantage has a loss of zero and is not run (a dummy pass keeps the ranks'
+    collectives in step). With one, it is: the KL pulls every trained response towards the reference, a unanimous
+    group's too, whichever responses the micro-batch budget happened to pack together (skipping it made the loss
+    depend on optim.micro_batch_tokens: review of 2026-12-08)."""
     device, result = scoring.dist.device, Gradients()
     loss_sum = kl_sum = 0.0
+    with_kl = ref_logp is not None and algo.kl_coef > 0
     micro = synced_micro_batches(batch.sequences, scoring)
     for i, mb in enumerate(micro):
         reduce_across_nodes(policy, scoring.dist, i == len(micro) - 1)
         b, l = mb.seq_index, mb.seq_pos                                                      # [N], [N]
         real = mb.targets.numel() > 0
         result.micro_batches += int(real)
-        if real and not bool(batch.advantages[b].any()):
+        if real and not with_kl and not bool(batch.advantages[b].any()):
             result.skipped_micro_batches += 1
             mb, real = dummy_micro_batch(), False
         logp, _ = policy(mb.to(device), scoring.temperature, scoring.impl)                   # [N]
