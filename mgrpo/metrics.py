@@ -90,7 +90,7 @@ def format_metrics_line(step: int, total: int, r: dict) -> str:
             + " ".join(f"{short} {r[f'time/{stage}']:.2f}" for stage, short in STEP_LINE_STAGES
                        if r.get(f"time/{stage}") is not None) + ")"
             + (f" skipped {r['batch/skipped_micro_batches']}/{r.get('batch/micro_batches', '?')} micro-batches "
-               "(all advantages 0: no backward)" if r.get("batch/skipped_micro_batches") else ""))
+               "(all advantages 0, no KL term: no backward)" if r.get("batch/skipped_micro_batches") else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
