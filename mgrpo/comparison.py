@@ -17,7 +17,8 @@ Every run is an ordinary `mgrpo train` run (its own run directory under --out, w
 checkpoints and final model), validated on the held-out set every `data.eval_every` steps by the trainer's
 own evaluation. One rollout engine is built once and shared by the runs (weights are pushed from memory
 each step, so nothing carries over). Finished runs are skipped when the command is run again on the same
---out, so an interrupted comparison continues where it stopped. A run counts as finished by its final model or
+--out, so an interrupted comparison continues where it stopped (an --out that holds anything else, a training
+run's directory say, is refused: nothing of it is written over). A run counts as finished by its final model or
 by its metrics.jsonl alone (the end-of-run evaluation is logged there), so a comparison spread over several
 machines or days needs only the runs' metrics.jsonl to go on from them.
 
@@ -45,6 +46,7 @@ from .errors import MgrpoError
 from .loop.trainer import train
 from .metrics import CollapseMonitor, read_metrics, write_csv
 from .storage.checkpoint import latest_checkpoint
+from .storage.run_dir import holds_a_run
 
 # name -> overrides of the method (applied after the preset, before the user's)
 METHODS = {
@@ -514,6 +516,32 @@ def read_settings(path: Path) -> dict:
     return settings
 
 
+RUN_NAME = re.compile(r"(.+)_seed\d+")                  # a run's directory in --out: <method>_seed<N>
+REPORT_FILE = re.compile(r"[A-Za-z0-9_.-]+\.(csv|md|png)")   # a report's files: <name>.csv, <name>_runs.csv, ...
+
+
+def check_out(out: Path) -> None:
+    """An --out that exists must be empty or a comparison (to continue it): compare writes its run directories and
+    report files there, which among a training run's or anyone's other files would mix with, or write over, them.
+    A comparison is told by its compare.json, or, without one (moved away, or only its runs' metrics.jsonl
+    kept, as bench/results keeps its reports), by holding nothing but its runs' directories and its reports, and
+    at least one run or a report's <name>_runs.csv (every report writes one: a lone notes.csv is no report)."""
+    if not out.is_dir() or (out / "compare.json").is_file():
+        return
+    entries = sorted(out.iterdir())
+    runs = [p for p in entries if p.is_dir() and (m := RUN_NAME.fullmatch(p.name))
+            and SETTING_SPLIT.split(m.group(1))[0] in METHODS]
+    others = [p for p in entries if p not in runs and not (p.is_file() and REPORT_FILE.fullmatch(p.name))]
+    if not entries or (not others and (runs or any(p.name.endswith("_runs.csv") for p in entries))):
+        return
+    names = [p.name + "/" * p.is_dir() for p in sorted(entries, key=lambda p: p.name.startswith("."))]  # .lock last
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    what = "a training run's directory" if holds_a_run(out) else "a directory that is not a comparison"
+    raise CompareError(f"--out {out} is {what} (it holds {listed}; no compare.json): compare writes its runs and "
+                       "reports into --out and would mix them with what is there. Give a new --out (or an empty "
+                       "directory)")
+
+
 def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optional[str] = None,
             sweep: Optional[str] = None, out: Optional[str] = None, name: str = "compare", report_only: bool = False,
             overrides: tuple = ()) -> int:
@@ -533,7 +561,8 @@ def compare(preset: str = "default", seeds: Optional[str] = None, methods: Optio
     out = Path(out or f"runs/compare-{preset}-{datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is a file, not a directory: give a directory (a new one starts a "
-                           "comparison, an existing one continues it)")
+                           "comparison, an earlier comparison's continues it)")
+    check_out(out)
     for method in methods:       # every config is checked before anything trains
         load_config(None, run_overrides(preset, method, 0, out, overrides))
     settings = {"preset": preset, "seeds": seeds, "methods": methods, "overrides": overrides}

@@ -279,7 +279,8 @@ class OptimConfig:
     lr: float = 5e-5
     """Peak AdamW learning rate (cosine decay to 0 after linear warmup)."""
     warmup_steps: int = 2
-    """Linear warmup steps."""
+    """Linear warmup, in optimizer updates: the schedule runs over steps x algorithm.updates_per_batch updates (with
+    one update per batch, the default, an update is a step)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     betas: tuple[float] = (0.9, 0.999)
@@ -478,8 +479,14 @@ def _coerce(value: Any, annotation: str, name: str) -> Any:
     """YAML 1.1 reads 1e-6 (no dot) as a string: turn numbers-as-text into the field's declared number type, and
     numbers into text where a field takes text (run_dir=123 means the directory "123")."""
     base = str(annotation)
-    if base.startswith("Optional["):
+    optional = base.startswith("Optional[")
+    if optional:
         base = base[len("Optional["):-1]
+    if value is None and not optional:
+        # `steps=` on the command line, or `steps:` in a file: YAML reads an empty value as null
+        empty_text = f"; for empty text, {name}=\"''\"" if base == "str" else ""
+        raise ConfigError(f"{name} is given no value: give it one ({name}=<value>{empty_text}), or leave it out for "
+                          "its default")
     if value is None:
         return value
     if base.startswith(("list[", "tuple[")):   # pass_k: list[int], betas: tuple[float]

@@ -2,7 +2,7 @@
 
     mgrpo plan --config configs/qwen3_4b_1gpu.yaml --gpus 1 --gpu-memory 80
     mgrpo plan --config configs/qwen3_4b.yaml --gpus 8 --gpu-memory 80 optim.name=adamw8bit
-    mgrpo plan --config configs/qwen3_4b.yaml --nodes 2 --gpus 8 --inter-node-gbps 400
+    mgrpo plan --config configs/qwen3_4b.yaml --nodes 2 --gpus 8 --inter-node-gbps 400 algorithm.prompts_per_step=16
 
 The model is built on the meta device (shapes and names, no storage), so the plan needs only config.json (for
 Qwen3-1.7B, 4B and 8B not even that: their configs are built in). Per GPU, for the two phases of a step:
@@ -17,7 +17,8 @@ tested to match within 2%) or "modeled" (an estimate of what libraries allocate:
 the engine, the CUDA runtime; modeled until a GPU measures them, bench/run_gpu.sh). The last line says whether
 it fits and by how much; the exit status is 0 if it fits, 1 if not, with the settings that would make it fit,
 each checked by planning again with it. `mgrpo train` runs the same plan before any weights load on a GPU
-(plan.check) and refuses a config that does not fit.
+(plan.check) and refuses a config that does not fit. Ranks (--nodes x --gpus) that algorithm.prompts_per_step does
+not split over are an error before any planning: mgrpo train refuses them at its start.
 
 On several nodes (--nodes N, --gpus G per node) the table is per GPU under the run's mesh (distributed.mesh, or
 --mesh): fsdp shards every parameter over all N x G ranks, hsdp over the G GPUs of a node (replicated across the
@@ -78,6 +79,33 @@ def check_positive(flag: str, value: float, unit: str) -> None:
         raise PlanError(f"{flag} {value:g}: must be > 0 and finite ({unit})")
 
 
+def check_gpus(gpus: int) -> None:
+    if gpus < 1:
+        raise PlanError(f"--gpus {gpus}: must be >= 1")
+
+
+def splits(cfg, world: int) -> bool:
+    """Whether algorithm.prompts_per_step splits evenly over `world` ranks: the rule mgrpo train enforces at its start
+    (mgrpo/loop/trainer.py, train), since every prompt's group of responses stays on one rank."""
+    return cfg.algorithm.prompts_per_step % world == 0
+
+
+def check_world_size(cfg, nodes: int, gpus: int) -> None:
+    """Refuse the ranks mgrpo train would refuse, in its words, with the settings that would run: a plan saying
+    "fits" for them would promise a run that stops at its first line."""
+    check_gpus(gpus)
+    world, prompts = nodes * gpus, cfg.algorithm.prompts_per_step
+    if splits(cfg, world):
+        return
+    flags = f"--gpus {gpus}" if nodes == 1 else f"--nodes {nodes} --gpus {gpus}"
+    per_node = prompts // nodes if prompts % nodes == 0 else 0      # 0: no GPU count per node splits them
+    fewer = next((g for g in range(min(gpus, per_node), 0, -1) if per_node % g == 0), None)
+    raise PlanError(f"{flags}: algorithm.prompts_per_step={prompts} does not split over {world} ranks (every "
+                    f"prompt's group stays on one rank; mgrpo train refuses it): make it a multiple of the world "
+                    f"size, e.g. algorithm.prompts_per_step={math.ceil(prompts / world) * world}"
+                    + (f", or use --gpus {fewer}" if fewer else ""))
+
+
 PHASES = ("load", "rollout", "score", "backward", "gradients", "step")
 """The phases of a step whose peaks the plan predicts (mgrpo/measure.py measures them): after setup; the rollouts
 (engine awake, weights pushed one tensor at a time); the no-grad scoring (and the KL reference's forward); the
@@ -99,6 +127,12 @@ class Part:
 
 def size(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
+def gpu_gib(n: float) -> str:
+    """A GPU's memory in GiB as given (80, 79.2), and under 1 GiB to two significant digits (0.1, 0.05): never 0."""
+    gib = n / GIB
+    return f"{round(gib, 1):g}" if gib >= 1 else f"{gib:.2g}"
 
 
 def everywhere(value: float) -> dict:
@@ -166,9 +200,9 @@ class Plan:
         kv = (f"; KV cache holds {self.kv_cache_tokens} tokens ({self.kv_cache_tokens // max(self.max_model_len, 1)} "
               f"full-length sequences of {self.max_model_len})")
         if self.fits:
-            return (f"fits: peak {self.peak / GIB:.1f} GiB ({where} phase) of {self.gpu_memory / GIB:.0f} GiB per GPU, "
+            return (f"fits: peak {self.peak / GIB:.1f} GiB ({where} phase) of {gpu_gib(self.gpu_memory)} GiB per GPU, "
                     f"{spare / GIB:.1f} GiB to spare" + kv)
-        why = (f"peak {self.peak / GIB:.1f} GiB ({where} phase) of {self.gpu_memory / GIB:.0f} GiB per GPU, "
+        why = (f"peak {self.peak / GIB:.1f} GiB ({where} phase) of {gpu_gib(self.gpu_memory)} GiB per GPU, "
                f"{-spare / GIB:.1f} GiB over" if spare < 0 else
                f"the KV cache holds {self.kv_cache_tokens} tokens, less than one sequence of {self.max_model_len}")
         fixes = "; ".join(self.suggestions) if self.suggestions else "no single setting found: use more or larger GPUs"
@@ -256,8 +290,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, on_gpu: bool = True,
     plan for (default: a full one, micro_batch_shape). gpus is the shard degree (the GPUs FSDP2 shards each
     parameter over); replicas: the copies of each shard (hsdp's nodes; plan_on_mesh gives both from a mesh)."""
     check_positive("--gpu-memory", gpu_memory_gib, "GiB")
-    if gpus < 1:
-        raise PlanError(f"--gpus {gpus}: must be >= 1")
+    check_gpus(gpus)
     if replicas < 1:
         raise PlanError(f"{replicas} replicas: must be >= 1")
     config, label = model_config(cfg.model.path)
@@ -591,7 +624,7 @@ def traffic_table(fsdp: Traffic, hsdp: Traffic) -> str:
 
 def _why_not(plan: Plan) -> str:
     if plan.peak > plan.gpu_memory:
-        return f"peak {plan.peak / GIB:.1f} GiB of {plan.gpu_memory / GIB:g} GiB per GPU"
+        return f"peak {plan.peak / GIB:.1f} GiB of {gpu_gib(plan.gpu_memory)} GiB per GPU"
     return f"the KV cache holds {plan.kv_cache_tokens} tokens, less than one sequence of {plan.max_model_len}"
 
 
@@ -601,7 +634,7 @@ def mesh_verdict(plans: dict, traffics: dict, chosen: str) -> tuple:
     f, h = plans["fsdp"], plans["hsdp"]
     ft, ht = traffics["fsdp"].inter_seconds, traffics["hsdp"].inter_seconds
     peaks = (f"per-GPU peak {h.peak / GIB:.1f} GiB under hsdp ({h.gpus}-way shards), {f.peak / GIB:.1f} GiB under "
-             f"fsdp ({f.gpus}-way), of {f.gpu_memory / GIB:g} GiB")
+             f"fsdp ({f.gpus}-way), of {gpu_gib(f.gpu_memory)} GiB")
     seconds = (f"{ht:.2f} s per step across the nodes under hsdp, {ft:.2f} s under fsdp (modeled at "
                f"{traffics['fsdp'].inter_node_gbps:g} Gb/s per node)")
     if not f.fits and not h.fits:
@@ -655,7 +688,7 @@ def with_suggestions(plan: Plan, cfg, gpus: int, gpu_memory_gib: float, nodes: i
     if resolve_mesh(mesh, nodes) == "hsdp" and fits(cfg, on="fsdp"):
         plan.suggestions.append(f"distributed.mesh=fsdp (shards over all {nodes * gpus} GPUs)")
     for more in (2, 4, 8):
-        if more > gpus and fits(cfg, more):
+        if more > gpus and splits(cfg, nodes * more) and fits(cfg, more):     # one that train would run
             plan.suggestions.append(f"{more} GPUs (torchrun --nproc_per_node={more})" if nodes == 1 else
                                     f"{more} GPUs per node (torchrun --nnodes={nodes} --nproc_per_node={more})")
             break
@@ -685,6 +718,7 @@ def print_plan(cfg, gpus: int = 1, gpu_memory_gib: Optional[float] = None, nodes
     chosen = resolve_mesh(mesh, nodes)
     for flag, value in (("--inter-node-gbps", inter_node_gbps), ("--intra-node-gbps", intra_node_gbps)):
         check_positive(flag, value, "Gb/s")
+    check_world_size(cfg, nodes, gpus)
     memory = gpu_memory_gib
     if memory is None:
         memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
@@ -714,13 +748,9 @@ def print_traffic(cfg, plan: Plan, nodes: int, gpus: int, memory: float, chosen:
     plans = {m: plan if m == chosen else plan_on_mesh(cfg, nodes, gpus, memory, m) for m in ("fsdp", "hsdp")}
     traffics = {m: traffic(cfg, shapes, nodes, gpus, m, inter_node_gbps, intra_node_gbps) for m in ("fsdp", "hsdp")}
     t = traffics["fsdp"]
-    world, prompts = nodes * gpus, cfg.algorithm.prompts_per_step
     print(f"traffic per step (modeled: ring collectives, bandwidth only, nothing overlapped with compute; per rank "
           f"{t.prompts_per_rank} prompt{'s' * (t.prompts_per_rank > 1)}, {t.micro_batches['score']} scoring, {t.micro_batches['reference']} "
           f"reference and {t.micro_batches['update']} update micro-batches of full-length sequences; intra-node "
           f"{intra_node_gbps:g} Gb/s per GPU each way assumed: NVLink 4, 450 GB/s):")
     print(traffic_table(traffics["fsdp"], traffics["hsdp"]))
-    if prompts % world:
-        print(f"note: algorithm.prompts_per_step={prompts} does not split over {world} ranks (mgrpo train refuses it: "
-              f"use a multiple of {world}); the traffic is planned for {t.prompts_per_rank} prompt{'s' * (t.prompts_per_rank > 1)} per rank")
     print(mesh_verdict(plans, traffics, chosen)[1])

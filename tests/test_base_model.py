@@ -60,12 +60,17 @@ def test_other_settings_or_remake_train_their_own_base(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "warm_started_model_dir", fake_warm_start)
     default = load_config(None, [])
     keys = []
-    for overrides in (["warm_start.steps=700"], ["warm_start.lr=1e-3"], ["warm_start.batch_size=16"],
-                      ["data.instruction=Answer in a box."], ["warm_start.remake=true"]):
+    said = {"warm_start.steps=700": "warm_start.steps=700 (the shipped one: 800)",
+            "warm_start.lr=1e-3": "warm_start.lr=0.001 (the shipped one: 0.003)",
+            "warm_start.batch_size=16": "warm_start.batch_size=16 (the shipped one: 32)",
+            "data.instruction=Answer in a box.": "data.instruction='Answer in a box.' (the shipped one: \"Let's think",
+            "warm_start.remake=true": "not the shipped base model: warm_start.remake=true"}
+    for override, why in said.items():
         trained.clear()
-        cfg = load_config(None, overrides)
-        assert resolve_model_path(cfg, Dist(), log=lambda *a: None) == str(tmp_path / "made-here"), overrides
-        assert trained, overrides
+        cfg, lines = load_config(None, [override]), []
+        assert resolve_model_path(cfg, Dist(), log=lines.append) == str(tmp_path / "made-here"), override
+        assert trained, override
+        assert any(line.startswith("[base] not the shipped base model") and why in line for line in lines), lines
         keys.append(trained[0])
     # the cache key tells every such base apart (remake alone keeps the key: it remakes that same base)
     shipped_key = tiny._cache_key(default.warm_start, default.data.instruction, 0)

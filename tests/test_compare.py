@@ -420,3 +420,51 @@ def test_a_run_stopped_by_ctrl_c_is_checkpointed_and_the_same_command_continues(
     steps = [json.loads(line)["step"] for line in (out / "srt_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [0, 1, 2, 3] and steps.count(1) == 1
     assert (out / "mgrpo_seed0" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("report", [False, True])
+@pytest.mark.parametrize("out_is", ["a training run", "someone's files", "someone's table and plot"])
+def test_an_out_that_holds_something_else_is_refused_before_any_run(out_is, report, tmp_path, capsys, monkeypatch):
+    """--out given a training run's directory (or any other non-empty one) would get compare.json, the reports and
+    a run directory per method and seed written among its files: refused, saying what is there."""
+    import mgrpo.comparison as comparison
+    monkeypatch.setattr(comparison, "run_all", no_run)
+    out = tmp_path / "out"
+    files, listed = {"a training run": (["config.yaml", "metrics.jsonl", "checkpoints/step_000002/checkpoint.json"],
+                                        "checkpoints/, config.yaml, metrics.jsonl"),
+                     "someone's files": (["notes.txt", "results/table.csv"], "notes.txt, results/"),
+                     "someone's table and plot": (["table.csv", "plot.png"], "plot.png, table.csv")}[out_is]
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["compare", "--preset", "short", "--out", str(out), *(["--report"] if report else [])]) == 1
+    err = capsys.readouterr().err
+    what = "a training run's directory" if out_is == "a training run" else "a directory that is not a comparison"
+    assert err.startswith(f"mgrpo compare: error: --out {out} is {what} (it holds {listed}; no compare.json)"), err
+    assert "Give a new --out" in err and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(before)        # nothing written
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("out_holds", ["nothing", "compare.json", "runs and reports only", "reports only"])
+def test_an_empty_out_or_a_comparisons_is_accepted(out_holds, tmp_path, monkeypatch):
+    """An existing --out that is empty, or a comparison (its compare.json; or, that moved away, nothing but its runs'
+    directories and reports) is used: the comparison starts or continues."""
+    import mgrpo.comparison as comparison
+    monkeypatch.setattr(comparison, "run_all", no_run)
+    out = tmp_path / "out"
+    out.mkdir()
+    if out_holds == "compare.json":
+        (out / "compare.json").write_text(json.dumps({"preset": "short", "overrides": []}))
+        (out / "notes.txt").write_text("what I tried\n")
+    elif out_holds == "runs and reports only":
+        for run in ("srt_seed0", "mgrpo+algorithm.momentum=0.9_seed1"):
+            (out / run).mkdir()
+            (out / run / "metrics.jsonl").write_text("")
+        (out / "compare_runs.csv").write_text("")
+    elif out_holds == "reports only":      # as bench/results keeps a comparison
+        for name in ("compare.md", "compare.png", "compare_runs.csv", "compare_summary.csv"):
+            (out / name).write_text("")
+    with pytest.raises(AssertionError, match="a run started"):
+        main(["compare", "--preset", "short", "--out", str(out)])

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mgrpo.config import ConfigError, load_config, save_config
@@ -143,9 +145,22 @@ def test_numbers_given_for_text_settings_are_their_text(tmp_path):
         load_config(str(path))
 
 
-def test_a_wrong_type_the_checks_trip_over_names_its_section():
-    with pytest.raises(ConfigError, match=r"^eval: '>=' not supported"):   # not "eval.: ..."
-        load_config(None, ["eval.k=null"])
+@pytest.mark.parametrize("override, said", [
+    ("eval.k=null", "eval.k is given no value: give it one (eval.k=<value>)"),
+    ("steps=", "steps is given no value: give it one (steps=<value>)"),       # the checks said "'>=' not supported"
+    ("data.instruction=", "for empty text, data.instruction=\"''\""),      # was None: prompts began "None"
+])
+def test_an_empty_value_names_the_setting(override, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(None, [override])
+    assert load_config(None, ["data.instruction=''"]).data.instruction == ""
+
+
+def test_an_empty_value_in_a_config_file_names_the_setting(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm:\n  group_size:\n")
+    with pytest.raises(ConfigError, match=re.escape("algorithm.group_size is given no value")):
+        load_config(str(path))
 
 
 def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
@@ -155,6 +170,23 @@ def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
     assert main(["plan", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"error: config file {path} is not UTF-8 text (byte 13" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["an empty directory", "a run directory"])
+def test_a_model_path_directory_that_is_not_a_model_says_so(what, tmp_path, capsys):
+    """A directory without config.json (transformers would ask for sentencepiece or tiktoken); a run's directory
+    points to its final/ model."""
+    from mgrpo.commands import main
+    directory = tmp_path / "d"
+    (directory / "final").mkdir(parents=True)
+    if what == "a run directory":
+        (directory / "final" / "config.json").write_text("{}")
+    assert main(["train", f"model.path={directory}", f"run_dir={tmp_path / 'run'}", "rollout.engine=hf",
+                 "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert f"model.path={directory} is a directory without config.json, not a model" in err and "Traceback" not in err
+    assert (f"model.path={directory / 'final'}" in err) == (what == "a run directory")
+    assert "sentencepiece" not in err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("path", ["/nonexistent/model", "./models/x", "~/no-such-model-dir", "models/qwen/x"])

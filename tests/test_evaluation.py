@@ -181,6 +181,10 @@ def test_cli_errors_are_clear_and_early(tiny_model_dir, tmp_path, capsys):
     good = write_jsonl(tmp_path / "ok.jsonl", [{"problem": "Compute 1 + 2.", "answer": "3"}])
     cases = [
         (["--data", str(write_jsonl(tmp_path / "no.jsonl", [{"problem": "Compute 1 + 2."}]))], "no answer to grade"),
+        (["--data", str(write_jsonl(tmp_path / "no.jsonl", [{"problem": "Compute 1 + 2."}]))],
+         "(mgrpo eval: --answer-field or --solution-field)"),                 # its flags, not only data.*'s
+        (["--data", str(write_jsonl(tmp_path / "q.jsonl", [{"question": "Compute 1 + 2.", "answer": "3"}]))],
+         "(mgrpo eval: --problem-field)"),
         (["--data", str(good), "--k", "0"], "k >= 1"),
         (["--data", str(good), "--k", "4", "--n", "2"], "n >= k"),
         (["--data", str(good), "--k", "2", "--pass-k", "4"], "--pass-k=[4]: each must be in [1, n=2]"),
@@ -405,3 +409,101 @@ def test_max_new_tokens_0_is_the_default_budget_and_fits_the_model(tiny_model_di
     assert "the default budget of 3072 new tokens does not fit this model" in captured.out
     assert captured.err.startswith("mgrpo eval: error: stopped before the engine")
     assert not (tmp_path / "o").exists()
+
+
+def run_with_checkpoints(root, base_dir, steps):
+    """A run directory as `mgrpo train` leaves it, made without training: its config, its base model and a
+    checkpoint (the base's weights as the policy, written and hashed by save_checkpoint) at each of `steps`."""
+    from mgrpo.distributed import Dist
+    from mgrpo.evaluation.benchmarks import load_model
+    from mgrpo.storage.checkpoint import save_checkpoint
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"steps: {max(steps) + 1}\n")
+    (run / "base_model.txt").write_text(str(base_dir))
+    model, _ = load_model(base_dir, "model")
+    policy = {f"causal_lm.{name}": t.detach().clone() for name, t in model.state_dict().items()}
+    for step in steps:
+        save_checkpoint(run, step, {"policy": policy}, {}, 0, Dist(), log=lambda *a: None)
+    return run
+
+
+def damage(checkpoint):
+    """A checkpoint's shard cut short, as a disk that filled up or a copy that stopped leaves it."""
+    shard = next(checkpoint.glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+    return shard
+
+
+SWEEP = ["--all-checkpoints", "--engine", "hf", "--limit", "2", "--k", "1", "--max-new-tokens", "8"]
+
+
+def test_a_sweep_skips_a_damaged_checkpoint_before_any_model_work(tiny_model_dir, tmp_path, capsys):
+    """A checkpoint whose files are not as written is found before any model loads (as a resume finds it: sizes
+    and sha256 against its checkpoint.json), named in one line and left out; the others are evaluated, where
+    the sweep used to stop at it with DCP's traceback and write nothing."""
+    run = run_with_checkpoints(tmp_path, tiny_model_dir, [1, 2, 3])
+    shard = damage(run / "checkpoints" / "step_000002")
+    out = tmp_path / "sweep"
+    assert cli(["eval", str(run), *SWEEP, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    written = json.loads((shard.parent / "checkpoint.json").read_text())["files"][shard.name]["size"]
+    skip = lines.index(f"[eval] skipping checkpoint {shard.parent}: it is damaged or incomplete ({shard.name} has "
+                       f"1000 bytes, {written} were written)")
+    assert skip < lines.index(f"[eval] step 0: {tiny_model_dir}")                   # before the first model work
+    assert "Traceback" not in captured.out + captured.err
+    steps = [line.split(",")[0] for line in (out / "accuracy_vs_step.csv").read_text().splitlines()[1:]
+             if "[" not in line.split(",")[1]]
+    assert steps == ["0", "1", "3"]
+
+
+def test_a_sweep_whose_every_checkpoint_is_damaged_says_so_before_any_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    run = run_with_checkpoints(tmp_path, tiny_model_dir, [1, 2])
+    for step in (1, 2):
+        damage(run / "checkpoints" / f"step_00000{step}")
+    from mgrpo.evaluation import benchmarks
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(benchmarks, "load_model", load_model)
+    out = tmp_path / "sweep"
+    assert cli(["eval", str(run), *SWEEP, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgrpo eval: error: no checkpoint of {run} can be evaluated, every one is damaged or "
+                          "incomplete (step_000001: __0_0.distcp has 1000 bytes, "), err
+    assert "restore their files" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_sweep_that_fails_later_keeps_what_it_evaluated(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint that verifies yet does not load (another model's) is skipped, saying why; a failure nobody
+    expected (here, at step 3) stops the sweep, and the steps evaluated before it are written first."""
+    from mgrpo.evaluation import benchmarks
+    from mgrpo.storage.run_dir import RunDirError
+    run = run_with_checkpoints(tmp_path, tiny_model_dir, [1, 2, 3, 4])
+    load = benchmarks.load_policy_weights
+
+    def failing(path, model):
+        if path.name == "step_000001":
+            raise RunDirError(f"checkpoint {path} does not match this run (a different model or settings?): ...\n"
+                              "Traceback (most recent call last): ...")
+        if path.name == "step_000003":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        load(path, model)
+    monkeypatch.setattr(benchmarks, "load_policy_weights", failing)
+    out = tmp_path / "sweep"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli(["eval", str(run), *SWEEP, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert (f"[eval] skipping step 1: checkpoint {run / 'checkpoints' / 'step_000001'} does not match this run "
+            "(a different model or settings?): ...\n") in printed
+    assert (f"[eval] stopped at step 3 (CUDA error: an illegal memory access was encountered): the results of "
+            f"step(s) 0, 2 are written to {out}") in printed
+    steps = [line.split(",")[0] for line in (out / "accuracy_vs_step.csv").read_text().splitlines()[1:]
+             if "[" not in line.split(",")[1]]
+    assert steps == ["0", "2"] and (out / "accuracy_vs_step.png").is_file()
+    report = json.loads((out / "eval.json").read_text())
+    assert report["stopped"] == {"step": 3, "reason": "CUDA error: an illegal memory access was encountered"}
+    assert [s["step"] for s in report["skipped"]] == [1] and "Traceback" not in report["skipped"][0]["reason"]

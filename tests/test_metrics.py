@@ -122,3 +122,20 @@ def test_plot_to_a_path_that_cannot_be_written_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"mgrpo plot: error: cannot write the plot to {afile / 'x.png'} (Not a directory)")
     assert "Traceback" not in err
+
+
+def test_plot_into_an_existing_directory_writes_inside_it_and_prints_the_file(tmp_path, capsys):
+    """matplotlib saves --out DIR as DIR.png beside it (and a name without a suffix with .png added): the plot goes
+    where the printed path says."""
+    from mgrpo.commands import main
+    run = tmp_path / "run-7"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    assert main(["plot", str(run), "--out", str(plots)]) == 0
+    assert capsys.readouterr().out.strip() == str(plots / "run-7.png")
+    assert (plots / "run-7.png").is_file() and not (tmp_path / "plots.png").exists()
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").is_file()

@@ -151,6 +151,40 @@ def test_bad_input(tmp_path, capsys):
         assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+def test_ranks_train_refuses_are_refused_before_planning(capsys, monkeypatch):
+    """qwen3_4b.yaml's 8 prompts per step do not split over 3 ranks (nor a million, nor 2 x 3): mgrpo train stops at
+    its start, so the plan says so in its words, with a prompts_per_step and a --gpus that would run, and plans
+    nothing; the settings it suggests for a config that does not fit are ones train would run too."""
+    from mgrpo import plan as plan_module
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned a world size train refuses")
+    base = ["plan", "--config", "configs/qwen3_4b.yaml", "--gpu-memory", "80"]
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "make_plan", no_planning)
+        for flags, says in ((["--gpus", "3"], "--gpus 3: algorithm.prompts_per_step=8 does not split over 3 ranks"),
+                            (["--gpus", "1000000"], "does not split over 1000000 ranks"),
+                            (["--nodes", "2", "--gpus", "3"], "--nodes 2 --gpus 3: algorithm.prompts_per_step=8 "
+                                                              "does not split over 6 ranks")):
+            assert cli([*base, *flags]) == 1, flags
+            err = capsys.readouterr().err
+            assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+            assert "mgrpo train refuses it" in err and "algorithm.prompts_per_step=" in err.split("e.g.")[1], err
+        assert cli([*base, "--gpus", "3"]) == 1
+        assert capsys.readouterr().err.strip().endswith("e.g. algorithm.prompts_per_step=9, or use --gpus 2")
+    # one GPU does not fit; 2 GPUs would, but 3 prompts do not split over 2 (nor 4 or 8) ranks: not suggested
+    assert cli([*base, "--gpus", "1", "algorithm.prompts_per_step=3"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("does not fit") and "optim.name=adamw8bit" in last and "GPUs (torchrun" not in last
+
+
+def test_a_fraction_of_a_gib_is_not_shown_as_0(capsys):
+    assert cli(["plan", "--gpu-memory", "0.1"]) == 1
+    assert "of 0.1 GiB per GPU" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert cli(["plan", "--gpu-memory", "79.19"]) == 0
+    assert "of 79.2 GiB per GPU" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Several nodes: the mesh's shard degree, the traffic of both meshes, which pays
 
@@ -186,7 +220,7 @@ def test_hsdp_holds_per_gpu_what_one_node_does(capsys):
     assert plan_on_mesh(cfg, 2, 8, 80, "auto").peak == hsdp.peak           # auto: hsdp on more than one node
     # the table follows distributed.mesh, and --mesh overrides it
     assert cli(["plan", "--config", "configs/qwen3_4b.yaml", "--nodes", "2", "--gpus", "8", "--gpu-memory", "80",
-                "--mesh", "fsdp", "distributed.mesh=hsdp"]) == 0
+                "--mesh", "fsdp", "distributed.mesh=hsdp", "algorithm.prompts_per_step=16"]) == 0
     out = capsys.readouterr().out
     assert "2 nodes x 8 GPUs x 80 GiB, mesh fsdp (sharded over all 16 GPUs)" in out.splitlines()[0]
     assert f"fits: peak {fsdp.peak / GIB:.1f} GiB" in out.splitlines()[-1]

@@ -408,6 +408,75 @@ def test_resume_from_another_runs_checkpoint_never_writes_over_a_run(two_checkpo
     assert [json.loads(line)["step"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
+def test_rewinding_a_run_onto_its_own_older_checkpoint_is_refused(two_checkpoints, tmp_path, capsys):
+    """resume_from=<step 1 of this run> run_dir=<this run> would write over its step-2 checkpoint, final model and
+    metrics: refused before any work, the run as it was; a later checkpoint that is damaged does not count
+    (going back past it is what resume=true does itself: test_no_checkpoint_that_verifies_or_an_explicit_one)."""
+    run = copy_run(two_checkpoints, tmp_path)
+    first = run / "checkpoints" / "step_000001"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert cli(["train", f"run_dir={run}", f"resume_from={first}", "steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "is an older checkpoint of" in err and "step_000002" in err and "run_dir=<new dir>" in err, err
+    assert "Traceback" not in err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_a_resume_without_the_runs_config_is_refused_unless_its_settings_are_given(two_checkpoints, tiny_cache,
+                                                                                   tmp_path, capsys):
+    """The run's config.yaml gone: resume=true would continue it on the defaults (16 prompts x G 16, not 2 x 4);
+    refused, naming the file; with the settings given again (--config) it resumes on them."""
+    run = copy_run(two_checkpoints, tmp_path)
+    settings = tmp_path / "settings.yaml"
+    (run / "config.yaml").rename(settings)
+    assert cli(["train", f"run_dir={run}", "resume=true", "steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'config.yaml'} is missing" in err and "--config" in err and "Traceback" not in err
+    assert not (run / "config.yaml").exists()
+    assert cli(["train", "--config", str(settings), f"run_dir={run}", "resume=true", "steps=3"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["algorithm"]["group_size"] == 4
+
+
+def test_a_resume_runs_with_the_optimizer_settings_it_announces(two_checkpoints, tiny_cache, tmp_path, capsys):
+    """optim.lr (and the other optimizer settings) changed on resume: the change is printed, and the steps after it
+    run at the new peak on the schedule, not at the checkpoint's (loading the optimizer and schedule brings theirs
+    back). The reference: a fresh run's schedule at those steps, with the new peak."""
+    run = copy_run(two_checkpoints, tmp_path)
+    assert cli(["train", f"run_dir={run}", "resume=true", "steps=4", "optim.lr=1e-3"]) == 0
+    assert "optim.lr: 5e-05 -> 0.001" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    from transformers import get_cosine_schedule_with_warmup
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 2, 4)
+    expected = [reference.get_last_lr()[0]]
+    for _ in range(4):
+        reference.optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])     # what a step logs: the schedule's after its update
+    assert expected[3] > 0 and [lrs[3], lrs[4]] == pytest.approx(expected[3:], rel=1e-9)
+    assert ckpt.read_meta(checkpoint_dirs(run)[-1])["settings"]["optim.name"] == "adamw"   # checked on resume
+
+
+def test_a_resume_refused_after_loading_leaves_the_run_resumable(two_checkpoints, tiny_cache, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A resume whose checkpoint fails to load (after the model was built) leaves config.yaml as it was: the run
+    resumes as before. And optim.name, whose optimizer state is its own, is refused before any model work."""
+    run = copy_run(two_checkpoints, tmp_path)
+    config = (run / "config.yaml").read_bytes()
+    assert cli(["train", f"run_dir={run}", "resume=true", "optim.name=adamw8bit"]) == 1
+    assert "optim.name=adamw (now adamw8bit)" in capsys.readouterr().err
+    import mgrpo.loop.trainer as trainer
+
+    def fails(*args, **kwargs):
+        raise RunDirError("the checkpoint could not be loaded (planted)")
+    monkeypatch.setattr(trainer, "restore", fails)
+    assert cli(["train", f"run_dir={run}", "resume=true", "steps=3", "optim.lr=1e-4"]) == 1
+    assert "planted" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == config and not list(run.glob("config.until_*"))
+    monkeypatch.undo()
+    assert cli(["train", f"run_dir={run}", "resume=true", "steps=3"]) == 0
+
+
 def test_a_run_that_stops_before_writing_anything_leaves_no_directory(tiny_cache, tmp_path, capsys):
     new, given = tmp_path / "new", tmp_path / "given"
     given.mkdir()

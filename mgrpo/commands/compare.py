@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
                         help="run every method once per value of one train setting, as extra methods named "
                              "METHOD+KEY=VALUE (e.g. --methods mgrpo --sweep algorithm.momentum=0.9,0.99,0.999)")
-    parser.add_argument("--out", help="output directory (an existing one continues: finished runs are skipped)")
+    parser.add_argument("--out", help="output directory: a new or empty one, or an earlier comparison's (it "
+                                      "continues: finished runs are skipped)")
     parser.add_argument("--name", default="compare",
                         help="base name of the output files (default: compare), e.g. two reports of one --out: "
                              "--report --methods mgrpo,mgrpo+algorithm.momentum=0.9 --name compare_momentum")

@@ -15,6 +15,7 @@ from ..config import INVOCATION_KEYS, ConfigError, TrainConfig, load_config
 from ..environment import return_large_blocks_to_the_system
 from ..loop.preemption import Preempted
 from ..loop.trainer import train
+from ..storage.run_dir import holds_a_run
 
 HELP = "train (no arguments: the embedded tiny default on the built-in task)"
 
@@ -24,15 +25,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.group_size=16 steps=100")
 
 
-def saved_config_of(cfg: TrainConfig) -> Optional[Path]:
+def saved_config_of(cfg: TrainConfig, given_a_config: bool = False) -> Optional[Path]:
     """The config.yaml of the run a resume continues: run_dir's, or (resume_from=<run>/checkpoints/step_N) that
-    checkpoint's run's; None for a new run or where there is none."""
+    checkpoint's run's; None for a new run. A run whose config.yaml is gone is resumed only with its settings given
+    again (--config): the defaults would silently continue it as another run (other group sizes, another task)."""
     if cfg.resume_from:
         checkpoint = Path(cfg.resume_from)
         run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     else:
         run = Path(cfg.run_dir) if cfg.resume and cfg.run_dir else None
-    return run / "config.yaml" if run is not None and (run / "config.yaml").is_file() else None
+    if run is None or not holds_a_run(run):
+        return None
+    path = run / "config.yaml"
+    if path.is_file():
+        return path
+    if not given_a_config:
+        kept = sorted(p.name for p in run.glob("config.until_*.yaml"))
+        raise ConfigError(f"{path} is missing: it holds the settings of the run being resumed, and without it the "
+                          "run would continue on the defaults. Restore it, or give the run's settings with --config "
+                          "FILE" + (f" ({', '.join(kept)} in the run holds them as they were before a change)"
+                                    if kept else ""))
+    return None
 
 
 def read_saved_config(path: Path) -> dict:
@@ -52,7 +65,7 @@ def read_saved_config(path: Path) -> dict:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    saved = saved_config_of(cfg)
+    saved = saved_config_of(cfg, given_a_config=args.config is not None)
     if saved is not None:
         # A resume continues the run as it was configured (its config.yaml); what this command line sets (a
         # --config file, overrides) changes it, and the trainer prints what changed.

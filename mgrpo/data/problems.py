@@ -107,6 +107,13 @@ def _read_hub_dataset(source: str, split: str) -> list:
         datasets.config.HF_HUB_OFFLINE = offline
 
 
+def field_settings(*names: str) -> str:
+    """How to name a file's fields, for both commands whose data these errors are about: a training config's
+    data.<name> (mgrpo train, mgrpo compare) and mgrpo eval's --<name> flags."""
+    return (f"{' or '.join('data.' + n for n in names)} (mgrpo eval: "
+            f"{' or '.join('--' + n.replace('_', '-') for n in names)})")
+
+
 def load_problems(source: str, cfg: DataConfig) -> list:
     """Problems of a file or dataset; clear errors for empty data and rows without a problem."""
     rows = _read_rows(source, cfg.split)
@@ -119,7 +126,8 @@ def load_problems(source: str, cfg: DataConfig) -> list:
         text = row.get(cfg.problem_field)
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"dataset {source} row {i} has no {cfg.problem_field!r} text "
-                            f"(fields: {', '.join(sorted(row)) or 'none'}); set data.problem_field to the right field")
+                            f"(fields: {', '.join(sorted(row)) or 'none'}); set {field_settings('problem_field')} to the "
+                            "right field")
         answer = row.get(cfg.answer_field)
         if answer is None and isinstance(row.get(cfg.solution_field), str):
             answer = extract_boxed_answer(row[cfg.solution_field])
@@ -185,5 +193,6 @@ def benchmark_problems(source: str, cfg: DataConfig, limit: int = 0) -> list:
     if missing:
         raise DataError(f"{source}: {len(missing)} of {len(problems)} rows have no answer to grade against "
                         f"(first: row {missing[0]}); rows need {cfg.answer_field!r}, or {cfg.solution_field!r} "
-                        "with a \\boxed{} answer (set the field names to match the file)")
+                        f"with a \\boxed{{}} answer: set {field_settings('answer_field', 'solution_field')} to match "
+                        "the file")
     return problems[:limit] if limit else problems

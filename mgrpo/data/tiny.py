@@ -196,7 +196,22 @@ def base_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=pr
         verify_shipped_base()
         log(f"[base] the shipped base model {SHIPPED_BASE} (sha256 verified)")
         return SHIPPED_BASE
+    log(f"[base] not the shipped base model: {why_not_shipped(cfg, instruction)}")
     return warm_started_model_dir(cfg, instruction, seed, log)
+
+
+def why_not_shipped(cfg: WarmStartConfig, instruction: str) -> str:
+    """Which setting moved the embedded default off the shipped base (a warm start of minutes on a laptop): the
+    warm start's own, or data.instruction, which the base model was trained to follow."""
+    if cfg.remake:
+        return "warm_start.remake=true"
+    made = shipped_manifest()["made_with"]
+    now = {f"warm_start.{k}": getattr(cfg, k) for k in made["warm_start"]}
+    now["data.instruction"] = instruction
+    was = {**{f"warm_start.{k}": v for k, v in made["warm_start"].items()}, "data.instruction": made["instruction"]}
+    changed = [f"{k}={now[k]!r} (the shipped one: {was[k]!r})" for k in now if now[k] != was[k]]
+    return ("it was made with other settings: " + ", ".join(changed)) if changed else \
+        "it was made by another version of the warm start"
 
 
 def warm_started_model_dir(cfg: WarmStartConfig, instruction: str, seed: int = 0, log=print) -> Path:

@@ -11,6 +11,8 @@ k, sampling, the response budget and the field names; flags override them. Setti
 `eval` config (for a run) or EvalConfig's defaults (the harness's temperature 0.6, top_p 0.95).
 Output: a table on the terminal and, in --out (default <run>/eval/<time> or evals/<time>), eval.json (every
 figure, the settings, the model, versions and date), eval.csv, and with --samples one JSONL per benchmark.
+A sweep verifies each checkpoint first (as a resume does) and skips, naming it, one that is damaged or does not
+load; anything else that fails stops it after what it evaluated is written (eval.json says where and why).
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ from ..build import make_engine
 from ..config import ConfigError, DataConfig, EvalConfig, RolloutConfig, TrainConfig, _from_dict, looks_like_a_path
 from ..data.problems import BUILTIN_ARITHMETIC, benchmark_problems, is_builtin
 from ..data.prompts import check_prompt_ids, encode_prompt
-from ..distributed import compute_dtype, init_distributed
-from ..errors import DataError, TrainingError
+from ..distributed import Dist, compute_dtype, init_distributed
+from ..errors import DataError, MgrpoError, TrainingError
 from ..hub import hub_unreachable, may_name_the_hub, settle
 from ..metrics import write_csv
 from ..models.loading import model_source
-from ..storage.checkpoint import META_FILE, checkpoint_dirs, load_policy_weights, step_of
+from ..storage.checkpoint import META_FILE, checkpoint_dirs, load_policy_weights, step_of, verify_checkpoint
 from .harness import EvalError, check_settings, evaluate, no_answer_warning
 
 
@@ -291,16 +293,17 @@ class Evaluator:
             load_policy_weights(source, self.model)
         else:
             other, _ = load_model(source, "checkpoint")
-            self.model.load_state_dict(other.state_dict())
+            try:
+                self.model.load_state_dict(other.state_dict())
+            except RuntimeError as e:    # another architecture's weights: the user's files, not a bug
+                raise EvalError(f"{source} holds weights of another model: {str(e).splitlines()[0]}") from None
 
-    def run(self, source: Optional[Path] = None) -> tuple:
-        """Every benchmark's figures and samples; with `source`, of its weights (pushed into the engine once
-        it is awake: a push into a sleeping vLLM engine would be lost)."""
+    def run(self, loaded: bool = False) -> tuple:
+        """Every benchmark's figures and samples; with `loaded`, of the weights load_weights put into the model
+        (pushed into the engine once it is awake: a push into a sleeping vLLM engine would be lost)."""
         figures, samples = {}, {}
-        if source is not None:
-            self.load_weights(source)
         self.engine.wake_up()
-        if source is not None:
+        if loaded:
             self.engine.push_weights((n, p.detach().to(self.engine.weight_dtype))
                                      for n, p in self.model.named_parameters())
         for b in self.benchmarks:
@@ -399,9 +402,11 @@ def no_answer_example_warning(b: Benchmark, no_answer_frac: float, results: list
                              EVAL_SETTING_NAMES)
 
 
-def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
+def sweep_points(run_dir: Path, run_cfg: TrainConfig, dist: Optional[Dist] = None, say=print) -> list:
     """(step, weights source) for the base model, every snapshot and checkpoint, and the final model; one
-    source per step (an exported directory when there is one)."""
+    source per step (an exported directory when there is one). Each checkpoint is verified first, as a resume
+    verifies it (checkpoint.json, every file's size and sha256): a damaged one is left out, named, before any
+    model loads, where DCP would fail on it midway through the sweep, with a traceback for a message."""
     base_file = run_dir / "base_model.txt"
     if not base_file.is_file():
         raise EvalError(f"{run_dir} has no base_model.txt (written when training starts): not a run directory "
@@ -417,7 +422,31 @@ def sweep_points(run_dir: Path, run_cfg: TrainConfig) -> list:
     if len(points) < 2:
         raise EvalError(f"{run_dir} has nothing to sweep beyond the base model: train with save_every / "
                         "snapshot_every (and keep_checkpoints=0 to keep every checkpoint)")
+    dist = dist or Dist()
+    checkpoints = [path for path in points.values() if (path / META_FILE).is_file()]
+    # rank 0 reads every file once (a checkpoint of a large model is tens of GB), for all ranks
+    problems = dist.broadcast_object({path: verify_checkpoint(path) for path in checkpoints} if dist.is_main else None)
+    damaged = {step: path for step, path in points.items() if problems.get(path)}
+    for step, path in damaged.items():
+        say(f"[eval] skipping checkpoint {path}: it is damaged or incomplete ({problems[path]})")
+        del points[step]
+    has_final = points.get(run_cfg.steps) == run_dir / "final"
+    if damaged and len(points) - 1 - has_final == 0:     # nothing between the base and the final model is left
+        listed = "; ".join(f"{path.name}: {problems[path]}" for path in damaged.values())
+        raise EvalError(f"no checkpoint of {run_dir} can be evaluated, every one is damaged or incomplete ({listed}): "
+                        "restore their files (each file's size and sha256 are in its checkpoint.json)"
+                        + (f", or evaluate the final model alone: mgrpo eval {run_dir}" if has_final else ""))
     return sorted(points.items())
+
+
+def write_results(out: Path, report: dict, rows: list, sweep: bool, say=print) -> None:
+    """The table on the terminal; eval.json and eval.csv (accuracy_vs_step.csv and .png for a sweep) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    say(format_table(rows))
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    write_csv(out / ("accuracy_vs_step.csv" if sweep else "eval.csv"), rows)
+    if sweep:
+        plot_sweep(rows, out / "accuracy_vs_step.png")
 
 
 def run_evaluation(args: "EvalRequest") -> int:
@@ -434,11 +463,11 @@ def run_evaluation(args: "EvalRequest") -> int:
     if args.all_checkpoints and run_dir is None:
         raise EvalError("--all-checkpoints needs a run directory (written by mgrpo train), not a model directory")
     benchmarks = load_benchmarks(args, run_cfg)
-    points = sweep_points(run_dir, run_cfg) if args.all_checkpoints else [(None, model_path)]
     if not args.all_checkpoints and run_dir is not None and not (model_path / "config.json").is_file():
         raise EvalError(f"{run_dir} has no final model yet (final/): evaluate a checkpoint sweep with "
                         "--all-checkpoints, or a snapshot directory")
-    out = output_dir(args, run_dir) if dist.is_main else None
+    out = output_dir(args, run_dir) if dist.is_main else None      # before the sweep's checkpoints are hashed
+    points = sweep_points(run_dir, run_cfg, dist, say) if args.all_checkpoints else [(None, model_path)]
     evaluator = Evaluator(args, points[0][1] if args.all_checkpoints else model_path, run_cfg, benchmarks, dist, say)
 
     rows, report = [], {"model": str(args.model), "date": datetime.now().isoformat(timespec="seconds"),
@@ -448,33 +477,51 @@ def run_evaluation(args: "EvalRequest") -> int:
                                         **dataclasses.asdict(b.settings), "max_new_tokens": b.max_new_tokens,
                                         "answer_format": b.answer_format}
     warned: set = set()
-    for step, source in points:
-        if step is not None:
-            say(f"[eval] step {step}: {source}")
-        figures, samples = evaluator.run(source if step is not None else None)
-        for b in benchmarks:
-            if figures[b.name]["no_answer_frac"] > 0.5 and b.name not in warned:
-                warned.add(b.name)
-                say(no_answer_example_warning(b, figures[b.name]["no_answer_frac"], samples[b.name]))
-        for name, f in figures.items():
-            overall = {k: v for k, v in f.items() if "/" not in k}
-            row = ({"step": step} if step is not None else {}) | {"benchmark": name, **overall}
-            rows.append(row)
-            report["results"].append({**row, "weights": str(source)})
-            for family in dict.fromkeys(k.split("/")[0] for k in f if "/" in k):   # a row per family of problems
-                part = {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith(family + "/")}
-                row = ({"step": step} if step is not None else {}) | {"benchmark": f"{name}[{family}]", **part}
+    done: list = []
+    try:
+        for step, source in points:
+            if step is not None:
+                say(f"[eval] step {step}: {source}")
+                try:
+                    evaluator.load_weights(source)
+                except MgrpoError as e:   # verified, yet it does not load (another model's?): the rest still run
+                    reason = str(e).splitlines()[0]
+                    say(f"[eval] skipping step {step}: {reason}")
+                    report.setdefault("skipped", []).append({"step": step, "weights": str(source), "reason": reason})
+                    continue
+            figures, samples = evaluator.run(loaded=step is not None)
+            for b in benchmarks:
+                if figures[b.name]["no_answer_frac"] > 0.5 and b.name not in warned:
+                    warned.add(b.name)
+                    say(no_answer_example_warning(b, figures[b.name]["no_answer_frac"], samples[b.name]))
+            for name, f in figures.items():
+                overall = {k: v for k, v in f.items() if "/" not in k}
+                row = ({"step": step} if step is not None else {}) | {"benchmark": name, **overall}
                 rows.append(row)
                 report["results"].append({**row, "weights": str(source)})
-            if args.samples and dist.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-                write_samples(out, name if step is None else f"{name}_step{step}", samples[name])
+                for family in dict.fromkeys(k.split("/")[0] for k in f if "/" in k):   # a row per family
+                    part = {k.split("/", 1)[1]: v for k, v in f.items() if k.startswith(family + "/")}
+                    row = ({"step": step} if step is not None else {}) | {"benchmark": f"{name}[{family}]", **part}
+                    rows.append(row)
+                    report["results"].append({**row, "weights": str(source)})
+                if args.samples and dist.is_main:
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_samples(out, name if step is None else f"{name}_step{step}", samples[name])
+            done.append(step)
+    except BaseException as e:   # a sweep's hours of results are kept: what was evaluated is written, then it stops
+        if dist.is_main and args.all_checkpoints and done:
+            reason = (str(e) or type(e).__name__).splitlines()[0]
+            report["stopped"] = {"step": step, "reason": reason}
+            rows = [r for r in rows if r["step"] in done]          # not the half of the step that failed
+            report["results"] = [r for r in report["results"] if r["step"] in done]
+            try:
+                write_results(out, report, rows, True, say)
+                say(f"[eval] stopped at step {step} ({reason}): the results of step(s) {', '.join(map(str, done))} "
+                    f"are written to {out}")
+            except Exception as failure:   # noqa: BLE001 - said, then the error that stopped the sweep is raised
+                say(f"[eval] stopped at step {step}; its results so far could not be written to {out}: {failure}")
+        raise
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        say(format_table(rows))
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-        write_csv(out / ("accuracy_vs_step.csv" if args.all_checkpoints else "eval.csv"), rows)
-        if args.all_checkpoints:
-            plot_sweep(rows, out / "accuracy_vs_step.png")
+        write_results(out, report, rows, args.all_checkpoints, say)
         say(f"[eval] written to {out}")
     return 0

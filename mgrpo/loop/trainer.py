@@ -222,10 +222,14 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     parts = setup(cfg, dist, log, engine)
     models, optimization = parts.models, parts.optimization
     scoring = scoring_for(cfg, parts, dist)
-    if dist.is_main:
-        # Only now that the model, the data and the engine were built from these settings: a bad one has
-        # stopped the run above with the directory as it was (an earlier run is deleted by overwrite=true here,
-        # not before, and its config.yaml is replaced only by settings that work).
+
+    def record_settings():
+        # Only once the model, the data and the engine were built from these settings, and a resumed checkpoint
+        # loaded into them: a bad one has stopped the run with the directory as it was (an earlier run is deleted
+        # by overwrite=true here, not before, and the run's config.yaml is replaced only by settings that work, so
+        # a failed resume leaves the run resumable as it was).
+        if not dist.is_main:
+            return
         if resume_from is None and cfg.overwrite:
             clear_run(run_dir)
         if resume_from is not None:
@@ -247,12 +251,14 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, log, stop_after_steps: O
     start_step, nonfinite_in_a_row, before, monitor_state, warned_no_answer = 0, 0, None, None, False
     if resume_from is not None:
         trainer = restore(resume_from, models, optimization, dist, algo.kl_reference)
+        record_settings()
         parts.stream.position = trainer["data_position"]
         start_step, nonfinite_in_a_row = trainer["step"], trainer["nonfinite_in_a_row"]
         before, monitor_state, base_votes = trainer.get("before"), trainer.get("monitor"), trainer.get("base_votes")
         log(f"[resume] from {resume_from} at step {start_step}" + (
             f" (written by {written_by} ranks, resharded to {dist.world_size})" if written_by != dist.world_size else ""))
     else:
+        record_settings()
         before, results = held_out_figures()
         if before is not None:
             base_votes = held_out_votes(results, cfg.eval.k)

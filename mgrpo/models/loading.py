@@ -70,7 +70,14 @@ def model_source(path: str, log=print, whole: bool = True, probe=hub_unreachable
     the tokenizer and every weight file): a TrainingError saying so. `probe`: why the hub cannot be reached, or
     None (under torchrun, rank 0's answer for every rank: build.py)."""
     check_model_path(path)
-    if Path(path).expanduser().is_dir():
+    directory = Path(path).expanduser()
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():     # else transformers asks for sentencepiece or tiktoken
+            final = directory / "final"
+            hint = (f": a run's trained model is its final/ directory (model.path={final})"
+                    if (final / "config.json").is_file() else
+                    ": give a Hugging Face model directory (config.json, tokenizer, weights) or a hub name")
+            raise TrainingError(f"model.path={path} is a directory without config.json, not a model{hint}")
         return path
     why = probe()
     if why is None:

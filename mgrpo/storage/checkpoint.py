@@ -192,7 +192,10 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: 
                           "checkpoint), or resume the checkpoint's own run (its run_dir with resume=true).")
     if resume or resume_from:
         finish_interrupted_saves(run_dir, log)
-        return choose_checkpoint(run_dir, resume_from, log)
+        chosen = choose_checkpoint(run_dir, resume_from, log)
+        if resume_from:
+            refuse_rewinding(run_dir, chosen)
+        return chosen
     if holds_a_run(run_dir) and not overwrite:
         raise RunDirError(f"{run_dir} already holds a run (checkpoints or metrics). Pass resume=true to continue "
                           "it, overwrite=true to delete it and start again, or run_dir=<new dir>.")
@@ -200,6 +203,20 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, resume_from: 
     # a setting that fails before then leaves it as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def refuse_rewinding(run_dir: Path, chosen: Path) -> None:
+    """resume_from=<an older checkpoint of run_dir's own run> would go on from there and write its later checkpoints,
+    metrics and final model over the ones the run already has: nothing a user has is overwritten unasked. Later
+    checkpoints that are damaged do not count: going back past them is what resume=true does by itself."""
+    ours = [p.resolve() for p in checkpoint_dirs(run_dir)]
+    if chosen.resolve() not in ours:
+        return
+    later = [p.name for p in ours if step_of(p) > step_of(chosen) and verify_checkpoint(p) is None]
+    if later:
+        raise RunDirError(f"resume_from={chosen} is an older checkpoint of {run_dir}, which has gone on to "
+                          f"{', '.join(later)}: continuing from it would write over them. Branch off it into a new "
+                          f"run (resume_from={chosen} run_dir=<new dir>), or move the later checkpoints away first")
 
 
 def check_resumable(path: Path, dist: Dist, settings: dict) -> dict:
@@ -550,7 +567,8 @@ def resume_settings(cfg) -> dict:
     algo = cfg.algorithm
     return {"algorithm.mode": algo.mode, "algorithm.momentum_dtype": algo.momentum_dtype,
             "algorithm.kl_coef > 0": algo.kl_coef > 0, "algorithm.kl_reference": algo.kl_reference,
-            "model.path": cfg.model.path, "model.precision": cfg.model.precision}
+            "model.path": cfg.model.path, "model.precision": cfg.model.precision,
+            "optim.name": cfg.optim.name}       # each optimizer's state is its own (torch's AdamW, bitsandbytes')
 
 
 def checkpoint_state(models, optimization, dist: Dist, kl_reference: str, rng: Optional[dict] = None) -> dict:
@@ -617,6 +635,7 @@ def restore(path: Path, models, optimization, dist: Dist, kl_reference: str) -> 
 
     state = checkpoint_state(models, optimization, dist, kl_reference)
     mine = state["rank"][f"rank{dist.rank}"]
+    settings_now = optimizer_settings(optimization)
     if read_meta(path)["world_size"] == dist.world_size:
         meta = load_checkpoint(path, state, dist)
     else:                                  # DCP reshards the DTensors; the per-rank states are resharded here
@@ -633,8 +652,32 @@ def restore(path: Path, models, optimization, dist: Dist, kl_reference: str) -> 
     if "reference" in state:
         set_model_state_dict(models.reference, state["reference"])
     optimization.scheduler.load_state_dict(state["scheduler"])
+    apply_optimizer_settings(optimization, settings_now)
     set_rng_state(mine["rng"])
     return meta["trainer"]
+
+
+def optimizer_settings(optimization) -> tuple:
+    """The optimizer's hyperparameters per parameter group (lr, betas, eps, weight decay, the fused int8 kernel's
+    momentum m) and the schedule's peak learning rates, as this run's settings made them."""
+    groups = [{k: v for k, v in group.items() if k not in ("params", "lr")}
+              for group in optimization.optimizer.param_groups]
+    return groups, list(optimization.scheduler.base_lrs)
+
+
+def apply_optimizer_settings(optimization, settings: tuple) -> None:
+    """Loading a checkpoint's optimizer and schedule brings back the hyperparameters it was written with; a resume
+    that changes optim.lr (or betas, eps, weight decay, m) says so (keep_changed_config) and must run with the new
+    ones. The moments and the schedule's position stay the checkpoint's; the learning rate is the new peak on the
+    schedule (whose warmup and length are this run's) at that position."""
+    groups, base_lrs = settings
+    optimizer, scheduler = optimization.optimizer, optimization.scheduler
+    for group, now in zip(optimizer.param_groups, groups):
+        group.update(now)
+    scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def export_policy(policy, tokenizer, export_dtype: torch.dtype, dist: Dist, target: Path) -> None:
