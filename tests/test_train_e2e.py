@@ -85,8 +85,11 @@ def test_srt_baseline_runs(tmp_path, cache):
 def test_bad_inputs_fail_before_training(tmp_path, cache):
     with pytest.raises(Exception, match="does not exist"):
         train(tiny_config(tmp_path, cache, f"data.source={tmp_path / 'nope.jsonl'}"), log=lambda *a: None)
-    with pytest.raises(TrainingError, match="does not load"):
+    with pytest.raises(TrainingError, match="is a directory without config.json, not a model"):
         train(tiny_config(tmp_path, cache, f"model.path={tmp_path}", run="r2"), log=lambda *a: None)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TrainingError, match="does not load"):
+        train(tiny_config(tmp_path, cache, f"model.path={tmp_path}", run="r3"), log=lambda *a: None)
 
 
 def test_nonfinite_loss_skips_then_stops(tmp_path, cache, monkeypatch):
